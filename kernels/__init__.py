@@ -1,1 +1,1 @@
-X=1
+"""Triton kernels of entropy-attn (``@triton.jit`` code only; launchers live in entropy_attn)."""

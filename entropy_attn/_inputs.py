@@ -1,0 +1,152 @@
+"""Validation and normalization of attention inputs, shared by every backend.
+
+Layouts follow ``torch.nn.functional.scaled_dot_product_attention``:
+
+- q ``[B, H, Nq, D]``, k ``[B, Hkv, Nk, D]``, v ``[B, Hkv, Nk, Dv]`` with ``H % Hkv == 0``
+  (grouped-query / multi-query attention when ``Hkv < H``).
+- ``attn_mask`` broadcastable to ``[B, H, Nq, Nk]``: boolean (True = attend) or floating
+  (added to the scores; ``-inf`` masks).
+- ``key_padding_mask`` ``[B, Nk]``: boolean (True = pad, as in ``nn.MultiheadAttention``) or
+  floating (added to the scores).
+- ``causal``: key j is visible to query i iff ``j <= i + (Nk - Nq)`` (aligned bottom-right, as
+  flash-attn does); with ``Nq > Nk`` the first ``Nq - Nk`` rows see no key and return 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """Checked inputs. Masks are kept as given (broadcast views, no copies)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    attn_mask: torch.Tensor | None  # broadcast view [B, H, Nq, Nk], bool or float
+    key_padding_mask: torch.Tensor | None  # [B, Nk], bool (True = pad) or float
+    causal: bool
+    scale: float
+
+    @property
+    def groups(self) -> int:
+        return self.q.shape[1] // self.k.shape[1]
+
+
+def _check_tensor(name: str, t, dims: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(t.shape)}")
+
+
+def _check_mask_dtype(name: str, mask: torch.Tensor, dtype: torch.dtype) -> None:
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(f"{name} must be boolean or floating point, got {mask.dtype}")
+
+
+def check_inputs(
+    q, k, v, *, causal: bool = False, scale: float | None = None, attn_mask=None, key_padding_mask=None
+) -> AttentionInputs:
+    """Validate shapes, dtypes and devices; return normalized inputs.
+
+    Raises:
+        TypeError: a non-tensor argument, an unsupported dtype, or mismatched dtypes.
+        ValueError: mismatched shapes, ``H % Hkv != 0``, different devices, masks that do not
+            broadcast, or a non-positive scale.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, 4)
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; all three must match")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    B, H, Nq, D = q.shape
+    Bk, Hkv, Nk, Dk = k.shape
+    if (Bk, Hkv, Nk) != tuple(v.shape[:3]):
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in batch, heads and length")
+    if Bk != B:
+        raise ValueError(f"batch mismatch: q has {B}, k and v have {Bk}")
+    if Dk != D:
+        raise ValueError(f"head dim mismatch: q has {D}, k has {Dk}")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hkv})")
+    if min(Nq, Nk, D, v.shape[-1]) == 0:
+        raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+        _check_mask_dtype("attn_mask", attn_mask, q.dtype)
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+        try:
+            if attn_mask.dim() > 4:
+                raise RuntimeError
+            torch.broadcast_shapes(attn_mask.shape, (B, H, Nq, Nk))
+            attn_mask = attn_mask.expand(B, H, Nq, Nk)
+        except RuntimeError:
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, H, Nq, Nk] = "
+                f"{[B, H, Nq, Nk]}"
+            ) from None
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}")
+        _check_mask_dtype("key_padding_mask", key_padding_mask, q.dtype)
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+        if tuple(key_padding_mask.shape) != (B, Nk):
+            raise ValueError(
+                f"key_padding_mask must have shape [B, Nk] = {[B, Nk]}, got {tuple(key_padding_mask.shape)}"
+            )
+    return AttentionInputs(q, k, v, attn_mask, key_padding_mask, bool(causal), scale)
+
+
+def _neg_inf_where(cond: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    zero = torch.zeros((), dtype=dtype, device=cond.device)
+    return torch.where(cond, zero - float("inf"), zero)
+
+
+def score_bias(inp: AttentionInputs, rows: slice | None = None, dtype=torch.float32) -> torch.Tensor | None:
+    """The additive score bias of ``inp`` as a ``[B, H, n, Nk]`` tensor (0 or -inf, plus float
+    masks), for the query rows ``rows`` (all when None); None when nothing is masked."""
+    B, H, Nq, _ = inp.q.shape
+    Nk = inp.k.shape[2]
+    rows = rows or slice(0, Nq)
+    r0, r1 = rows.start, min(rows.stop, Nq)
+    bias = None
+
+    def add(term):
+        nonlocal bias
+        bias = term if bias is None else bias + term
+
+    if inp.causal:
+        i = torch.arange(r0, r1, device=inp.q.device)[:, None]
+        j = torch.arange(Nk, device=inp.q.device)[None, :]
+        add(_neg_inf_where(j > i + (Nk - Nq), dtype))
+    for mask, view in ((inp.attn_mask, lambda m: m[:, :, r0:r1]), (inp.key_padding_mask, lambda m: m[:, None, None, :])):
+        if mask is None:
+            continue
+        m = view(mask)
+        if m.dtype == torch.bool:
+            keep = m if mask is inp.attn_mask else ~m
+            add(_neg_inf_where(~keep, dtype))
+        else:
+            add(m.to(dtype))
+    if bias is not None:
+        bias = bias.expand(B, H, r1 - r0, Nk)
+    return bias

@@ -1,0 +1,181 @@
+"""Host side of the Triton kernels: checks, block configurations, allocation and launch.
+
+Kept apart from ``entropy_attn.kernels`` (which holds only ``@triton.jit`` code), the way
+flash-attention keeps its Python interface apart from its CUDA kernels.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ._inputs import AttentionInputs
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+MAX_VALUE_DIM = 512
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_triton_inputs(inp: AttentionInputs) -> None:
+    """Raise a clear error for inputs the Triton kernels do not take."""
+    q, v = inp.q, inp.v
+    if q.dtype not in TRITON_DTYPES:
+        raise TypeError(
+            f"backend='triton' supports float16, bfloat16 and float32, got {q.dtype}; "
+            "use backend='reference' for float64"
+        )
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if v.shape[-1] > MAX_VALUE_DIM:
+        raise ValueError(f"backend='triton' supports value dims up to {MAX_VALUE_DIM}, got {v.shape[-1]}")
+    if not q.is_cuda and not interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 to run the "
+            "kernels on the CPU in Triton's interpreter, or use backend='reference'"
+        )
+
+
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+@dataclass(frozen=True)
+class _Config:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _fwd_config(d: int, dv: int) -> _Config:
+    if interpreting():
+        return _Config(16, 16, 1, 1)
+    width = max(_block(d), _block(dv))
+    if width <= 64:
+        return _Config(128, 64, 4, 3)
+    if width <= 128:
+        return _Config(128, 64, 8, 3)
+    return _Config(64, 32, 4, 2)
+
+
+def _bwd_config(d: int, dv: int) -> tuple[_Config, _Config]:
+    """(dK/dV programs: query block x key block, dQ programs: query block x key block)."""
+    if interpreting():
+        return _Config(16, 16, 1, 1), _Config(16, 16, 1, 1)
+    width = max(_block(d), _block(dv))
+    if width <= 128:
+        return _Config(32, 128, 4, 4), _Config(128, 32, 4, 4)
+    return _Config(16, 64, 4, 2), _Config(64, 16, 4, 2)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """float32 inputs use TF32 only where PyTorch's matmuls would (torch.backends flags)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _mask_args(inp: AttentionInputs):
+    """(mask tensor, 4 strides, kind) and (padding tensor, 2 strides, kind) for the kernels."""
+    def as_kernel(t):
+        return t.view(torch.uint8) if t.dtype == torch.bool else t
+
+    mask, kpm = inp.attn_mask, inp.key_padding_mask
+    q = inp.q
+    if mask is None:
+        mask_args = (q, 0, 0, 0, 0, 0)
+    else:
+        mask_args = (as_kernel(mask), *mask.stride(), 1 if mask.dtype == torch.bool else 2)
+    if kpm is None:
+        kpm_args = (q, 0, 0, 0)
+    else:
+        kpm_args = (as_kernel(kpm), *kpm.stride(), 1 if kpm.dtype == torch.bool else 2)
+    return mask_args, kpm_args
+
+
+def _on_device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attention_forward(inp: AttentionInputs, entropy: bool):
+    """Run the forward kernel.
+
+    Returns ``(out [B, H, Nq, Dv] q.dtype, lse [B, H, Nq] float32 (+inf for empty rows),
+    entropy [B, H, Nq] float32, or an empty tensor when ``entropy`` is False)``.
+    """
+    check_triton_inputs(inp)
+    q, k, v = (_unit_stride(t) for t in (inp.q, inp.k, inp.v))
+    B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[3]
+    out = torch.empty((B, H, Nq, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    ent = torch.empty((B, H, Nq) if entropy else (0,), dtype=torch.float32, device=q.device)
+    (mask, *mstr, mkind), (kpm, *pstr, pkind) = _mask_args(inp)
+    cfg = _fwd_config(D, Dv)
+    from .kernels.attention_fwd import attention_fwd
+
+    grid = (triton.cdiv(Nq, cfg.block_m), B * H)
+    with _on_device(q):
+        attention_fwd[grid](
+            q, k, v, out, lse, ent, mask, kpm,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr, *pstr,
+            H, inp.groups, Nq, Nk, inp.scale * LOG2E,
+            D=D, DV=Dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), BLOCK_DV=_block(Dv),
+            CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, ENTROPY=entropy,
+            INPUT_PRECISION=_input_precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return out, lse, ent
+
+
+def attention_backward(inp: AttentionInputs, out, lse, ent, dout, dent):
+    """Run the backward kernels. ``dent`` is the gradient of the entropy output, or None when the
+    loss does not depend on it. Returns ``(dq, dk, dv)`` shaped and typed like q, k, v."""
+    q, k, v = (_unit_stride(t) for t in (inp.q, inp.k, inp.v))
+    dout = _unit_stride(dout)
+    B, H, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    has_dent = dent is not None
+    if has_dent:
+        dent = dent.to(torch.float32).contiguous()
+    else:
+        dent = lse  # placeholder pointer, never read
+    delta = torch.empty_like(lse)
+    dq = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Hkv, Nk, D), dtype=q.dtype, device=q.device)
+    dv = torch.empty((B, Hkv, Nk, Dv), dtype=q.dtype, device=q.device)
+    (mask, *mstr, mkind), (kpm, *pstr, pkind) = _mask_args(inp)
+    kv_cfg, q_cfg = _bwd_config(D, Dv)
+    from .kernels.attention_bwd import attention_bwd, attention_bwd_preprocess
+
+    pre_block = 16 if interpreting() else 64
+    with _on_device(q):
+        attention_bwd_preprocess[(triton.cdiv(Nq, pre_block), B * H)](
+            out, dout, ent, dent, delta, *out.stride(), *dout.stride(), H, Nq,
+            DV=Dv, BLOCK_M=pre_block, BLOCK_DV=_block(Dv), HAS_DENT=has_dent,
+        )
+        grid = (triton.cdiv(Nk, kv_cfg.block_n) + inp.groups * triton.cdiv(Nq, q_cfg.block_m), B * Hkv)
+        attention_bwd[grid](
+            q, k, v, dout, lse, delta, dent, dq, dk, dv, mask, kpm,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *mstr, *pstr,
+            H, inp.groups, Nq, Nk, inp.scale, inp.scale * LOG2E,
+            D=D, DV=Dv, BLOCK_M1=kv_cfg.block_m, BLOCK_N1=kv_cfg.block_n,
+            BLOCK_M2=q_cfg.block_m, BLOCK_N2=q_cfg.block_n, BLOCK_D=_block(D), BLOCK_DV=_block(Dv),
+            CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, HAS_DENT=has_dent,
+            INPUT_PRECISION=_input_precision(q.dtype),
+            num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages,
+        )
+    return dq, dk, dv

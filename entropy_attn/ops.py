@@ -1,0 +1,69 @@
+"""The Triton path as ``torch.library`` custom ops, so that ``torch.compile`` traces through it
+without graph breaks and autograd calls the fused backward.
+
+``torch.ops.entropy_attn.attention_fwd`` returns ``(out, lse, entropy)``;
+``torch.ops.entropy_attn.attention_bwd`` returns ``(dq, dk, dv)`` from the gradients of out and
+entropy in one fused backward (MATH.md section 3).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _launch
+from ._inputs import AttentionInputs
+
+
+def _inputs(q, k, v, attn_mask, key_padding_mask, causal, scale) -> AttentionInputs:
+    return AttentionInputs(q, k, v, attn_mask, key_padding_mask, causal, scale)
+
+
+@torch.library.custom_op("entropy_attn::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+    causal: bool, scale: float, entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _launch.attention_forward(_inputs(q, k, v, attn_mask, key_padding_mask, causal, scale), entropy)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, attn_mask, key_padding_mask, causal, scale, entropy):
+    B, H, Nq, _ = q.shape
+    out = q.new_empty((B, H, Nq, v.shape[-1]))
+    lse = q.new_empty((B, H, Nq), dtype=torch.float32)
+    ent = q.new_empty((B, H, Nq) if entropy else (0,), dtype=torch.float32)
+    return out, lse, ent
+
+
+@torch.library.custom_op("entropy_attn::attention_bwd", mutates_args=())
+def attention_bwd(
+    dout: Tensor, dent: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, ent: Tensor,
+    attn_mask: Tensor | None, key_padding_mask: Tensor | None, causal: bool, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    inp = _inputs(q, k, v, attn_mask, key_padding_mask, causal, scale)
+    return _launch.attention_backward(inp, out, lse, ent, dout, dent)
+
+
+@attention_bwd.register_fake
+def _(dout, dent, q, k, v, out, lse, ent, attn_mask, key_padding_mask, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, key_padding_mask, causal, scale, _ = inputs
+    out, lse, ent = output
+    ctx.save_for_backward(q, k, v, out, lse, ent, attn_mask, key_padding_mask)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward(ctx, dout, dlse, dent):
+    q, k, v, out, lse, ent, attn_mask, key_padding_mask = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    if dent is not None and dent.numel() == 0:
+        dent = None
+    dq, dk, dv = attention_bwd(dout, dent, q, k, v, out, lse, ent, attn_mask, key_padding_mask, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,85 @@
+"""The PyTorch reference path: MATH.md section 1 evaluated chunk by chunk over the queries.
+
+It is the CPU backend and the ground truth the Triton kernels are checked against. Each chunk of
+``chunk_size`` query rows materializes only a ``[B, H, chunk, Nk]`` score block, and when gradients
+are needed each chunk is wrapped in ``torch.utils.checkpoint`` so the backward recomputes it: the
+memory stays O(chunk x Nk), so small models train on the CPU. Half-precision inputs are computed in
+float32, float64 inputs in float64 (``torch.autograd.gradcheck`` passes).
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ._inputs import AttentionInputs, score_bias
+
+#: Score elements per chunk (B * H * chunk * Nk) when ``chunk_size`` is not given: 16 Mi floats.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attention_rows(q, k, v, bias, scale: float):
+    """Attention of a block of query rows, with the row entropy.
+
+    Args:
+        q: ``[B, H, n, D]``; k ``[B, H, Nk, D]``, v ``[B, H, Nk, Dv]`` (heads already expanded).
+        bias: ``[B, H, n, Nk]`` additive bias (0 / -inf / float mask) or None.
+    Returns:
+        ``(out [B, H, n, Dv], entropy [B, H, n], lse [B, H, n])`` in q's dtype. Rows with no
+        unmasked key give out 0, entropy 0 and lse -inf, with zero gradients.
+    """
+    s = scale * (q @ k.transpose(-1, -2))
+    if bias is not None:
+        s = s + bias
+    valid = s > float("-inf")
+    empty = ~valid.any(dim=-1, keepdim=True)
+    s = s.masked_fill(empty, 0.0)  # a finite row for logsumexp; its weights are zeroed below
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    log_p = (s - lse).masked_fill(~valid, 0.0)  # 0 log 0 = 0, and no -inf reaches autograd
+    p = torch.exp(log_p).masked_fill(~valid | empty, 0.0)
+    out = p @ v
+    entropy = -(p * log_p).sum(dim=-1)
+    lse = lse.squeeze(-1).masked_fill(empty.squeeze(-1), float("-inf"))
+    return out, entropy, lse
+
+
+def reference_attention(inp: AttentionInputs, chunk_size: int | None = None):
+    """MATH.md section 1 on checked inputs.
+
+    Returns:
+        ``(out [B, H, Nq, Dv] in q.dtype, entropy [B, H, Nq] float32, or float64 for float64
+        inputs, lse [B, H, Nq] same dtype as entropy)``.
+    """
+    q, k, v = inp.q, inp.k, inp.v
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    cdt = _compute_dtype(q.dtype)
+    if inp.groups > 1:
+        k = k.repeat_interleave(inp.groups, dim=1)
+        v = v.repeat_interleave(inp.groups, dim=1)
+    qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
+    if chunk_size is None:
+        chunk_size = max(1, _CHUNK_ELEMENTS // (B * H * Nk))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, inp.attn_mask, inp.key_padding_mask)
+    )
+
+    def rows_attention(q_rows, k_all, v_all, rows):
+        return attention_rows(q_rows, k_all, v_all, score_bias(inp, rows, dtype=cdt), inp.scale)
+
+    outs, ents, lses = [], [], []
+    for r0 in range(0, Nq, chunk_size):
+        rows = slice(r0, min(r0 + chunk_size, Nq))
+        args = (qc[:, :, rows], kc, vc, rows)
+        if needs_grad and Nq > chunk_size:
+            o, e, l = checkpoint(rows_attention, *args, use_reentrant=False)
+        else:
+            o, e, l = rows_attention(*args)
+        outs.append(o)
+        ents.append(e)
+        lses.append(l)
+    out = torch.cat(outs, dim=2).to(q.dtype)
+    return out, torch.cat(ents, dim=2), torch.cat(lses, dim=2)

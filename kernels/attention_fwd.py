@@ -1,0 +1,143 @@
+"""Forward kernel: attention with the streamed row entropy (MATH.md section 2).
+
+Per query row the kernel keeps FlashAttention's running max ``m`` and sum ``l`` plus one more
+running sum, ``t = sum exp(s - m) (s - m)``, all in base 2. At the end
+``lse = m + log l`` and ``H = log l - t / l`` (times ln 2), with no cancellation for large |s|.
+
+Empty rows (no unmasked key) give out 0, entropy 0 and lse = +inf: the +inf makes
+``P = exp(s - lse) = 0`` in the backward with no special case.
+"""
+import triton
+import triton.language as tl
+
+from .masks import LN2, LOG2E, MIN_EXP2, NO_MASK, apply_masks
+
+#: Initial running max: finite, so that ``l * (m - m_new)`` is 0 * finite, not 0 * inf = NaN.
+M_INIT = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, n_rows, n_cols, stride_r, stride_c, ROW_CHECK: tl.constexpr, COL_CHECK: tl.constexpr):
+    """Load ``ptr[rows, cols]`` with zeros outside ``[0, n_rows) x [0, n_cols)``; the bounds
+    checks are compiled in only where the tile can cross them."""
+    ptrs = ptr + rows[:, None] * stride_r + cols[None, :] * stride_c
+    if ROW_CHECK and COL_CHECK:
+        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+    elif ROW_CHECK:
+        return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    elif COL_CHECK:
+        return tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _fwd_key_blocks(
+    acc, m, l, t, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m, offs_d, offs_dv, start, end, b, h, Nq, Nk, qk_scale,
+    Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_kb, stride_kpn,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
+    ENTROPY: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Fold the key blocks ``[start, end)`` into the running sums. ``MASKED`` blocks apply the
+    masks and bounds; the others are known to be fully visible and in range."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, MASKED, BLOCK_D != D)
+        u = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        if MASKED:
+            u = apply_masks(u, offs_m[:, None], offs_n[None, :], b, h, Nq, Nk,
+                            Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_kb, stride_kpn,
+                            CAUSAL, MASK_KIND, KPM_KIND)
+        m_new = tl.maximum(m, tl.max(u, 1))
+        x = u - m_new[:, None]  # s - m', in bits
+        if MASKED:
+            x = tl.maximum(x, MIN_EXP2)
+        p = tl.exp2(x)
+        alpha = tl.exp2(m - m_new)
+        if ENTROPY:
+            t = alpha * (t + l * (m - m_new)) + tl.sum(p * x, 1)
+        l = alpha * l + tl.sum(p, 1)
+        v = load_tile(V, offs_n, offs_dv, Nk, DV, stride_vn, stride_vd, MASKED, BLOCK_DV != DV)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m = m_new
+    return acc, m, l, t
+
+
+@triton.jit
+def attention_fwd(
+    Q, K, V, Out, Lse, Ent, Mask, Kpm,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_pb, stride_pn,
+    H, GROUPS, Nq, Nk, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
+    ENTROPY: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One program: ``BLOCK_M`` query rows of one (batch, head).
+
+    Q ``[B, H, Nq, D]``, K ``[B, Hkv, Nk, D]``, V ``[B, Hkv, Nk, DV]`` (fp16/bf16/fp32, any
+    strides with unit last stride); Out ``[B, H, Nq, DV]`` in the input dtype; Lse and Ent
+    ``[B, H, Nq]`` contiguous float32 (natural log, nats). ``qk_scale = scale * log2(e)``.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUPS
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    Out += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = load_tile(Q, offs_m, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D)
+
+    m = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    t = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # Keys [0, full_end) are visible to every row of the block and in range: no masking needed.
+    # Keys [full_end, end) need the masks (causal diagonal, the ragged last block, mask tensors).
+    if CAUSAL:
+        end = tl.maximum(tl.minimum(Nk, (pid_m + 1) * BLOCK_M + Nk - Nq), 0)
+        full_end = tl.maximum(tl.minimum(Nk, pid_m * BLOCK_M + Nk - Nq + 1), 0)
+    else:
+        end = Nk
+        full_end = Nk
+    if MASK_KIND != NO_MASK or KPM_KIND != NO_MASK:
+        full_end = 0
+    full_end = (full_end // BLOCK_N) * BLOCK_N
+
+    acc, m, l, t = _fwd_key_blocks(
+        acc, m, l, t, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, offs_dv, 0, full_end, b, h, Nq, Nk, qk_scale,
+        Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+        D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, MASK_KIND, KPM_KIND, ENTROPY, INPUT_PRECISION)
+    acc, m, l, t = _fwd_key_blocks(
+        acc, m, l, t, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, offs_dv, full_end, end, b, h, Nq, Nk, qk_scale,
+        Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+        D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, MASK_KIND, KPM_KIND, ENTROPY, INPUT_PRECISION)
+
+    empty = l == 0.0
+    l_safe = tl.where(empty, 1.0, l)
+    out = acc / l_safe[:, None]
+    o_ptrs = Out + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < DV))
+
+    row_mask = offs_m < Nq
+    rows = bh.to(tl.int64) * Nq + offs_m
+    lse = tl.where(empty, float("inf"), (m + tl.log2(l_safe)) * LN2)
+    tl.store(Lse + rows, lse, mask=row_mask)
+    if ENTROPY:
+        tl.store(Ent + rows, (tl.log2(l_safe) - t / l_safe) * LN2, mask=row_mask)

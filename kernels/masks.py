@@ -1,0 +1,50 @@
+"""Score masking shared by every attention kernel.
+
+Scores are kept in base 2 (``u = s * log2(e)``) so the kernels can use ``exp2``; a float mask is
+therefore multiplied by log2(e) before it is added. Mask kinds (constexpr): 0 none, 1 boolean,
+2 float.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+#: exp2 of anything below this is 0 in float32; clamping there keeps p * log p finite (0 * -inf is NaN).
+MIN_EXP2 = tl.constexpr(-1000.0)
+NO_MASK = tl.constexpr(0)
+BOOL_MASK = tl.constexpr(1)
+FLOAT_MASK = tl.constexpr(2)
+
+
+@triton.jit
+def apply_masks(
+    u, i, j, b, h, Nq, Nk,
+    Mask, stride_mb, stride_mh, stride_mm, stride_mn,
+    Kpm, stride_kb, stride_kn,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
+):
+    """Mask a tile of base-2 scores ``u`` whose query index is ``i`` and key index is ``j``
+    (broadcastable index grids, so both ``[BM, BN]`` and transposed ``[BN, BM]`` tiles work).
+
+    Out-of-range entries, causal entries (``j > i + Nk - Nq``), padded keys and False entries of a
+    boolean ``attn_mask`` become -inf; float masks are added. ``Mask`` is ``[B, H, Nq, Nk]`` (any
+    strides, 0 for broadcast dims), ``Kpm`` is ``[B, Nk]`` with True = pad.
+    """
+    in_range = (i < Nq) & (j < Nk)
+    valid = in_range
+    if CAUSAL:
+        valid = valid & (j <= i + (Nk - Nq))
+    if KPM_KIND != NO_MASK:
+        kpm = tl.load(Kpm + b.to(tl.int64) * stride_kb + j * stride_kn, mask=j < Nk, other=0)
+        if KPM_KIND == BOOL_MASK:
+            valid = valid & (kpm == 0)
+        else:
+            u = u + kpm.to(tl.float32) * LOG2E
+    if MASK_KIND != NO_MASK:
+        offs = b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + i.to(tl.int64) * stride_mm + j * stride_mn
+        mask = tl.load(Mask + offs, mask=in_range, other=0)
+        if MASK_KIND == BOOL_MASK:
+            valid = valid & (mask != 0)
+        else:
+            u = u + mask.to(tl.float32) * LOG2E
+    return tl.where(valid, u, float("-inf"))
