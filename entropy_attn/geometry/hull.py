@@ -93,6 +93,8 @@ def group_hulls(pts: np.ndarray, idx: np.ndarray, size: int):
     counter-clockwise from its lexicographic minimum, copies of a point reduced to the smallest
     index.
     """
+    if not idx.size:
+        return _EMPTY, _EMPTY
     order = _block_lex_order(pts, idx, size)
     idx, gid = idx[order], order // size
     xy = pts[idx]

@@ -1,0 +1,144 @@
+"""Hull algorithms against scipy's Qhull and an exact reference; degenerate and adversarial input."""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from entropy_attn.geometry import (akl_toussaint_filter, chan_hull, convex_hull, maxima_3d,
+                                   monotone_chain, orient2d, polygon_area, quickhull, strip_hull)
+
+from ._reference import exact_hull, scipy_hull
+
+ALGORITHMS = [monotone_chain, convex_hull, quickhull, chan_hull]
+
+
+def _sets(rng):
+    yield "uniform", rng.random((500, 2))
+    yield "gaussian", rng.normal(size=(2000, 2))
+    yield "disk", (lambda r, t: np.c_[r * np.cos(t), r * np.sin(t)])(
+        np.sqrt(rng.random(3000)), 2 * np.pi * rng.random(3000))
+    t = rng.random(400)
+    yield "parabola", np.c_[t, t**2]
+    yield "circle", np.c_[np.cos(2 * np.pi * t), np.sin(2 * np.pi * t)]
+    yield "grid", rng.integers(0, 7, (300, 2)).astype(float)  # collinear runs and copies
+    yield "clusters", np.concatenate([rng.normal(c, 0.05, (300, 2)) for c in rng.random((5, 2))])
+    yield "tiny", rng.random((5, 2))
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda f: f.__name__)
+def test_matches_qhull(algo, rng):
+    for name, pts in _sets(rng):
+        out = algo(pts)
+        assert out.dtype == np.int64
+        ref = scipy_hull(pts)
+        # Qhull may report any copy of a duplicated point; ours is the smallest index
+        np.testing.assert_array_equal(pts[out], pts[ref], err_msg=name)
+        if name in ("grid", "tiny"):
+            assert out.tolist() == exact_hull(pts), name
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda f: f.__name__)
+def test_many_small_random_sets(algo):
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        n = int(rng.integers(1, 40))
+        pts = rng.integers(0, 4, (n, 2)).astype(float) if trial % 2 else rng.normal(size=(n, 2))
+        assert algo(pts).tolist() == exact_hull(pts), (trial, pts.tolist())
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda f: f.__name__)
+def test_degenerate(algo):
+    assert algo(np.zeros((0, 2))).tolist() == []
+    assert algo([[3.0, 4.0]]).tolist() == [0]
+    assert algo([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]).tolist() == [0]
+    assert algo([[2.0, 0.0], [0.0, 1.0]]).tolist() == [1, 0]
+    line = np.c_[np.arange(10.0), 2 * np.arange(10.0)][::-1]
+    assert algo(line).tolist() == [9, 0]  # all collinear: the two extreme points
+    vertical = np.c_[np.zeros(5), [3.0, 1.0, 4.0, 1.0, 5.0]]
+    assert algo(vertical).tolist() == [1, 4]
+    square = np.array([[0, 0], [1, 0], [1, 1], [0, 1], [0.5, 0], [1, 0], [0, 0], [0.5, 0.5]])
+    assert algo(square).tolist() == [0, 1, 2, 3]  # edge midpoints dropped, first copy kept
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS + [akl_toussaint_filter, strip_hull],
+                         ids=lambda f: f.__name__)
+def test_bad_input(algo):
+    with pytest.raises(ValueError, match="NaN"):
+        algo([[0.0, 0.0], [1.0, np.nan], [2.0, 1.0]])
+    with pytest.raises(ValueError, match="infinite"):
+        algo([[0.0, 0.0], [1.0, np.inf], [2.0, 1.0]])
+    with pytest.raises(ValueError, match="shape"):
+        algo(np.zeros((4, 3)))
+
+
+def _adversarial():
+    """Kettner et al.'s classroom example: points within a few ulps of the line y = x."""
+    u = 2.0**-53
+    i, j = np.meshgrid(np.arange(64), np.arange(64), indexing="ij")
+    p = np.c_[0.5 + i.ravel() * u, 0.5 + j.ravel() * u]
+    return p, np.array([12.0, 12.0]), np.array([24.0, 24.0])
+
+
+def _naive_sign(a, b, c):
+    det = (a[..., 0] - c[..., 0]) * (b[..., 1] - c[..., 1]) - (a[..., 1] - c[..., 1]) * (b[..., 0] - c[..., 0])
+    return np.sign(det)
+
+
+def _fraction_sign(a, b, c):
+    ax, ay, bx, by, cx, cy = map(Fraction, (*a, *b, *c))
+    d = (ax - cx) * (by - cy) - (ay - cy) * (bx - cx)
+    return (d > 0) - (d < 0)
+
+
+def test_orient2d_exact_on_adversarial_points():
+    p, q, r = _adversarial()
+    ours = orient2d(p, q, r)
+    exact = np.array([_fraction_sign(a, q, r) for a in p])
+    np.testing.assert_array_equal(ours, exact)
+    naive = _naive_sign(p, q[None], r[None])
+    assert (naive != exact).sum() > 100  # the naive determinant really fails here
+    assert set(exact.tolist()) == {-1, 0, 1}
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda f: f.__name__)
+def test_hull_of_nearly_collinear_points(algo):
+    p, q, r = _adversarial()
+    rng = np.random.default_rng(3)
+    pts = np.concatenate([p[rng.choice(len(p), 300, replace=False)], [q, r, [0.5, 24.0]]])
+    assert algo(pts).tolist() == exact_hull(pts)
+
+
+def test_akl_toussaint_keeps_every_vertex(rng):
+    pts = rng.normal(size=(20000, 2))
+    kept = akl_toussaint_filter(pts)
+    assert kept.size < len(pts) // 20
+    assert set(scipy_hull(pts).tolist()) <= set(kept.tolist())
+
+
+def test_strip_hull_is_a_close_inner_approximation(rng):
+    pts = rng.random((20000, 2))
+    exact, approx = polygon_area(pts[convex_hull(pts)]), polygon_area(pts[strip_hull(pts, 256)])
+    assert approx <= exact
+    assert (exact - approx) / exact < 1e-2
+    assert strip_hull(pts, 4).size < convex_hull(pts).size
+
+
+def _brute_maxima(pts):
+    ge = (pts[None, :, :] >= pts[:, None, :]).all(-1)  # ge[i, j]: j >= i everywhere
+    eq = (pts[None, :, :] == pts[:, None, :]).all(-1)
+    j_lt_i = np.arange(len(pts))[None, :] < np.arange(len(pts))[:, None]
+    dominated = (ge & ~eq).any(1) | (eq & j_lt_i).any(1)
+    return np.flatnonzero(~dominated)
+
+
+def test_maxima_3d_brute_force(rng):
+    for pts in (rng.random((800, 3)), rng.integers(0, 5, (400, 3)).astype(float),
+                np.c_[rng.random(300), 1 - rng.random(300), rng.random(300)], np.zeros((0, 3))):
+        np.testing.assert_array_equal(maxima_3d(pts), _brute_maxima(pts))
+    sphere = rng.normal(size=(500, 3))
+    sphere = np.abs(sphere) / np.linalg.norm(sphere, axis=1, keepdims=True)
+    assert maxima_3d(sphere).tolist() == list(range(500))  # all on the positive octant sphere
+    with pytest.raises(ValueError, match="NaN"):
+        maxima_3d([[0.0, 1.0, np.nan]])
