@@ -12,6 +12,7 @@ and replaces its forward:
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -118,8 +119,8 @@ class EntropyAttention(nn.MultiheadAttention):
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if regularizer not in REGULARIZERS:
             raise ValueError(f"regularizer must be one of {sorted(REGULARIZERS)}, got {regularizer!r}")
-        if not 0.0 <= tau < 1.0:
-            raise ValueError(f"tau must be in [0, 1), got {tau}")
+        if not (math.isfinite(tau) and tau >= 0):
+            raise ValueError(f"tau must be a finite number >= 0, got {tau}")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be None or a positive integer, got {top_k!r}")
         if backend not in BACKENDS:

@@ -97,8 +97,8 @@ def key_counts(inp: AttentionInputs) -> torch.Tensor:
 
 def normalized_entropy(entropy: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """``H_i / log n_i``, 0 where ``n_i <= 1`` (MATH.md section 1)."""
-    log_n = torch.log(counts.clamp_min(2.0))
-    return torch.where(counts > 1, entropy / log_n, torch.zeros_like(entropy))
+    counts = counts.to(entropy.dtype)
+    return torch.where(counts > 1, entropy / torch.log(counts.clamp_min(2.0)), torch.zeros_like(entropy))
 
 
 def head_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
