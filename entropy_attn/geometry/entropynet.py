@@ -86,10 +86,12 @@ def train_entropynet(
     mu: float = DEFAULT_MU,
     seed: int = 0,
     progress: bool = True,
+    anchors: torch.Tensor | None = None,
 ) -> list[float]:
     """Train ``net`` with Adam on batches ``sample(generator)`` (``[B, n, d]``) for ``steps``
-    steps; anchors are k-means++ seeds of each batch drawn from the same generator, so a fixed
-    ``seed`` makes the run deterministic. Shows a tqdm bar when ``progress`` and tqdm is
+    steps. The entropy term uses ``anchors`` (``[k, d]``, normalized frame, e.g.
+    :func:`~entropy_attn.geometry.grid_anchors`) or, if None, k-means++ seeds of each batch drawn
+    from the same generator; a fixed ``seed`` makes the run deterministic. Shows a tqdm bar when ``progress`` and tqdm is
     installed. Returns the loss of every step."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -104,8 +106,9 @@ def train_entropynet(
     losses = []
     for _ in bar:
         s = sample(gen)
-        anchors = kmeans_pp(normalize_points(s), default_num_anchors(s.shape[1]), gen)
-        loss = entropynet_loss(s, net(s), anchors, lam, mu)
+        batch_anchors = anchors if anchors is not None else kmeans_pp(
+            normalize_points(s), default_num_anchors(s.shape[1]), gen)
+        loss = entropynet_loss(s, net(s), batch_anchors, lam, mu)
         opt.zero_grad()
         loss.backward()
         opt.step()

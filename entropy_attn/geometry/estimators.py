@@ -72,6 +72,18 @@ def kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator | None = None)
     return out[0] if squeeze else out
 
 
+def grid_anchors(k: int, d: int, extent: float = 2.0, dtype=torch.float64, device=None):
+    """Fixed anchors on a regular grid of ``round(k ** (1/d))`` points per axis over
+    ``[-extent, extent]^d`` of the normalized frame; returns ``[m**d, d]``.
+
+    Unlike k-means++ seeds, which follow the data and so split any set about evenly, fixed
+    anchors make ``H_diff`` measure how concentrated a set is (see the correlation study in
+    ``benchmarks/RESULTS_geometry.md``).
+    """
+    axis = torch.linspace(-extent, extent, max(1, round(k ** (1 / d))), dtype=dtype, device=device)
+    return torch.cartesian_prod(*[axis] * d).reshape(-1, d)
+
+
 def _entropy_of_mean(weights: torch.Tensor) -> torch.Tensor:
     """``-sum_r p_r log p_r`` with ``p_r = mean_i weights[..., i, r]``; ``[B, n, k] -> [B]``."""
     p = weights.mean(dim=-2)
