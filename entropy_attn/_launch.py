@@ -78,7 +78,11 @@ def _bwd_config(d: int, dv: int) -> tuple[_Config, _Config]:
 
 
 def _input_precision(dtype: torch.dtype) -> str:
-    """float32 inputs use TF32 only where PyTorch's matmuls would (torch.backends flags)."""
+    """The kernels' ``dot`` precision: float32 inputs use TF32 only where PyTorch's matmuls would
+    (``torch.get_float32_matmul_precision()``); bfloat16 under the interpreter multiplies in float32
+    (see ``kernels.masks.dot``)."""
+    if dtype == torch.bfloat16 and interpreting():
+        return "upcast"
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"

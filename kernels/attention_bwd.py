@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import load_tile
-from .masks import LN2, LOG2E, MIN_EXP2, NO_MASK, apply_masks
+from .masks import LN2, LOG2E, MIN_EXP2, NO_MASK, apply_masks, dot
 
 
 @triton.jit
@@ -78,7 +78,7 @@ def _dkdv_query_blocks(
         g = delta  # unused without an entropy gradient
         if HAS_DENT:
             g = tl.load(dEnt + rows0 + offs_m, mask=row_ok, other=0.0)
-        u_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+        u_t = dot(k, tl.trans(q), INPUT_PRECISION) * qk_scale
         if MASKED:
             u_t = apply_masks(u_t, offs_m[None, :], offs_n[:, None], b, h, Nq, Nk,
                               Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
@@ -87,10 +87,10 @@ def _dkdv_query_blocks(
         if MASKED:
             log_p2_t = tl.maximum(log_p2_t, MIN_EXP2)
         p_t = tl.exp2(log_p2_t)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        dv += dot(p_t.to(do.dtype), do, INPUT_PRECISION)
+        dp_t = dot(v, tl.trans(do), INPUT_PRECISION)
         ds_t = _score_grad(p_t, dp_t, log_p2_t, delta[None, :], g[None, :], HAS_DENT)
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
+        dk += dot(ds_t.to(q.dtype), q, INPUT_PRECISION)
     return dk, dv
 
 
@@ -108,7 +108,7 @@ def _dq_key_blocks(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, MASKED, BLOCK_D != D)
         v = load_tile(V, offs_n, offs_dv, Nk, DV, stride_vn, stride_vd, MASKED, BLOCK_DV != DV)
-        u = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        u = dot(q, tl.trans(k), INPUT_PRECISION) * qk_scale
         if MASKED:
             u = apply_masks(u, offs_m[:, None], offs_n[None, :], b, h, Nq, Nk,
                             Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
@@ -117,9 +117,9 @@ def _dq_key_blocks(
         if MASKED:
             log_p2 = tl.maximum(log_p2, MIN_EXP2)
         p = tl.exp2(log_p2)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        dp = dot(do, tl.trans(v), INPUT_PRECISION)
         ds = _score_grad(p, dp, log_p2, delta[:, None], g[:, None], HAS_DENT)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+        dq += dot(ds.to(k.dtype), k, INPUT_PRECISION)
     return dq
 
 

@@ -10,7 +10,7 @@ Empty rows (no unmasked key) give out 0, entropy 0 and lse = +inf: the +inf make
 import triton
 import triton.language as tl
 
-from .masks import LN2, LOG2E, MIN_EXP2, NO_MASK, apply_masks
+from .masks import LN2, LOG2E, MIN_EXP2, NO_MASK, apply_masks, dot
 
 #: Initial running max: finite, so that ``l * (m - m_new)`` is 0 * finite, not 0 * inf = NaN.
 M_INIT = tl.constexpr(-1.0e30)
@@ -45,7 +45,7 @@ def _fwd_key_blocks(
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, MASKED, BLOCK_D != D)
-        u = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        u = dot(q, tl.trans(k), INPUT_PRECISION) * qk_scale
         if MASKED:
             u = apply_masks(u, offs_m[:, None], offs_n[None, :], b, h, Nq, Nk,
                             Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_kb, stride_kpn,
@@ -60,7 +60,7 @@ def _fwd_key_blocks(
             t = alpha * (t + l * (m - m_new)) + tl.sum(p * x, 1)
         l = alpha * l + tl.sum(p, 1)
         v = load_tile(V, offs_n, offs_dv, Nk, DV, stride_vn, stride_vd, MASKED, BLOCK_DV != DV)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, INPUT_PRECISION)
         m = m_new
     return acc, m, l, t
 

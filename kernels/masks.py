@@ -1,4 +1,4 @@
-"""Score masking shared by every attention kernel.
+"""Score masking and the matrix product shared by every attention kernel.
 
 Scores are kept in base 2 (``u = s * log2(e)``) so the kernels can use ``exp2``; a float mask is
 therefore multiplied by log2(e) before it is added. Mask kinds (constexpr): 0 none, 1 boolean,
@@ -14,6 +14,17 @@ MIN_EXP2 = tl.constexpr(-1000.0)
 NO_MASK = tl.constexpr(0)
 BOOL_MASK = tl.constexpr(1)
 FLOAT_MASK = tl.constexpr(2)
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr):
+    """``tl.dot`` with ``input_precision=PRECISION`` ('ieee' or 'tf32' for float32 operands).
+    PRECISION 'upcast' multiplies in float32: Triton's CPU interpreter multiplies the raw bits of
+    bfloat16 operands (triton-lang/triton#11584), so the launcher asks for it there."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit

@@ -1,0 +1,203 @@
+"""entropy_attention against the float64 definition (MATH.md sections 1-3).
+
+On the CPU the Triton kernels run in Triton's interpreter at small shapes; tests marked ``gpu``
+run the full dtype x head-dim x causal x mask matrix on a CUDA device.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+
+from entropy_attn import entropy_attention
+from oracle import TOL, definition, rel_err
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_inputs(B, H, Hkv, Nq, Nk, D, Dv, dtype, device, scale=1.0):
+    q = (torch.randn(B, H, Nq, D) * scale).to(dtype).to(device)
+    k = (torch.randn(B, Hkv, Nk, D) * scale).to(dtype).to(device)
+    v = torch.randn(B, Hkv, Nk, Dv).to(dtype).to(device)
+    return q, k, v
+
+
+def make_mask(kind, B, H, Nq, Nk, device):
+    """(attn_mask, key_padding_mask) of a named kind."""
+    if kind == "none":
+        return None, None
+    if kind == "bool":  # [Nq, Nk], broadcast over batch and heads
+        return (torch.rand(Nq, Nk) < 0.7).to(device), None
+    if kind == "bool4d":
+        return (torch.rand(B, 1, Nq, Nk) < 0.5).to(device), None
+    if kind == "float":
+        return torch.randn(B, H, Nq, Nk).to(device), None
+    if kind == "float_inf":
+        m = torch.randn(1, H, Nq, Nk)
+        return m.masked_fill(torch.rand(1, H, Nq, Nk) < 0.3, float("-inf")).to(device), None
+    if kind == "kpm":
+        kpm = torch.rand(B, Nk) < 0.3
+        kpm[:, 0] = False
+        return None, kpm.to(device)
+    if kind == "kpm_float":
+        return None, torch.randn(B, Nk).to(device)
+    if kind == "all":
+        return (torch.rand(Nq, Nk) < 0.8).to(device), (torch.rand(B, Nk) < 0.2).to(device)
+    raise ValueError(kind)
+
+
+def check_against_definition(q, k, v, *, backend="triton", grad=True, entropy_grad=True, grad_tol=None, **kw):
+    """Forward and backward of entropy_attention vs float64 autograd of the definition."""
+    dtype = q.dtype
+    tol = TOL[dtype]
+    grad_tol = 2 * tol if grad_tol is None else grad_tol
+    leaves = [t.detach().clone().requires_grad_(grad) for t in (q, k, v)]
+    out, ent = entropy_attention(*leaves, backend=backend, **kw)
+    assert out.dtype == dtype and out.shape == (*q.shape[:3], v.shape[-1])
+    assert ent.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    ref_leaves = [t.detach().double().cpu().requires_grad_(grad) for t in (q, k, v)]
+    ref_out, ref_ent, _, allowed = definition(*ref_leaves, **kw)
+    assert rel_err(out, ref_out) < tol
+    assert rel_err(ent, ref_ent) < tol
+    n = allowed.sum(-1).double()
+    log_n = torch.where(n > 0, n.log(), torch.zeros_like(n))
+    e = ent.detach().double().cpu()
+    assert (e >= -tol).all() and (e <= log_n + tol * (1 + log_n)).all(), "entropy outside [0, log n]"
+    if not grad:
+        return out, ent
+    g_out = torch.randn_like(ref_out)
+    g_ent = torch.randn_like(ref_ent) if entropy_grad else None
+    loss = (out * g_out.to(out.device, out.dtype)).sum()
+    ref_loss = (ref_out * g_out).sum()
+    if entropy_grad:
+        loss = loss + (ent * g_ent.to(ent.device, ent.dtype)).sum()
+        ref_loss = ref_loss + (ref_ent * g_ent).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert g.dtype == dtype
+        assert rel_err(g, rg) < grad_tol, f"d{name}"
+    return out, ent, grads
+
+
+SHAPES = [  # B, H, Hkv, Nq, Nk, D, Dv
+    (1, 1, 1, 1, 1, 16, 16),  # N = 1
+    (2, 4, 2, 37, 45, 32, 24),  # GQA, odd sizes, Dv != D
+    (1, 2, 1, 50, 23, 64, 64),  # MQA, Nq > Nk
+    (1, 1, 1, 33, 33, 96, 96),
+    (1, 2, 2, 17, 31, 40, 40),  # head dim not a power of two
+    (1, 1, 1, 19, 21, 256, 256),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_definition(shape, causal, dtype, device):
+    B, H, Hkv, Nq, Nk, D, Dv = shape
+    q, k, v = make_inputs(B, H, Hkv, Nq, Nk, D, Dv, dtype, device)
+    check_against_definition(q, k, v, causal=causal)
+
+
+MASKS = ["bool", "bool4d", "float", "float_inf", "kpm", "kpm_float", "all"]
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masks(mask, causal, dtype, device):
+    B, H, Hkv, Nq, Nk = 2, 2, 1, 29, 35
+    q, k, v = make_inputs(B, H, Hkv, Nq, Nk, 32, 32, dtype, device)
+    attn_mask, kpm = make_mask(mask, B, H, Nq, Nk, device)
+    check_against_definition(q, k, v, causal=causal, attn_mask=attn_mask, key_padding_mask=kpm)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_fully_masked_rows_are_zero_without_nan(backend, device):
+    B, H, Nq, Nk, D = 2, 2, 24, 18, 32
+    q, k, v = make_inputs(B, H, H, Nq, Nk, D, D, torch.float32, device)
+    kpm = torch.zeros(B, Nk, dtype=torch.bool, device=device)
+    kpm[1] = True  # batch 1: every key padded
+    # causal with Nq > Nk: the first Nq - Nk rows of batch 0 see no key either
+    out, ent, (dq, dk, dv) = check_against_definition(q, k, v, backend=backend, causal=True, key_padding_mask=kpm)
+    empty_rows = Nq - Nk
+    for t in (out, ent, dq):
+        assert (t[1] == 0).all()
+        assert (t[0, :, :empty_rows] == 0).all()
+    assert (dk[1] == 0).all() and (dv[1] == 0).all()
+
+
+# Gradient tolerance at |s| ~ 100. The forward keeps the usual tolerance (the streamed entropy loses
+# no digits), but the gradient is ill-conditioned there: float32 scores carry an error of about
+# eps * |s| ~ 1e-5, and in bfloat16 the near one-hot rows make dP_ij - D_i a difference of nearly
+# equal terms with D_i = dO_i . O_i taken from the bfloat16-rounded O (FlashAttention has the same).
+LARGE_LOGIT_GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_logits(dtype, device):
+    """|s| ~ 100: the streamed form of the entropy must not lose digits."""
+    q, k, v = make_inputs(1, 2, 2, 40, 40, 32, 32, dtype, device)
+    scale = 60.0 / math.sqrt(32)
+    for causal in (False, True):
+        check_against_definition(q, k, v, scale=scale, causal=causal, grad_tol=LARGE_LOGIT_GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_output_only_and_entropy_only_gradients(entropy_grad, device):
+    q, k, v = make_inputs(1, 2, 2, 27, 27, 32, 32, torch.float32, device)
+    check_against_definition(q, k, v, entropy_grad=entropy_grad)
+    # entropy alone in the loss (the out gradient is None in the backward)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    _, ent = entropy_attention(*leaves, backend="triton")
+    grads = torch.autograd.grad(ent.sum(), leaves)
+    ref = [t.double().cpu().requires_grad_() for t in (q, k, v)]
+    ref_grads = torch.autograd.grad(definition(*ref)[1].sum(), ref, allow_unused=True)
+    assert ref_grads[2] is None and (grads[2] == 0).all()  # the entropy does not depend on v
+    for g, rg in zip(grads[:2], ref_grads[:2]):
+        assert rel_err(g, rg) < 2e-5
+
+
+def test_key_gradients_sum_to_zero(device):
+    """sum_j dS_ij = 0 for every row (softmax is shift invariant) implies sum_j dK_j = 0."""
+    q, k, v = make_inputs(2, 2, 2, 33, 47, 32, 32, torch.float32, device)
+    _, _, (dq, dk, dv) = check_against_definition(q, k, v)
+    total = dk.double().sum(dim=2)
+    assert (total.norm() / dk.double().norm()) < 1e-5
+
+
+def test_return_entropy_false(device):
+    q, k, v = make_inputs(1, 2, 2, 20, 20, 32, 32, torch.float32, device)
+    out = entropy_attention(q, k, v, return_entropy=False, backend="triton")
+    assert isinstance(out, torch.Tensor)
+    assert rel_err(out, definition(q.double().cpu(), k.double().cpu(), v.double().cpu())[0]) < 1e-5
+
+
+def test_non_contiguous_inputs(device):
+    """Projections of [N, B, E] tensors give strided views; they must work as they are."""
+    B, N, H, D = 2, 21, 2, 32
+    x = torch.randn(N, B, 3 * H * D, device=device)
+    q, k, v = (t.reshape(N, B, H, D).permute(1, 2, 0, 3) for t in x.chunk(3, dim=-1))
+    assert not q.is_contiguous()
+    check_against_definition(q, k, v, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtype,D,causal,mask",
+    list(itertools.product(DTYPES, [16, 32, 64, 96, 128, 256], [False, True], ["none", "kpm", "bool", "float"])),
+    ids=str,
+)
+def test_gpu_matrix(dtype, D, causal, mask, device):
+    """The full matrix on the GPU at odd sizes with GQA, forward and backward."""
+    B, H, Hkv, Nq, Nk = 2, 4, 2, 333, 517
+    q, k, v = make_inputs(B, H, Hkv, Nq, Nk, D, D, dtype, device)
+    attn_mask, kpm = make_mask(mask, B, H, Nq, Nk, device)
+    check_against_definition(q, k, v, causal=causal, attn_mask=attn_mask, key_padding_mask=kpm)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_long_sequence(dtype, device):
+    q, k, v = make_inputs(1, 2, 1, 2048 + 7, 4096 + 3, 128, 128, dtype, device)
+    check_against_definition(q, k, v, causal=True)
