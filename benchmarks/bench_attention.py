@@ -1,0 +1,87 @@
+"""Fused entropy attention vs SDPA (FlashAttention-2, cuDNN) vs the materialized path, one run.
+
+bf16, 16k tokens per batch (B = 16384 / N), 2048 model width (H = 2048 / D). Forward and
+forward+backward (with the entropy in the loss for ``ours``). Run on a GPU:
+
+    pytest benchmarks/bench_attention.py --benchmark-enable --benchmark-json=out.json
+    python benchmarks/report.py out.json
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from entropy_attn import entropy_attention
+from entropy_attn.flops import attention_flops
+
+pytestmark = pytest.mark.gpu
+
+TOKENS, WIDTH = 16384, 2048
+
+
+def materialized(q, k, v, causal):
+    """The O(N^2)-memory path users had before: scores, softmax, entropy, all materialized."""
+    s = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if causal:
+        n = s.shape[-1]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    log_p = torch.log_softmax(s, dim=-1)
+    p = log_p.exp()
+    ent = -(p * log_p.masked_fill(p == 0, 0)).sum(-1)
+    return (p.to(v.dtype) @ v), ent
+
+
+def sdpa(backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kind = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def run(q, k, v, causal):
+        with sdpa_kernel(kind):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal), None
+
+    return run
+
+
+IMPLS = {
+    "ours": lambda q, k, v, causal: entropy_attention(q, k, v, causal=causal, backend="triton"),
+    "ours_no_entropy": lambda q, k, v, causal: (entropy_attention(q, k, v, causal=causal, return_entropy=False, backend="triton"), None),
+    "sdpa_flash": sdpa("flash"),
+    "sdpa_cudnn": sdpa("cudnn"),
+    "materialized": materialized,
+}
+
+
+def cases():
+    for d in (64, 128):
+        for n in (1024, 4096, 16384):
+            for causal in (False, True):
+                for impl in IMPLS:
+                    if impl == "materialized" and n > 4096:
+                        continue  # out of memory at N = 8192 on an 80 GB H100 (issue 2)
+                    yield impl, n, d, causal
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("impl,n,d,causal", list(cases()), ids=lambda x: str(x))
+def test_attention(measure, impl, n, d, causal, mode):
+    b, h = TOKENS // n, WIDTH // d
+    grad = mode == "fwd_bwd"
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad) for _ in range(3))
+    dout = torch.randn_like(q)
+    dent = torch.full((b, h, n), 0.1 / (b * h * n), device="cuda")  # gamma * H.mean()
+    fn = IMPLS[impl]
+
+    def step():
+        if not grad:
+            with torch.no_grad():
+                fn(q, k, v, causal)
+            return
+        out, ent = fn(q, k, v, causal)
+        outs, grads = [out], [dout]
+        if ent is not None:
+            outs.append(ent)
+            grads.append(dent)
+        torch.autograd.backward(outs, grads)
+
+    measure(step, flops=attention_flops(b, h, n, n, d, causal=causal, mode=mode), rounds=10,
+            group=f"attention {mode}", impl=impl, N=n, D=d, causal=causal)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The one GPU script: install the project, run the GPU tests and the benchmarks, print a short table
+# last. Full logs and JSON go to $OUT (the device tool brings them back).
+#   bash scripts/gpu_check.sh [STAGE ...]
+#   STAGE: tests | tests:NAME (tests/test_NAME.py) | bench:NAME (benchmarks/bench_NAME.py) | all
+# $OUT gets logs.tgz (every log and JSON) and one markdown table per benchmark.
+set -uo pipefail
+OUT=${OUT:-/tmp/entropy_attn_out}
+LOGS=$(mktemp -d)
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(all)
+[ "${STAGES[*]}" = all ] && STAGES=(tests bench:attention bench:pruned bench:range bench:layers)
+
+python3 -m pip install --no-deps --no-build-isolation -e . >"$LOGS/install.log" 2>&1 || { tail -20 "$LOGS/install.log"; exit 1; }
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+  python3 -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, 'cuda', torch.version.cuda)"
+  echo "commit ${COMMIT:-unknown}"
+} | tee "$LOGS/env.txt"
+
+status=0
+summary=()
+for stage in "${STAGES[@]}"; do
+  case "$stage" in
+    tests|tests:*)
+      name=${stage#tests}; name=${name#:}
+      target=tests; [ -n "$name" ] && target=tests/test_${name}.py
+      log="$LOGS/tests${name:+_$name}.log"
+      python3 -m pytest "$target" -n 8 -q -p no:cacheprovider --durations=15 >"$log" 2>&1
+      rc=$?; status=$((status | rc))
+      summary+=("$stage: $(tail -1 "$log")")
+      grep -E "^(FAILED|ERROR)" "$log" | head -40
+      ;;
+    bench:*)
+      name=${stage#bench:}
+      file=benchmarks/bench_${name}.py
+      [ -f "$file" ] || { summary+=("$stage: no $file"); continue; }
+      python3 -m pytest "$file" -q -p no:cacheprovider --benchmark-enable --benchmark-json="$LOGS/bench_${name}.json" \
+        >"$LOGS/bench_${name}.log" 2>&1
+      rc=$?; status=$((status | rc))
+      python3 benchmarks/report.py "$LOGS/bench_${name}.json" --markdown >"$OUT/bench_${name}.md" 2>>"$LOGS/bench_${name}.log"
+      summary+=("$stage: $(tail -1 "$LOGS/bench_${name}.log")")
+      ;;
+  esac
+done
+tar czf "$OUT/logs.tgz" -C "$LOGS" .
+for f in "$OUT"/bench_*.md; do [ -f "$f" ] && cat "$f"; done
+printf '%s\n' "${summary[@]}"
+exit $status
