@@ -1,0 +1,468 @@
+"""Tau-pruned block-sparse attention for inference (shared MATH.md section 5).
+
+    keep_ij = P_ij >= tau  (and each row's maximum entry is always kept)
+    A_ij    = P_ij keep_ij / sum_l P_il keep_il,      O_i = sum_j A_ij v_j
+
+``pruned_attention`` is the entry point. The Triton path (``kernels/pruned.py``) has two modes:
+
+- ``mode='exact'``: a scores-only first pass (lse, row max and per-tile score maxima), a tile
+  selection, and a second pass that loads and multiplies only the tiles that can hold a kept entry.
+  Exact up to floating point.
+- ``mode='fast'``: predicts the tiles from pooled queries and keys (no full first pass) and prunes
+  within them in one online-softmax sweep; an approximation of the exact mode.
+
+Few queries (decoding, ``Nq <= 16``) use 16-row query blocks and split the key range (pass 1) or the
+tile list (pass 2) over several programs, flash-decoding style; the host combines the partials.
+
+The PyTorch reference (``reference_pruned``) materializes the scores chunk by chunk over the queries,
+runs on any device and in float64, and is the ground truth of the tests.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ._inputs import AttentionInputs, check_inputs, score_bias
+from ._launch import _block, _input_precision, _mask_args, _on_device, _unit_stride, interpreting
+from .functional import attention_with_lse, resolve_backend
+
+LOG2E = 1.4426950408889634
+MODES = ("exact", "fast")
+#: The fast predictor visits a tile when its estimated share of some pooled row's mass is at least
+#: ``tau * FAST_SLACK``: with 1, the analogue of the exact rule (a tile whose mass is below tau cannot
+#: hold an entry >= tau). Lower it to visit more tiles (the pooled estimate, exp of a mean score,
+#: underestimates a tile's mass when its scores are spread).
+FAST_SLACK = 1.0
+#: Score elements per chunk of the reference path (B * H * chunk * Nk).
+_CHUNK_ELEMENTS = 1 << 24
+#: Tile of the stats on the reference path when no block is given (the GPU prefill tile).
+REFERENCE_BLOCK = (128, 64)
+
+
+@dataclass(frozen=True)
+class _PrunedConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _config(nq: int, d: int, dv: int) -> _PrunedConfig:
+    """Tiles of the Triton path; they are also the tiles of ``tile_sparsity``."""
+    if interpreting():
+        return _PrunedConfig(16, 16, 1, 1)
+    width = max(_block(d), _block(dv))
+    block_m = 16 if nq <= 16 else 64 if nq <= 64 else 128
+    if width > 128:
+        return _PrunedConfig(min(block_m, 64), 32, 4, 2)
+    warps = 8 if (block_m == 128 and width > 64) else 4
+    return _PrunedConfig(block_m, 64, warps, 3)
+
+
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _num_splits(programs: int, nkb: int, device, min_blocks: int = 4) -> int:
+    """Splits of the key range (or tile list) so that few query blocks still fill the GPU."""
+    target = 2 * _sm_count(device)
+    if programs >= target // 2:
+        return 1
+    return max(1, min(triton.cdiv(target, programs), nkb // min_blocks, 64))
+
+
+def _check_tau(tau) -> float:
+    try:
+        tau = float(tau)
+    except (TypeError, ValueError):
+        raise TypeError(f"tau must be a real number, got {type(tau).__name__}") from None
+    if not math.isfinite(tau) or tau < 0:
+        raise ValueError(f"tau must be finite and >= 0, got {tau}")
+    return tau
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------
+
+
+def _stats(unmasked, kept, mass_pruned, rows_live, tiles_live, tiles_visited) -> dict:
+    """Per-(batch, head) totals -> the per-head stats dict (float32 ``[H]``, mean over batch)."""
+    def ratio(num, den):
+        den = den.to(torch.float64)
+        return torch.where(den > 0, num.to(torch.float64) / den.clamp_min(1), torch.zeros_like(den))
+
+    entry = ratio(unmasked - kept, unmasked)
+    tile = ratio(tiles_live - tiles_visited, tiles_live).clamp_min(0)
+    mass = ratio(mass_pruned, rows_live)
+    return {
+        "entry_sparsity": entry.mean(0).float(),
+        "tile_sparsity": tile.mean(0).float(),
+        "pruned_mass": mass.mean(0).float(),
+    }
+
+
+def _zero_stats(H: int, device) -> dict:
+    z = torch.zeros(H, dtype=torch.float32, device=device)
+    return {"entry_sparsity": z, "tile_sparsity": z.clone(), "pruned_mass": z.clone()}
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------
+
+
+def reference_pruned(inp: AttentionInputs, tau: float, *, block=REFERENCE_BLOCK, stats: bool = False,
+                     chunk_size: int | None = None):
+    """MATH.md section 5 evaluated densely, chunk by chunk over the queries.
+
+    Half-precision inputs are computed in float32, float64 in float64. ``block`` = (BLOCK_M,
+    BLOCK_N) is the tile grid of ``tile_sparsity`` (the exact kernel's skip test: a tile is visited
+    iff it has an unmasked entry and its maximum score reaches ``min_i thr_i`` over its rows).
+
+    Returns ``out [B, H, Nq, Dv]`` in q's dtype, or ``(out, stats)``.
+    """
+    q, k, v = inp.q, inp.k, inp.v
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if inp.groups > 1:
+        k = k.repeat_interleave(inp.groups, dim=1)
+        v = v.repeat_interleave(inp.groups, dim=1)
+    qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
+    bm, bn = block
+    log_tau = math.log(tau) if tau > 0 else -math.inf
+    if chunk_size is None:
+        chunk_size = max(1, _CHUNK_ELEMENTS // (B * H * Nk))
+    chunk_size = triton.cdiv(chunk_size, bm) * bm
+    nkb = triton.cdiv(Nk, bn)
+    dev = q.device
+    zeros = lambda dt=torch.int64: torch.zeros(B, H, dtype=dt, device=dev)  # noqa: E731
+    unmasked, kept, rows_live, tiles_live, tiles_visited = zeros(), zeros(), zeros(), zeros(), zeros()
+    mass_pruned = zeros(torch.float64)
+    outs = []
+    for r0 in range(0, Nq, chunk_size):
+        rows = slice(r0, min(r0 + chunk_size, Nq))
+        s = inp.scale * (qc[:, :, rows] @ kc.transpose(-1, -2))
+        bias = score_bias(inp, rows, dtype=cdt)
+        if bias is not None:
+            s = s + bias
+        valid = s > float("-inf")
+        empty = ~valid.any(-1)
+        s0 = s.masked_fill(empty[..., None], 0.0)
+        lse = torch.logsumexp(s0, -1)
+        m = s0.amax(-1)
+        thr = torch.minimum(lse + log_tau, m)
+        keep = valid & (s >= thr[..., None])
+        p = torch.exp(s0 - lse[..., None]).masked_fill(~valid, 0.0)
+        pk = p * keep
+        mass = pk.sum(-1)
+        a = pk / torch.where(empty, 1.0, mass)[..., None]
+        outs.append(a @ vc)
+        if not stats:
+            continue
+        unmasked += valid.sum((-1, -2))
+        kept += keep.sum((-1, -2))
+        rows_live += (~empty).sum(-1)
+        mass_pruned += torch.where(empty, 0.0, 1.0 - mass).sum(-1).to(torch.float64)
+        n = s.shape[2]
+        nrb = triton.cdiv(n, bm)
+        sp = torch.full((B, H, nrb * bm, nkb * bn), float("-inf"), dtype=cdt, device=dev)
+        sp[:, :, :n, :Nk] = s.masked_fill(~valid, float("-inf"))
+        tmax = sp.view(B, H, nrb, bm, nkb, bn).amax((3, 5))
+        thr_p = torch.full((B, H, nrb * bm), float("inf"), dtype=cdt, device=dev)
+        thr_p[:, :, :n] = torch.where(empty, float("inf"), thr)
+        thr_min = thr_p.view(B, H, nrb, bm).amin(-1)
+        live = tmax > float("-inf")
+        tiles_live += live.sum((-1, -2))
+        tiles_visited += (live & (tmax >= thr_min[..., None])).sum((-1, -2))
+    out = torch.cat(outs, dim=2).to(q.dtype)
+    if not stats:
+        return out
+    return out, _stats(unmasked, kept, mass_pruned, rows_live, tiles_live, tiles_visited)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton path
+# --------------------------------------------------------------------------------------------
+
+
+def _exact_first_pass(inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_args):
+    """Pass 1: ``(tile_max [BH, NQB, NKB], m2 [BH, Nq], l2 [BH, Nq], unmasked [BH, Nq] or None)``."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    BH = B * H
+    dev = q.device
+    (mask, *mstr, mkind), (kpm, *pstr, pkind) = mask_args, kpm_args
+    if splits is None:
+        splits = _num_splits(nqb * BH, nkb, dev)
+    kb_per = triton.cdiv(nkb, splits)
+    splits = triton.cdiv(nkb, kb_per)
+    tile_max = torch.full((BH, nqb, nkb), float("-inf"), dtype=torch.float32, device=dev)
+    mpart = torch.empty((splits, BH, Nq), dtype=torch.float32, device=dev)
+    lpart = torch.empty_like(mpart)
+    cnt = torch.empty((splits, BH, Nq) if stats else (1,), dtype=torch.int32, device=dev)
+    from .kernels.pruned import pruned_scores
+
+    pruned_scores[(nqb, BH, splits)](
+        q, k, tile_max, mpart, lpart, cnt, mask, kpm,
+        *q.stride(), *k.stride(), *mstr, *pstr,
+        H, inp.groups, Nq, Nk, nqb, nkb, kb_per, inp.scale * LOG2E,
+        D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D),
+        CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, RAGGED_N=Nk % cfg.block_n != 0,
+        STATS=stats, PRECISION=_input_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits == 1:
+        m2, l2 = mpart[0], lpart[0]
+    else:
+        m2 = mpart.amax(0)
+        l2 = (lpart * torch.exp2(mpart - m2)).sum(0)
+    unmasked = cnt.sum(0) if stats else None
+    return tile_max, m2, l2, unmasked
+
+
+def _lse_and_threshold(m2, l2, tau):
+    """Base-2 lse (+inf on empty rows) and the per-row threshold ``min(lse2 + log2 tau, m2)``,
+    with m2 lowered by ~1e-6 relative so that the recomputed row maximum is always kept."""
+    empty = l2 == 0
+    lse2 = torch.where(empty, float("inf"), m2 + torch.log2(torch.where(empty, 1.0, l2)))
+    m_keep = m2 - 1e-6 * (1.0 + m2.abs())
+    thr = torch.where(empty, float("inf"), torch.minimum(lse2 + math.log2(tau), m_keep))
+    return lse2.contiguous(), thr.contiguous()
+
+
+def _select(tile_max, thr, cfg, nqb, nkb, Nq):
+    BH = tile_max.shape[0]
+    dev = tile_max.device
+    idx = torch.empty((BH, nqb, nkb), dtype=torch.int32, device=dev)
+    count = torch.empty((BH, nqb), dtype=torch.int32, device=dev)
+    nvalid = torch.empty_like(count)
+    from .kernels.pruned import pruned_select
+
+    chunk = min(256, max(16, triton.next_power_of_2(nkb)))
+    pruned_select[(nqb, BH)](tile_max, thr, idx, count, nvalid, Nq, nqb, nkb, BLOCK_M=cfg.block_m, CHUNK=chunk)
+    return idx, count, nvalid
+
+
+def _pool_inputs(inp, q, k, cfg, nqb, nkb):
+    """Pooled queries ``[B, H, NQB*16, D]``, pooled keys ``[B, Hkv, NKB, D]`` (q's dtype) and the
+    key-block bias ``[B or 1, NKB]`` (log2 of the unmasked key weight of each block)."""
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    bm, bn = cfg.block_m, cfg.block_n
+    g = bm // 16
+    rows = nqb * bm
+    qq = q if rows == Nq else torch.nn.functional.pad(q, (0, 0, 0, rows - Nq))
+    qp = qq.reshape(B, H, nqb * 16, g, D).sum(3, dtype=torch.float32)
+    nrow = (Nq - torch.arange(nqb * 16, device=q.device) * g).clamp(0, g).clamp_min(1)
+    qp /= nrow[:, None].to(torch.float32)
+    keys = nkb * bn
+    kk = k if keys == Nk else torch.nn.functional.pad(k, (0, 0, 0, keys - Nk))
+    kpm = inp.key_padding_mask
+    if kpm is None:
+        kp = kk.reshape(B, Hkv, nkb, bn, D).sum(3, dtype=torch.float32)
+        nkey = (Nk - torch.arange(nkb, device=q.device) * bn).clamp(0, bn).to(torch.float32)
+        kp /= nkey[:, None]
+        kbias = torch.log2(nkey)[None, :]
+    else:
+        lw = torch.full((B, keys), float("-inf"), dtype=torch.float32, device=q.device)
+        lw[:, :Nk] = (~kpm).log() if kpm.dtype == torch.bool else kpm.float()
+        blk = lw.view(B, nkb, bn)
+        lse = torch.logsumexp(blk, -1)
+        w = torch.exp(blk - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+        kp = torch.einsum("bnk,bhnkd->bhnd", w, kk.reshape(B, Hkv, nkb, bn, D).float())
+        kbias = lse * LOG2E
+    return qp.to(q.dtype), kp.to(q.dtype), kbias.contiguous()
+
+
+def _combine_exact(opart, lpart):
+    l = lpart.sum(0)
+    out = opart.sum(0) / torch.where(l > 0, l, 1.0)[..., None]
+    return out, l
+
+
+def _combine_online(opart, mpart, lpart):
+    m = mpart.amax(0)
+    w = torch.exp2(mpart - m)
+    l = (lpart * w).sum(0)
+    out = (opart * w[..., None]).sum(0) / torch.where(l > 0, l, 1.0)[..., None]
+    return out
+
+
+def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stats: bool = False,
+                  splits: int | None = None, slack: float = FAST_SLACK):
+    """The Triton path on checked inputs with ``tau > 0``. ``splits`` forces the number of
+    programs per query block (decoding); None picks it from the shapes."""
+    q, k, v = (_unit_stride(t) for t in (inp.q, inp.k, inp.v))
+    B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[3]
+    BH = B * H
+    dev = q.device
+    cfg = _config(Nq, D, Dv)
+    nqb, nkb = triton.cdiv(Nq, cfg.block_m), triton.cdiv(Nk, cfg.block_n)
+    mask_args, kpm_args = _mask_args(inp)
+    (mask, *mstr, mkind), (kpm, *pstr, pkind) = mask_args, kpm_args
+    exact = mode == "exact"
+    from .kernels.pruned import pruned_attn, pruned_predict
+
+    with _on_device(q):
+        lse2 = thr = None
+        if exact or stats:
+            tile_max, m2, l2, unmasked = _exact_first_pass(inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_args)
+            lse2, thr = _lse_and_threshold(m2, l2, tau)
+            idx, count, nvalid = _select(tile_max, thr, cfg, nqb, nkb, Nq)
+        if not exact:
+            qp, kp, kbias = _pool_inputs(inp, q, k, cfg, nqb, nkb)
+            idx = torch.empty((BH, nqb, nkb), dtype=torch.int32, device=dev)
+            count = torch.empty((BH, nqb), dtype=torch.int32, device=dev)
+            chunk = 16 if interpreting() else 64
+            pruned_predict[(nqb, BH)](
+                qp, kp, kbias, idx, count, *qp.stride(), *kp.stride(),
+                kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(1),
+                H, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, math.log2(tau * slack),
+                D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), CHUNK=chunk,
+                CAUSAL=inp.causal, PRECISION=_input_precision(q.dtype), num_warps=4, num_stages=1,
+            )
+        # Splitting the fast mode needs every row covered by the predictor (no in-kernel fallback).
+        can_split = exact or (inp.attn_mask is None and not (inp.causal and inp.key_padding_mask is not None))
+        if splits is None:
+            n_split = _num_splits(nqb * BH, nkb, dev) if can_split else 1
+        else:
+            n_split = splits if can_split else 1
+        split = n_split > 1
+        out = torch.empty((B, H, Nq, Dv), dtype=q.dtype, device=dev)
+        f32 = dict(dtype=torch.float32, device=dev)
+        opart = torch.empty((n_split, BH, Nq, Dv) if split else (1,), **f32)
+        mpart = torch.empty((n_split, BH, Nq) if split else (1,), **f32)
+        lpart = torch.empty((n_split, BH, Nq), **f32)
+        kept = torch.empty((n_split, BH, Nq) if stats else (1,), **f32)
+        kcnt = torch.empty((n_split, BH, Nq) if stats else (1,), dtype=torch.int32, device=dev)
+        dummy = lpart
+        bound = not exact and inp.attn_mask is None
+        if exact:
+            kp, kbias = q, lpart[0]
+        kp_str = kp.stride() if not exact else (0, 0, 0, 0)
+        kb_str = (kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(-1)) if not exact else (0, 0)
+        masked = inp.causal or mkind != 0 or pkind != 0 or Nk % cfg.block_n != 0
+        pruned_attn[(nqb, BH, n_split)](
+            q, k, v, out, idx, count, thr if thr is not None else dummy, lse2 if lse2 is not None else dummy,
+            opart, mpart, lpart, kept, kcnt, mask, kpm, kp, kbias,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr, *pstr, *kp_str, *kb_str,
+            H, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, math.log2(tau),
+            D=D, DV=Dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), BLOCK_DV=_block(Dv),
+            CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, MASKED=masked,
+            EXACT=exact, SPLIT=split, FALLBACK=not exact and not split, STATS=stats,
+            LSE_BOUND=bound, CHUNK=16 if interpreting() else 64, PRECISION=_input_precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if split:
+            if exact:
+                o, _ = _combine_exact(opart, lpart)
+            else:
+                o = _combine_online(opart, mpart, lpart)
+            out = o.view(B, H, Nq, Dv).to(q.dtype)
+    if not stats:
+        return out
+    live = torch.isfinite(lse2)
+    kept_mass = lpart.sum(0) if exact else kept.sum(0)
+    st = _stats(
+        unmasked.view(B, H, Nq).sum(-1).to(torch.int64),
+        kcnt.sum(0).view(B, H, Nq).sum(-1).to(torch.int64),
+        torch.where(live, 1.0 - kept_mass, 0.0).view(B, H, Nq).sum(-1).to(torch.float64),
+        live.view(B, H, Nq).sum(-1),
+        nvalid.view(B, H, nqb).sum(-1),
+        count.view(B, H, nqb).sum(-1),
+    )
+    return out, st
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def pruned_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    tau: float = 0.01,
+    causal: bool = False,
+    scale: float | None = None,
+    attn_mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    mode: str = "exact",
+    return_stats: bool = False,
+    backend: str = "auto",
+    fast_slack: float = FAST_SLACK,
+):
+    """Attention with every weight below ``tau`` pruned and each row renormalized over what is kept
+    (shared MATH.md section 5): ``A_ij = P_ij [P_ij >= tau] / sum_l P_il [P_il >= tau]``, where each
+    row's maximum entry is always kept (so ``tau > 1`` keeps only the row maxima, and no row with an
+    unmasked key is ever empty). ``tau = 0`` is dense attention (it runs the dense kernel).
+
+    Inference only: it is not differentiable. It runs under ``torch.no_grad()`` and its outputs
+    never require grad, so it can be called in ``eval()`` on parameters that require grad, but it
+    gives no gradient (train with ``entropy_attention``).
+
+    Args:
+        q, k, v, causal, scale, attn_mask, key_padding_mask: as in ``entropy_attention`` (same
+            layouts, masks and grouped-query rules; checked by ``check_inputs``).
+        tau: pruning threshold on the attention weights, finite and >= 0 (default 0.01).
+        mode: ``'exact'``: the definition, exactly (up to floating point): a scores-only first
+            pass computes lse, the row maxima and the per-tile score maxima, then only the tiles
+            that can hold a kept entry are loaded and multiplied. ``'fast'``: no full first pass:
+            the tiles are predicted from pooled queries and keys (a tile is visited when its
+            estimated share of a pooled row's mass is at least ``tau * fast_slack``, and the best
+            tile of each pooled row always is) and entries are pruned within them against a running
+            lower bound of lse. It misses the mass of tiles it does not visit and may keep entries
+            the exact mode prunes; it never returns NaN and never empties a row that has an
+            unmasked key. The reference backend evaluates the exact definition in both modes.
+        return_stats: also return the stats dict below.
+        backend: ``'triton'``, ``'reference'`` or ``'auto'`` (Triton for CUDA inputs), as in
+            ``entropy_attention``.
+        fast_slack: the predictor's safety factor (mode='fast' only): smaller visits more tiles.
+
+    Returns:
+        ``out`` ``[B, H, Nq, Dv]`` in q's dtype (rows with no unmasked key are 0), or
+        ``(out, stats)``. ``stats`` maps to float32 tensors ``[H]``, each computed per (batch, head)
+        over the whole ``[Nq, Nk]`` score matrix and then averaged over the batch:
+
+        - ``entry_sparsity``: pruned unmasked entries / unmasked entries (0 if none is unmasked).
+        - ``tile_sparsity``: 1 - visited tiles / tiles with at least one unmasked entry, on the
+          kernel's tile grid (BLOCK_M x BLOCK_N: 128 x 64 for prefill on the GPU, 16 x 64 for
+          Nq <= 16, 16 x 16 under the interpreter; the reference backend uses 128 x 64). Exact mode:
+          the tiles passing the skip test; fast mode: the tiles the predictor listed.
+        - ``pruned_mass``: the mean over rows with an unmasked key of the softmax mass of the entries
+          not kept, ``sum_j P_ij (1 - keep_ij)``, with P the full (unpruned) softmax; in fast mode
+          this includes the mass of the tiles it skipped (its "mass lost").
+
+        In fast mode ``return_stats=True`` also runs the exact first pass to measure these, so it is
+        slower than without.
+    """
+    inp = check_inputs(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
+    tau = _check_tau(tau)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    fast_slack = float(fast_slack)
+    if not (math.isfinite(fast_slack) and fast_slack > 0):
+        raise ValueError(f"fast_slack must be a positive finite number, got {fast_slack}")
+    path = resolve_backend(backend, inp)
+    H = q.shape[1]
+    with torch.no_grad():
+        if tau == 0.0:
+            out, _, _ = attention_with_lse(inp, entropy=False, backend=path)
+            return (out, _zero_stats(H, q.device)) if return_stats else out
+        if path == "reference":
+            block = REFERENCE_BLOCK
+            return reference_pruned(inp, tau, block=block, stats=return_stats)
+        return pruned_triton(inp, tau, mode, stats=return_stats, slack=fast_slack)
+
+
+__all__ = ["pruned_attention", "reference_pruned", "pruned_triton"]

@@ -1,0 +1,451 @@
+"""Tau-pruned block-sparse attention kernels (shared MATH.md section 5), inference only.
+
+All scores are in base 2 (``u = s * log2 e``), so thresholds are ``log2 tau`` and ``lse2 = lse * log2 e``.
+
+Exact mode, three launches:
+
+1. ``pruned_scores``: Q K^T only (no P V). Per row the running max ``m`` and sum ``l`` (so
+   ``lse2 = m + log2 l``), per tile (BLOCK_M x BLOCK_N) the masked score maximum. Programs may split
+   the key range (``program_id(2)``, flash-decoding style for few queries); the host combines.
+2. ``pruned_select``: per query block, ``thr_min = min_i thr_i`` with
+   ``thr_i = min(lse2_i + log2 tau, m_i)`` (the row max is always kept), and the compacted list of
+   key blocks whose tile maximum is ``>= thr_min`` (and not fully masked). Every other tile holds no
+   kept entry: skipping it is exact.
+3. ``pruned_attn`` with ``EXACT``: only the listed tiles are loaded and multiplied;
+   ``p_ij = 2^(u_ij - lse2_i)`` where ``u_ij >= thr_i``, else 0, so ``sum_j p_ij`` is the kept mass and
+   ``out_i = sum_j p_ij v_j / sum_j p_ij``. No online rescaling is needed (lse is known), and splits
+   of the list combine by plain sums.
+
+Fast mode, two launches:
+
+1. ``pruned_predict``: 16 pooled query rows per query block (means over ``BLOCK_M / 16`` rows) against
+   pooled keys (a weighted mean per key block, with the log of the block's unmasked key weight as a
+   bias). Per pooled row a softmax over key blocks estimates each tile's share of the row's mass; a
+   tile is visited when its largest share over the pooled rows is ``>= log2 (tau * slack)``, and the
+   best tile of every pooled row is always visited (so no row is dropped). The list puts the block's
+   most concentrated tile first, then the rest in key order.
+2. ``pruned_attn`` without ``EXACT``: one sweep over the listed tiles with the online softmax. An
+   entry is pruned when ``u_ij < min(lse2_lb_i + log2 tau, m_i)`` where ``lse2_lb_i`` is the running
+   log-sum over the entries seen so far: a lower bound of the true lse2, so every entry it prunes is
+   also pruned by the exact definition (it may keep some that the exact mode prunes, and it misses the
+   mass of tiles it does not visit). Rows that met no unmasked key in the listed tiles are recomputed
+   over every key block (``FALLBACK``), so a row is dropped only if it has no unmasked key at all.
+"""
+import triton
+import triton.language as tl
+
+from .attention_fwd import load_tile
+from .masks import MIN_EXP2, apply_masks, dot
+
+#: Initial running max: finite, so ``m - m_new`` is never inf - inf.
+M_INIT = tl.constexpr(-1.0e30)
+#: Pooled query rows per query block in the fast predictor (the smallest tl.dot M).
+POOL_ROWS = tl.constexpr(16)
+
+
+@triton.jit
+def _causal_end(pid_m, Nq, Nk, BLOCK_M: tl.constexpr):
+    """One past the last key visible to any row of query block ``pid_m`` (causal, bottom-right)."""
+    return tl.maximum(tl.minimum(Nk, (pid_m + 1) * BLOCK_M + Nk - Nq), 0)
+
+
+@triton.jit
+def _scores_blocks(
+    m, l, cnt, q, K, TileMax, stride_kn, stride_kd, offs_m, offs_d, kb_lo, kb_hi, b, h, Nq, Nk, qk_scale,
+    Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_kb, stride_kpn,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
+    STATS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    for kb in range(kb_lo, kb_hi):
+        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, MASKED, BLOCK_D != D)
+        u = dot(q, tl.trans(k), PRECISION) * qk_scale
+        if MASKED:
+            u = apply_masks(u, offs_m[:, None], offs_n[None, :], b, h, Nq, Nk,
+                            Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_kb, stride_kpn,
+                            CAUSAL, MASK_KIND, KPM_KIND)
+        row_max = tl.max(u, 1)
+        tl.store(TileMax + kb, tl.max(row_max, 0))
+        m_new = tl.maximum(m, row_max)
+        x = u - m_new[:, None]
+        if MASKED:
+            x = tl.maximum(x, MIN_EXP2)
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(x), 1)
+        m = m_new
+        if STATS:
+            cnt += tl.sum((u > float("-inf")).to(tl.int32), 1)
+    return m, l, cnt
+
+
+@triton.jit
+def pruned_scores(
+    Q, K, TileMax, Mpart, Lpart, Cnt, Mask, Kpm,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_pb, stride_pn,
+    H, GROUPS, Nq, Nk, NQB, NKB, KB_PER_SPLIT, qk_scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, RAGGED_N: tl.constexpr,
+    STATS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Pass 1 of the exact mode: ``BLOCK_M`` rows of one (batch, head) against the key blocks
+    ``[split * KB_PER_SPLIT, (split + 1) * KB_PER_SPLIT)``.
+
+    TileMax ``[B*H, NQB, NKB]`` float32 (pre-filled with -inf by the host: tiles past the causal end
+    are never written); Mpart, Lpart ``[splits, B*H, Nq]`` float32 partial max and sum (base 2);
+    Cnt ``[splits, B*H, Nq]`` int32 unmasked entries per row (``STATS`` only).
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUPS
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    TileMax += (bh.to(tl.int64) * NQB + pid_m) * NKB
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_tile(Q, offs_m, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D)
+
+    kb_lo = split * KB_PER_SPLIT
+    kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, NKB)
+    # Key blocks [.., full_kb) are fully visible to every row of the block: no masking needed.
+    if CAUSAL:
+        kb_hi = tl.minimum(kb_hi, tl.cdiv(_causal_end(pid_m, Nq, Nk, BLOCK_M), BLOCK_N))
+        full_kb = tl.maximum(tl.minimum(Nk, pid_m * BLOCK_M + Nk - Nq + 1), 0) // BLOCK_N
+    else:
+        full_kb = NKB
+    if MASK_KIND != 0 or KPM_KIND != 0:
+        full_kb = 0
+    if RAGGED_N:
+        full_kb = tl.minimum(full_kb, Nk // BLOCK_N)
+    mid = tl.maximum(tl.minimum(full_kb, kb_hi), kb_lo)
+
+    m = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    cnt = tl.zeros([BLOCK_M], dtype=tl.int32)
+    m, l, cnt = _scores_blocks(
+        m, l, cnt, q, K, TileMax, stride_kn, stride_kd, offs_m, offs_d, kb_lo, mid, b, h, Nq, Nk, qk_scale,
+        Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+        D, BLOCK_N, BLOCK_D, False, CAUSAL, MASK_KIND, KPM_KIND, STATS, PRECISION)
+    m, l, cnt = _scores_blocks(
+        m, l, cnt, q, K, TileMax, stride_kn, stride_kd, offs_m, offs_d, mid, kb_hi, b, h, Nq, Nk, qk_scale,
+        Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+        D, BLOCK_N, BLOCK_D, True, CAUSAL, MASK_KIND, KPM_KIND, STATS, PRECISION)
+
+    rows = (split * tl.num_programs(1) + bh).to(tl.int64) * Nq + offs_m
+    row_mask = offs_m < Nq
+    tl.store(Mpart + rows, m, mask=row_mask)
+    tl.store(Lpart + rows, l, mask=row_mask)
+    if STATS:
+        tl.store(Cnt + rows, cnt, mask=row_mask)
+
+
+@triton.jit
+def pruned_select(
+    TileMax, Thr, Idx, Count, NValid, Nq, NQB, NKB,
+    BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """The exact tile skip test: list the key blocks of query block ``pid_m`` whose tile maximum
+    reaches ``min_i thr_i`` (Thr ``[B*H, Nq]`` float32, base 2, +inf on empty rows).
+
+    Idx ``[B*H, NQB, NKB]`` int32 (first Count entries valid, in key order); Count and NValid
+    ``[B*H, NQB]`` int32: listed tiles and tiles with at least one unmasked entry.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    thr = tl.load(Thr + bh.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
+    thr_min = tl.min(thr, 0)
+    base = (bh.to(tl.int64) * NQB + pid_m) * NKB
+    n = 0
+    n_valid = 0
+    for c in range(0, NKB, CHUNK):
+        kb = c + tl.arange(0, CHUNK)
+        tm = tl.load(TileMax + base + kb, mask=kb < NKB, other=float("-inf"))
+        live = tm > float("-inf")
+        keep = live & (tm >= thr_min)
+        ki = keep.to(tl.int32)
+        pos = n + tl.cumsum(ki, 0) - 1
+        tl.store(Idx + base + pos, kb, mask=keep)
+        n += tl.sum(ki, 0)
+        n_valid += tl.sum(live.to(tl.int32), 0)
+    tl.store(Count + bh * NQB + pid_m, n)
+    tl.store(NValid + bh * NQB + pid_m, n_valid)
+
+
+@triton.jit
+def pruned_predict(
+    Qp, Kp, Kbias, Idx, Count,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_bb, stride_bn,
+    H, GROUPS, Nq, Nk, NQB, NKB, qk_scale, log2_thr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Fast-mode tile prediction for query block ``pid_m`` of one (batch, head).
+
+    Qp ``[B, H, NQB * 16, D]`` pooled queries (q's dtype) (row r of block m is the mean of query rows
+    ``[m BLOCK_M + r G, m BLOCK_M + (r + 1) G)``, ``G = BLOCK_M / 16``); Kp ``[B, Hkv, NKB, D]``
+    pooled keys (q's dtype); Kbias ``[B, NKB]`` float32, log2 of each key block's unmasked weight
+    (-inf: nothing visible). Writes Idx ``[B*H, NQB, NKB]`` int32 and Count ``[B*H, NQB]``.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUPS
+    Qp += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    Kp += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    Kbias += b.to(tl.int64) * stride_bb
+    G: tl.constexpr = BLOCK_M // POOL_ROWS
+    offs_r = pid_m * POOL_ROWS + tl.arange(0, POOL_ROWS)
+    first_row = offs_r * G  # first query row of each pooled row
+    row_ok = first_row < Nq
+    offs_d = tl.arange(0, BLOCK_D)
+    qp = load_tile(Qp, offs_r, offs_d, NQB * POOL_ROWS, D, stride_qm, stride_qd, False, BLOCK_D != D)
+
+    # Sweep 1: per pooled row, log-sum (base 2) over key blocks of the estimated block mass, and the
+    # best visible block.
+    m = tl.full([POOL_ROWS], M_INIT, dtype=tl.float32)
+    l = tl.zeros([POOL_ROWS], dtype=tl.float32)
+    best = tl.zeros([POOL_ROWS], dtype=tl.int32)
+    for c in range(0, NKB, CHUNK):
+        kb = c + tl.arange(0, CHUNK)
+        kp = load_tile(Kp, kb, offs_d, NKB, D, stride_kn, stride_kd, True, BLOCK_D != D)
+        bias = tl.load(Kbias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
+        est = dot(qp, tl.trans(kp), PRECISION) * qk_scale + bias[None, :]
+        if CAUSAL:
+            est = tl.where(kb[None, :] * BLOCK_N <= first_row[:, None] + (Nk - Nq), est, float("-inf"))
+        est = tl.where(row_ok[:, None], est, float("-inf"))
+        c_max = tl.max(est, 1)
+        c_arg = tl.argmax(est, 1).to(tl.int32) + c
+        best = tl.where(c_max > m, c_arg, best)
+        m_new = tl.maximum(m, c_max)
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(tl.maximum(est - m_new[:, None], MIN_EXP2)), 1)
+        m = m_new
+    live = l > 0.0
+    lse = tl.where(live, m + tl.log2(tl.where(live, l, 1.0)), float("inf"))
+    # The block's first tile: the best block of its most concentrated pooled row.
+    conc = tl.where(live, m - lse, float("-inf"))
+    top = tl.max(conc, 0)
+    first = tl.max(tl.where(live & (conc == top), best, -1), 0)
+
+    base = (bh.to(tl.int64) * NQB + pid_m) * NKB
+    tl.store(Idx + base, first, mask=first >= 0)
+    n = (first >= 0).to(tl.int32)
+    # Sweep 2: visit a tile if some pooled row gives it a share >= tau * slack, or it is that
+    # row's best block.
+    for c in range(0, NKB, CHUNK):
+        kb = c + tl.arange(0, CHUNK)
+        kp = load_tile(Kp, kb, offs_d, NKB, D, stride_kn, stride_kd, True, BLOCK_D != D)
+        bias = tl.load(Kbias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
+        est = dot(qp, tl.trans(kp), PRECISION) * qk_scale + bias[None, :]
+        if CAUSAL:
+            est = tl.where(kb[None, :] * BLOCK_N <= first_row[:, None] + (Nk - Nq), est, float("-inf"))
+        share = tl.where(live[:, None], est - lse[:, None], float("-inf"))
+        hit = (share >= log2_thr) | ((kb[None, :] == best[:, None]) & live[:, None])
+        keep = (tl.max(hit.to(tl.int32), 0) > 0) & (kb < NKB) & (kb != first)
+        ki = keep.to(tl.int32)
+        pos = n + tl.cumsum(ki, 0) - 1
+        tl.store(Idx + base + pos, kb, mask=keep)
+        n += tl.sum(ki, 0)
+    tl.store(Count + bh * NQB + pid_m, n)
+
+
+@triton.jit
+def _pooled_lse_bound(
+    q, Kp, Kbias, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
+    stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_bb, stride_bn,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """A lower bound of each row's lse2 from the pooled keys: by Jensen,
+    ``sum_{j in block} w_j 2^(u_ij) >= W 2^(q_i . kbar)`` with kbar the w-weighted mean key and W the
+    block weight (``Kbias = log2 W``). Causal rows count only the blocks they see entirely. (The
+    pooled keys are rounded to q's dtype for the tensor cores, so the bound holds to that rounding.)"""
+    Kp += b.to(tl.int64) * stride_pkb + hk.to(tl.int64) * stride_pkh
+    Kbias += b.to(tl.int64) * stride_bb
+    mb = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
+    lb = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for c in range(0, NKB, CHUNK):
+        kb = c + tl.arange(0, CHUNK)
+        kp = load_tile(Kp, kb, offs_d, NKB, D, stride_pkn, stride_pkd, True, BLOCK_D != D)
+        bias = tl.load(Kbias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
+        est = dot(q, tl.trans(kp), PRECISION) * qk_scale + bias[None, :]
+        if CAUSAL:
+            est = tl.where((kb[None, :] + 1) * BLOCK_N <= offs_m[:, None] + (Nk - Nq) + 1, est, float("-inf"))
+        m_new = tl.maximum(mb, tl.max(est, 1))
+        lb = lb * tl.exp2(mb - m_new) + tl.sum(tl.exp2(tl.maximum(est - m_new[:, None], MIN_EXP2)), 1)
+        mb = m_new
+    return tl.where(lb > 0.0, mb + tl.log2(tl.where(lb > 0.0, lb, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _attn_tile(
+    acc, m, l, l_all, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, rowsel,
+    stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk, qk_scale, log2_tau,
+    Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
+    EXACT: tl.constexpr, ROWSEL: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Fold key block ``kb`` into the accumulators (see the module docstring)."""
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, MASKED, BLOCK_D != D)
+    u = dot(q, tl.trans(k), PRECISION) * qk_scale
+    if MASKED:
+        u = apply_masks(u, offs_m[:, None], offs_n[None, :], b, h, Nq, Nk,
+                        Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+                        CAUSAL, MASK_KIND, KPM_KIND)
+    if ROWSEL:
+        u = tl.where(rowsel[:, None], u, float("-inf"))
+    v = load_tile(V, offs_n, offs_dv, Nk, DV, stride_vn, stride_vd, MASKED, BLOCK_DV != DV)
+    if EXACT:
+        keep = u >= thr[:, None]
+        p = tl.where(keep, tl.exp2(u - lse2[:, None]), 0.0)
+        l += tl.sum(p, 1)
+        acc += dot(p.to(v.dtype), v, PRECISION)
+        if STATS:
+            kcnt += tl.sum(keep.to(tl.int32), 1)
+    else:
+        m_new = tl.maximum(m, tl.max(u, 1))
+        alpha = tl.exp2(m - m_new)
+        pa = tl.exp2(tl.maximum(u - m_new[:, None], MIN_EXP2))
+        l_all = l_all * alpha + tl.sum(pa, 1)
+        # log2 l_all >= 0 once the row has an unmasked entry (its max contributes 1); before that
+        # every entry is -inf and pa is 0 whatever the threshold.
+        thr_run = tl.minimum(tl.maximum(m_new + tl.log2(l_all), lse_lb) + log2_tau, m_new)
+        keep = u >= thr_run[:, None]
+        p = tl.where(keep, pa, 0.0)
+        # Every entry kept so far is <= the old max m: if the threshold passed m, all of them are
+        # pruned after all, so drop them (this makes tau > 1 keep only the row max).
+        stale = thr_run > m
+        alpha = tl.where(stale, 0.0, alpha)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION)
+        m = m_new
+        if STATS:
+            kept = tl.where(stale, 0.0, kept)
+            kcnt = tl.where(stale, 0, kcnt)
+            live = keep & (u > float("-inf"))
+            kept += tl.sum(tl.where(live, tl.exp2(u - lse2[:, None]), 0.0), 1)
+            kcnt += tl.sum(live.to(tl.int32), 1)
+    return acc, m, l, l_all, kept, kcnt
+
+
+@triton.jit
+def pruned_attn(
+    Q, K, V, Out, Idx, Count, Thr, Lse2, Opart, Mpart, Lpart, Kept, Kcnt, Mask, Kpm, Kp, Kbias,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_pb, stride_pn,
+    stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_bb, stride_bn,
+    H, GROUPS, Nq, Nk, NQB, NKB, qk_scale, log2_tau,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, MASKED: tl.constexpr,
+    EXACT: tl.constexpr, SPLIT: tl.constexpr, FALLBACK: tl.constexpr, STATS: tl.constexpr,
+    LSE_BOUND: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Pass 2: ``BLOCK_M`` rows of one (batch, head) over its share of the listed key blocks
+    (split ``program_id(2)`` of ``num_programs(2)`` takes an equal slice of the list).
+
+    Thr, Lse2 ``[B*H, Nq]`` float32 base 2 (exact: the thresholds and lse, +inf on empty rows; fast:
+    Lse2 is the exact lse, read only with ``STATS``). Without ``SPLIT`` writes Out ``[B, H, Nq, DV]``
+    (input dtype) and Lpart[0] (kept mass, exact; kept sum, fast); with ``SPLIT`` writes the
+    unnormalized Opart ``[S, B*H, Nq, DV]`` and Mpart, Lpart ``[S, B*H, Nq]`` float32 for the host.
+    ``STATS``: Kept (true kept mass, fast only) and Kcnt (kept entries) ``[S, B*H, Nq]``.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    n_split = tl.num_programs(2)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUPS
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    Idx += (bh.to(tl.int64) * NQB + pid_m) * NKB
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_mask = offs_m < Nq
+    rows = bh.to(tl.int64) * Nq + offs_m
+    q = load_tile(Q, offs_m, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D)
+    if EXACT:
+        thr = tl.load(Thr + rows, mask=row_mask, other=float("inf"))
+    else:
+        thr = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if EXACT or STATS:
+        lse2 = tl.load(Lse2 + rows, mask=row_mask, other=float("inf"))
+    else:
+        lse2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    lse_lb = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if LSE_BOUND:
+        lse_lb = _pooled_lse_bound(q, Kp, Kbias, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
+                                   stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_bb, stride_bn,
+                                   D, BLOCK_M, BLOCK_N, BLOCK_D, CHUNK, CAUSAL, PRECISION)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_all = tl.zeros([BLOCK_M], dtype=tl.float32)
+    kept = tl.zeros([BLOCK_M], dtype=tl.float32)
+    kcnt = tl.zeros([BLOCK_M], dtype=tl.int32)
+
+    count = tl.load(Count + bh * NQB + pid_m)
+    lo = (split * count) // n_split
+    hi = ((split + 1) * count) // n_split
+    for t in range(lo, hi):
+        kb = tl.load(Idx + t)
+        acc, m, l, l_all, kept, kcnt = _attn_tile(
+            acc, m, l, l_all, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, row_mask,
+            stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk, qk_scale, log2_tau,
+            Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+            D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, MASKED, CAUSAL, MASK_KIND, KPM_KIND,
+            EXACT, False, STATS, PRECISION)
+
+    if FALLBACK:
+        # Rows that met no unmasked key in the listed tiles: fold in every key block, for those
+        # rows only (tiles already seen add nothing to them: they were all masked there).
+        lost = (l_all == 0.0) & row_mask
+        if tl.max(lost.to(tl.int32), 0) > 0:
+            kb_end = tl.cdiv(Nk, BLOCK_N)
+            if CAUSAL:
+                kb_end = tl.cdiv(_causal_end(pid_m, Nq, Nk, BLOCK_M), BLOCK_N)
+            for kb in range(0, kb_end):
+                acc, m, l, l_all, kept, kcnt = _attn_tile(
+                    acc, m, l, l_all, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, lost,
+                    stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk,
+                    qk_scale, log2_tau,
+                    Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+                    D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, MASK_KIND, KPM_KIND,
+                    EXACT, True, STATS, PRECISION)
+
+    srows = (split * tl.num_programs(1) + bh).to(tl.int64) * Nq + offs_m
+    if SPLIT:
+        o_ptrs = Opart + srows[:, None] * DV + offs_dv[None, :]
+        tl.store(o_ptrs, acc, mask=row_mask[:, None] & (offs_dv[None, :] < DV))
+        tl.store(Mpart + srows, m, mask=row_mask)
+    else:
+        l_safe = tl.where(l > 0.0, l, 1.0)
+        out = acc / l_safe[:, None]
+        Out += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        o_ptrs = Out + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & (offs_dv[None, :] < DV))
+    tl.store(Lpart + srows, l, mask=row_mask)
+    if STATS:
+        tl.store(Kept + srows, kept, mask=row_mask)
+        tl.store(Kcnt + srows, kcnt, mask=row_mask)

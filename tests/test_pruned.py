@@ -1,0 +1,353 @@
+"""Tau-pruned attention (shared MATH.md section 5) against a float64 evaluation of the definition.
+
+CPU: the Triton kernels run in the interpreter (TRITON_INTERPRET=1; skipped otherwise) at small
+shapes, where the tiles are 16 x 16; the reference path runs everywhere. GPU tests (``gpu``) repeat
+the core checks at larger shapes.
+"""
+import math
+
+import pytest
+import torch
+
+from entropy_attn import entropy_attention
+from entropy_attn._inputs import check_inputs
+from entropy_attn._launch import interpreting
+from entropy_attn.pruned import pruned_attention, pruned_triton, reference_pruned
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+triton_ok = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
+                               reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2, torch.float64: 1e-10}
+
+
+# ------------------------------------------------------------------------------------------------
+# The definition, densely in float64, written independently of the library
+# ------------------------------------------------------------------------------------------------
+
+
+def definition(q, k, v, tau, *, causal=False, scale=None, attn_mask=None, key_padding_mask=None, block=(16, 16)):
+    """Returns (out float64, stats dict [H] float64, ambiguous rows [B, H, Nq] bool).
+
+    A row is ambiguous when an entry lies within 1e-4 (relative) of its threshold, where float32
+    kernels may legitimately decide either way."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(H // Hkv, 1)
+    v = v.repeat_interleave(H // Hkv, 1)
+    scale = D ** -0.5 if scale is None else scale
+    s = scale * q @ k.transpose(-1, -2)
+    valid = torch.ones(B, H, Nq, Nk, dtype=torch.bool)
+    if causal:
+        i = torch.arange(Nq)[:, None]
+        j = torch.arange(Nk)[None, :]
+        valid &= j <= i + Nk - Nq
+    if attn_mask is not None:
+        am = attn_mask.expand(B, H, Nq, Nk)
+        if am.dtype == torch.bool:
+            valid &= am
+        else:
+            s = s + am.double()
+            valid &= am > -math.inf
+    if key_padding_mask is not None:
+        valid &= ~key_padding_mask[:, None, None, :]
+    s = s.masked_fill(~valid, -math.inf)
+    empty = ~valid.any(-1)
+    s0 = s.masked_fill(empty[..., None], 0.0)
+    lse = torch.logsumexp(s0, -1, keepdim=True)
+    P = torch.exp(s0 - lse) * valid
+    m = s0.amax(-1, keepdim=True)
+    thr = torch.minimum(lse + (math.log(tau) if tau > 0 else -math.inf), m)
+    keep = valid & (s >= thr)
+    A = P * keep
+    A = A / A.sum(-1, keepdim=True).clamp_min(1e-300)
+    out = A @ v
+    near = valid & ((s - thr).abs() <= 1e-4 * (1 + s.abs())) & (s != m)
+    ambiguous = near.any(-1)
+    # stats
+    unm = valid.sum((-1, -2)).double()
+    entry = torch.where(unm > 0, (valid & ~keep).sum((-1, -2)) / unm.clamp_min(1), 0.0)
+    pm = ((P * ~keep).sum(-1) * ~empty).sum(-1) / (~empty).sum(-1).clamp_min(1)
+    bm, bn = block
+    nrb, nkb = -(-Nq // bm), -(-Nk // bn)
+    sp = torch.full((B, H, nrb * bm, nkb * bn), -math.inf, dtype=torch.float64)
+    sp[:, :, :Nq, :Nk] = s
+    tmax = sp.view(B, H, nrb, bm, nkb, bn).amax((3, 5))
+    tp = torch.full((B, H, nrb * bm), math.inf, dtype=torch.float64)
+    tp[:, :, :Nq] = torch.where(empty, math.inf, thr[..., 0])
+    tmin = tp.view(B, H, nrb, bm).amin(-1)
+    live = tmax > -math.inf
+    visited = live & (tmax >= tmin[..., None])
+    nl = live.sum((-1, -2)).double()
+    tile = torch.where(nl > 0, 1 - visited.sum((-1, -2)) / nl.clamp_min(1), 0.0)
+    stats = {"entry_sparsity": entry.mean(0), "tile_sparsity": tile.mean(0), "pruned_mass": pm.mean(0)}
+    return out, stats, ambiguous
+
+
+def check_close(out, ref, amb, dtype, max_amb_frac=0.1):
+    assert torch.isfinite(out).all()
+    assert amb.float().mean() <= max_amb_frac, "too many rows at the threshold: change the seed"
+    err = (out.double().cpu() - ref).abs().amax(-1)
+    err = err.masked_fill(amb, 0.0)
+    assert err.max().item() <= TOL[dtype] * max(1.0, ref.abs().max().item()), err.max().item()
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0, gen=None):
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+
+def clustered(B, H, Hkv, Nq, Nk, D, *, dtype=torch.float32, block=16, strength=6.0, seed=0):
+    """Sparse attention on purpose: keys come in contiguous clusters of ``block`` keys around a
+    center, and each block of ``block`` queries points at one cluster, so each query has a few
+    strong matches and most tiles hold no kept entry."""
+    g = torch.Generator().manual_seed(seed)
+    nc = max(1, -(-Nk // block))
+    centers = torch.nn.functional.normalize(torch.randn(B, Hkv, nc, D, generator=g), dim=-1) * math.sqrt(D)
+    cid = torch.arange(Nk) // block
+    k = centers[:, :, cid] + 0.3 * torch.randn(B, Hkv, Nk, D, generator=g)
+    qc = (torch.arange(Nq) // block * 5 + 1) % nc
+    cq = centers.repeat_interleave(H // Hkv, 1)[:, :, qc]
+    q = strength / math.sqrt(D) * cq + 0.3 * torch.randn(B, H, Nq, D, generator=g)
+    v = torch.randn(B, Hkv, Nk, D, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def random_qkv(B, H, Hkv, Nq, Nk, D, dtype=torch.float32, seed=0, qscale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return (randn(B, H, Nq, D, dtype=dtype, scale=qscale, gen=g), randn(B, Hkv, Nk, D, dtype=dtype, gen=g),
+            randn(B, Hkv, Nk, D, dtype=dtype, gen=g))
+
+
+def run(q, k, v, mode="exact", backend="triton", **kw):
+    dev = DEV if backend == "triton" else "cpu"
+    mv = lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    kw = {a: mv(b) for a, b in kw.items()}
+    return pruned_attention(mv(q), mv(k), mv(v), mode=mode, backend=backend, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact mode against the definition
+# ------------------------------------------------------------------------------------------------
+
+
+@triton_ok
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_random(dtype, causal):
+    q, k, v = random_qkv(1, 2, 2, 37, 53, 16, dtype, seed=1)
+    ref, _, amb = definition(q, k, v, 0.02, causal=causal)
+    out = run(q, k, v, tau=0.02, causal=causal)
+    assert out.dtype == dtype and out.shape == (1, 2, 37, 16)
+    check_close(out, ref, amb, dtype)
+
+
+@triton_ok
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_clustered_skips_tiles_and_is_exact(dtype):
+    q, k, v = clustered(1, 2, 1, 48, 96, 32, dtype=dtype)
+    ref, st_ref, amb = definition(q, k, v, 0.01)
+    out, st = run(q, k, v, tau=0.01, return_stats=True)
+    check_close(out, ref, amb, dtype)
+    assert (st["tile_sparsity"] > 0.5).all(), st  # most tiles really skipped ...
+    for key in st:  # ... and counted as the definition says
+        assert torch.allclose(st[key].double().cpu(), st_ref[key], atol=2e-3), (key, st[key], st_ref[key])
+
+
+@triton_ok
+def test_exact_dense_attention():
+    """Near-uniform attention: little to prune, nothing skipped, still exact."""
+    q, k, v = random_qkv(1, 2, 2, 32, 48, 16, seed=2, qscale=0.1)
+    ref, st_ref, amb = definition(q, k, v, 0.01)
+    out, st = run(q, k, v, tau=0.01, return_stats=True)
+    check_close(out, ref, amb, torch.float32)
+    assert st["tile_sparsity"].abs().max() < 1e-6 and st_ref["pruned_mass"].max() < 0.05
+
+
+@triton_ok
+def test_stats_random_with_masks():
+    q, k, v = random_qkv(2, 2, 1, 33, 40, 16, seed=3)
+    kpm = torch.zeros(2, 40, dtype=torch.bool)
+    kpm[1, 25:] = True
+    ref, st_ref, amb = definition(q, k, v, 0.03, causal=True, key_padding_mask=kpm)
+    out, st = run(q, k, v, tau=0.03, causal=True, key_padding_mask=kpm, return_stats=True)
+    check_close(out, ref, amb, torch.float32)
+    for key in st:
+        assert st[key].shape == (2,) and st[key].dtype == torch.float32
+        assert torch.allclose(st[key].double().cpu(), st_ref[key], atol=2e-3), (key, st[key], st_ref[key])
+
+
+@triton_ok
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_masks_and_fully_masked_rows(kind):
+    q, k, v = random_qkv(1, 2, 2, 21, 35, 16, seed=4)
+    g = torch.Generator().manual_seed(5)
+    keep = torch.rand(1, 1, 21, 35, generator=g) > 0.4
+    keep[..., 3, :] = False  # a fully masked row
+    mask = keep if kind == "bool" else torch.where(keep, torch.randn(1, 1, 21, 35, generator=g), -math.inf)
+    kpm = torch.zeros(1, 35, dtype=torch.bool)
+    kpm[0, -4:] = True
+    ref, _, amb = definition(q, k, v, 0.02, attn_mask=mask, key_padding_mask=kpm)
+    for mode in ("exact", "fast"):
+        out = run(q, k, v, tau=0.02, attn_mask=mask, key_padding_mask=kpm, mode=mode)
+        assert torch.isfinite(out).all()
+        assert out[0, :, 3].abs().max() == 0
+        if mode == "exact":
+            check_close(out, ref, amb, torch.float32)
+
+
+@triton_ok
+@pytest.mark.parametrize("nq,nk", [(1, 1), (1, 29), (17, 1), (19, 45)])
+def test_odd_sizes(nq, nk):
+    q, k, v = random_qkv(1, 1, 1, nq, nk, 24, seed=6)
+    ref, _, amb = definition(q, k, v, 0.05)
+    check_close(run(q, k, v, tau=0.05), ref, amb, torch.float32)
+
+
+@triton_ok
+def test_causal_more_queries_than_keys():
+    """Rows that see no key (Nq > Nk, causal bottom-right) give 0 in both modes."""
+    q, k, v = random_qkv(1, 2, 2, 30, 12, 16, seed=7)
+    ref, _, amb = definition(q, k, v, 0.02, causal=True)
+    for mode in ("exact", "fast"):
+        out = run(q, k, v, tau=0.02, causal=True, mode=mode)
+        assert torch.isfinite(out).all() and out[0, :, :18].abs().max() == 0
+    check_close(run(q, k, v, tau=0.02, causal=True), ref, amb, torch.float32)
+
+
+@triton_ok
+def test_tau_zero_is_dense():
+    q, k, v = random_qkv(1, 2, 1, 20, 33, 16, seed=8)
+    dense = entropy_attention(q.to(DEV), k.to(DEV), v.to(DEV), causal=True, return_entropy=False, backend="triton")
+    out, st = run(q, k, v, tau=0.0, causal=True, return_stats=True)
+    assert torch.allclose(out, dense, atol=1e-6)
+    assert all(float(t.abs().max()) == 0 for t in st.values())
+
+
+@triton_ok
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_tau_above_one_keeps_row_max(mode):
+    q, k, v = random_qkv(1, 2, 2, 18, 40, 16, seed=9)
+    s = q.double() @ k.double().transpose(-1, -2)
+    expect = torch.gather(v.double(), 2, s.argmax(-1, keepdim=True).expand(-1, -1, -1, 16))
+    out = run(q, k, v, tau=1.5, mode=mode).double().cpu()
+    if mode == "exact":
+        assert torch.allclose(out, expect, atol=1e-5)
+    else:  # the max of the visited tiles: one value row each
+        dist = (out[:, :, :, None, :] - v.double()[:, :, None, :, :]).abs().amax(-1).amin(-1)
+        assert dist.max() < 1e-5
+        assert (out == expect).all(-1).double().mean() > 0.5
+
+
+@triton_ok
+def test_gqa():
+    q, k, v = clustered(1, 4, 2, 32, 64, 16, dtype=torch.float16, seed=10)
+    ref, _, amb = definition(q, k, v, 0.01)
+    check_close(run(q, k, v, tau=0.01), ref, amb, torch.float16)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding (few queries, split programs)
+# ------------------------------------------------------------------------------------------------
+
+
+@triton_ok
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_decoding_splits(mode):
+    q, k, v = clustered(1, 2, 1, 3, 160, 16, seed=11)
+    q = q[:, :, :3]
+    ref, _, amb = definition(q, k, v, 0.01, causal=True)
+    inp = check_inputs(q.to(DEV), k.to(DEV), v.to(DEV), causal=True)
+    one = pruned_triton(inp, 0.01, mode, splits=1)
+    four = pruned_triton(inp, 0.01, mode, splits=4)
+    if mode == "exact":
+        assert torch.allclose(one, four, atol=1e-5)
+        check_close(four, ref, amb, torch.float32)
+    else:  # each split prunes against its own running bound: close, not equal
+        for out in (one, four):
+            assert (out.double().cpu() - ref).abs().max() < 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# Fast mode: never NaN, never drops a row, measured deviation from exact
+# ------------------------------------------------------------------------------------------------
+
+
+@triton_ok
+def test_fast_clustered_close_to_exact():
+    q, k, v = clustered(1, 2, 1, 48, 96, 32)
+    ref, st_ref, _ = definition(q, k, v, 0.01)
+    out, st = run(q, k, v, tau=0.01, mode="fast", return_stats=True)
+    err = (out.double().cpu() - ref).abs().max().item()
+    # Measured (interpreter, this seed): max |fast - exact| ~1e-3, mass lost ~ the exact mode's.
+    assert err < 0.02, err
+    assert (st["tile_sparsity"] > 0.5).all()
+    assert (st["pruned_mass"].double().cpu() < st_ref["pruned_mass"] + 0.01).all(), (st, st_ref)
+
+
+@triton_ok
+def test_fast_random_no_nan_no_empty_rows():
+    q, k, v = random_qkv(1, 2, 2, 40, 70, 16, seed=12, qscale=3.0)
+    ref, st_ref, _ = definition(q, k, v, 0.01)
+    out, st = run(q, k, v, tau=0.01, mode="fast", return_stats=True)
+    assert torch.isfinite(out).all()
+    assert (out.abs().amax(-1) > 0).all()  # no row dropped
+    # The deviation on diffuse random attention is larger (it keeps entries the exact mode prunes):
+    assert (out.double().cpu() - ref).abs().max() < 0.5
+    assert ((st["pruned_mass"].double().cpu() - st_ref["pruned_mass"]).abs() < 0.1).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference path, API
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reference_path(dtype):
+    q, k, v = clustered(2, 2, 1, 40, 80, 16, dtype=dtype, seed=13)
+    kpm = torch.zeros(2, 80, dtype=torch.bool)
+    kpm[0, :10] = True
+    ref, st_ref, amb = definition(q, k, v, 0.01, causal=True, key_padding_mask=kpm, block=(16, 16))
+    inp = check_inputs(q, k, v, causal=True, key_padding_mask=kpm)
+    out, st = reference_pruned(inp, 0.01, block=(16, 16), stats=True, chunk_size=16)
+    check_close(out, ref, amb, dtype)
+    for key in st:
+        assert torch.allclose(st[key].double(), st_ref[key], atol=1e-6), key
+    out2 = pruned_attention(q, k, v, tau=0.01, causal=True, key_padding_mask=kpm, backend="reference")
+    assert torch.allclose(out2, out)
+
+
+def test_validation_and_no_grad():
+    q, k, v = random_qkv(1, 1, 1, 4, 5, 8)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            pruned_attention(q, k, v, tau=bad, backend="reference")
+    with pytest.raises(ValueError):
+        pruned_attention(q, k, v, mode="approx", backend="reference")
+    with pytest.raises(ValueError):
+        pruned_attention(q, k[:, :, :, :4], v, backend="reference")
+    qg = q.clone().requires_grad_()
+    out = pruned_attention(qg, k, v, backend="reference")
+    assert not out.requires_grad
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU, larger shapes
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nq", [1, 16, 700])
+def test_gpu_exact_vs_reference(causal, nq):
+    torch.manual_seed(0)
+    q, k, v = clustered(2, 4, 2, max(nq, 64), 2000, 64, dtype=torch.bfloat16, block=64)
+    q = q[:, :, -nq:].contiguous()
+    q, k, v = q.cuda(), k.cuda(), v.cuda()
+    inp = check_inputs(q.double(), k.double(), v.double(), causal=causal)
+    ref = reference_pruned(inp, 0.01)
+    for mode in ("exact", "fast"):
+        out, st = pruned_attention(q, k, v, tau=0.01, causal=causal, mode=mode, return_stats=True)
+        err = (out.double() - ref).abs().max().item()
+        assert torch.isfinite(out).all()
+        assert err < (0.05 if mode == "exact" else 0.2), (mode, err, st)
