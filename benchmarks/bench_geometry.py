@@ -65,7 +65,7 @@ def timed(fn, *args, repeats: int = 3):
     return float(np.median(times)), out
 
 
-def trained_net(seconds_budget_steps: int = 150) -> EntropyNet:
+def trained_net(steps: int = 150) -> EntropyNet:
     """EntropyNet trained briefly on mixed protocol samples (fixed grid anchors, seed 0)."""
     kinds = ["uniform", "parabolic", "clustered"]
 
@@ -75,7 +75,7 @@ def trained_net(seconds_budget_steps: int = 150) -> EntropyNet:
 
     torch.manual_seed(0)
     net = EntropyNet(2)
-    train_entropynet(net, sample, steps=seconds_budget_steps, lr=1e-2, progress=False,
+    train_entropynet(net, sample, steps=steps, lr=1e-2, progress=False,
                      anchors=grid_anchors(16, 2, dtype=torch.float32))
     return net.eval()
 
