@@ -7,7 +7,7 @@ import torch
 import torchvision  # CI installs it: a missing torchvision must fail, not skip
 from torch import nn
 
-from entropy_attn import AttentionMonitor, EntropyAttention, replace_attention
+from entropy_attn import AttentionMonitor, EntropyAttention, entropy_loss, replace_attention
 from entropy_attn.modules import _top_k_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # MHA's own
@@ -219,16 +219,17 @@ def test_dropout_matches_mha_with_the_same_seed_and_entropy_is_undropped():
     torch.testing.assert_close(dropped, ent.last_entropy)
 
 
-def test_triton_interpreter_path_matches_reference(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernels run on the CPU (set by conftest without CUDA)
-    mha, tri = _pair({}, dtype=torch.float32)
+def test_triton_path_matches_reference(device):
+    """backend='triton': CUDA, or the CPU under TRITON_INTERPRET=1 (set by conftest without CUDA)."""
+    mha, tri = _pair({})
+    mha.to(device), tri.to(device)
     tri.backend = "triton"
     ref = EntropyAttention.from_mha(copy.deepcopy(mha), backend="reference")
-    x = torch.randn(N, 20, E, requires_grad=True)
+    x = torch.randn(N, 20, E, device=device, requires_grad=True)
     xs = x.transpose(0, 1)
-    pad = torch.zeros(N, 20, dtype=torch.bool)
+    pad = torch.zeros(N, 20, dtype=torch.bool, device=device)
     pad[:, 15:] = True
-    mask = nn.Transformer.generate_square_subsequent_mask(20)
+    mask = nn.Transformer.generate_square_subsequent_mask(20, device=device)
     grads, outs = [], []
     for layer in (mha, tri, ref):
         out = layer(xs, xs, xs, key_padding_mask=pad, attn_mask=mask, need_weights=False)[0]
@@ -239,6 +240,17 @@ def test_triton_interpreter_path_matches_reference(monkeypatch):
     torch.testing.assert_close(tri.last_entropy, ref.last_entropy, atol=1e-4, rtol=1e-4)
     for a, b in zip(grads[1], grads[2]):  # entropy term included: fused backward vs autograd
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.gpu
+def test_vit_b_16_bf16_on_gpu():
+    model = torchvision.models.vit_b_16(weights=None).to("cuda", torch.bfloat16)
+    swapped = replace_attention(copy.deepcopy(model))
+    images = torch.randn(4, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    outs = [m(images).float() for m in (model, swapped)]
+    assert (outs[1] - outs[0]).abs().max() <= 3e-2 * outs[0].abs().max()
+    (outs[1].square().mean() + 0.1 * entropy_loss(swapped)).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in swapped.parameters())
 
 
 def test_from_mha_shares_parameters_and_mode():
