@@ -90,13 +90,14 @@ class EntropyAttention(nn.MultiheadAttention):
             ``'triton'`` or ``'reference'``; see ``entropy_attention``.
 
     Attributes set by a forward in training mode or under ``AttentionMonitor`` (None otherwise):
-        last_entropy: ``[H]`` float32, the Shannon entropy (nats, or normalized) of each head,
+        last_entropy: ``[H]`` float32 (float64 for float64 inputs), the Shannon entropy (nats, or normalized) of each head,
             averaged over batch and valid query rows (rows with at least one unmasked key; in
             self-attention, rows whose query is padding are left out). Differentiable.
         last_regularizer: ``[H]``, the ``regularizer`` kind's value averaged the same way
             (``last_entropy`` itself for ``'shannon'``). Differentiable.
         last_prune_stats: eval with ``tau > 0`` under a monitor: ``pruned_attention``'s per-head stats.
-    A layer called several times per step holds its last call's values.
+    A layer called several times per step holds its last call's values; in training they keep
+    the entropy's autograd graph alive until the next forward or the backward.
 
     Differences from ``nn.MultiheadAttention``:
         - ``need_weights=True`` (the default, as there) and attention dropout in training run the
@@ -106,7 +107,9 @@ class EntropyAttention(nn.MultiheadAttention):
         - ``is_causal=True`` is also accepted without ``attn_mask`` (square attention). With a mask,
           it is trusted as a hint (as ``scaled_dot_product_attention`` does): the kernels apply the
           causal rule and skip the mask, unless ``add_bias_kv`` / ``add_zero_attn`` add key columns
-          or ``L != S``.
+          or ``L != S``; then the mask is used, and the added columns stay visible to every query
+          (as in ``nn.MultiheadAttention``'s weights path; its SDPA path hides them).
+        - A query row with no unmasked key gives attention output 0 and entropy 0, never NaN.
         - Bad inputs raise ``ValueError`` / ``TypeError`` naming the argument and expected shape.
     """
 
