@@ -36,6 +36,10 @@ MODES = ("exact", "fast")
 #: hold an entry >= tau). Lower it to visit more tiles (the pooled estimate, exp of a mean score,
 #: underestimates a tile's mass when its scores are spread).
 FAST_SLACK = 1.0
+#: Query rows sampled (against every key) for the fast predictor's vertical-stripe estimate, and the
+#: shortest query sequence that gets it (below, the sample would cost more than ~5% of the QK work).
+VERT_SAMPLES = 64
+VERT_MIN_NQ = 1024
 #: Score elements per chunk of the reference path (B * H * chunk * Nk).
 _CHUNK_ELEMENTS = 1 << 24
 #: Tile of the stats on the reference path when no block is given (the GPU prefill tile).
@@ -278,7 +282,54 @@ def _pool_inputs(inp, q, k, cfg, nqb, nkb):
         w = torch.exp(blk - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
         kp = torch.einsum("bnk,bhnkd->bhnd", w, kk.reshape(B, Hkv, nkb, bn, D).float())
         kbias = lse * LOG2E
-    return qp.to(q.dtype), kp.to(q.dtype), kbias.contiguous()
+    # The outlier key of each block: the (unmasked) key farthest from the block mean.
+    kb5 = kk.reshape(B, Hkv, nkb, bn, D)
+    # ||k - kbar||^2 up to the block constant ||kbar||^2, without a float32 copy of k.
+    dist = torch.linalg.vector_norm(kb5, dim=-1, dtype=torch.float32).square()
+    dist -= 2 * (kb5 @ kp.to(k.dtype)[..., None]).squeeze(-1).float()
+    valid_key = torch.arange(keys, device=q.device) < Nk
+    if kpm is not None:
+        valid_key = valid_key & torch.cat([lw[:, :Nk] > float("-inf"), lw.new_zeros(B, keys - Nk, dtype=torch.bool)], 1)
+        dist = dist.masked_fill(~valid_key.view(B, 1, nkb, bn), float("-inf"))
+    else:
+        dist = dist.masked_fill(~valid_key.view(1, 1, nkb, bn), float("-inf"))
+    far = dist.argmax(-1, keepdim=True)
+    ko = torch.gather(kb5, 3, far[..., None].expand(-1, -1, -1, -1, D)).squeeze(3)
+    # log2 weight of the outlier key alone: 0 (it is an unmasked key), -inf where the block has none;
+    # with a float padding mask the outlier term is left out (its weight differs per head).
+    if kpm is None or kpm.dtype == torch.bool:
+        kobias = torch.where(torch.isfinite(kbias), 0.0, float("-inf"))
+    else:
+        kobias = torch.full_like(kbias, float("-inf"))
+    return qp.to(q.dtype), kp.to(q.dtype), ko.contiguous(), kbias.contiguous(), kobias.contiguous()
+
+
+def _vertical(inp, q, k, cfg, nkb):
+    """``[B*H, NKB]`` float32: log2 of the largest softmax weight that ``VERT_SAMPLES`` query rows,
+    evenly spaced, give to a key of each key block (exact weights of those rows, all masks applied).
+    None for short query sequences (``Nq < VERT_MIN_NQ``), where the sample would cost too much."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    if Nq < VERT_MIN_NQ:
+        return None
+    rows = torch.linspace(0, Nq - 1, VERT_SAMPLES, device=q.device).round().long()
+    kk = k.repeat_interleave(inp.groups, 1) if inp.groups > 1 else k
+    s = (q[:, :, rows] @ kk.transpose(-1, -2)).float() * inp.scale
+    i = rows[:, None]
+    if inp.causal:
+        s = s.masked_fill(torch.arange(Nk, device=q.device)[None, :] > i + (Nk - Nq), float("-inf"))
+    if inp.attn_mask is not None:
+        am = inp.attn_mask[:, :, rows]
+        s = s.masked_fill(~am, float("-inf")) if am.dtype == torch.bool else s + am.float()
+    if inp.key_padding_mask is not None:
+        kpm = inp.key_padding_mask[:, None, None, :]
+        s = s.masked_fill(kpm, float("-inf")) if kpm.dtype == torch.bool else s + kpm.float()
+    logp = torch.log_softmax(s, -1) * LOG2E
+    keys = nkb * cfg.block_n
+    if keys != Nk:
+        logp = torch.nn.functional.pad(logp, (0, keys - Nk), value=float("-inf"))
+    vert = logp.view(B, H, VERT_SAMPLES, nkb, cfg.block_n).amax((2, 4))
+    return vert.nan_to_num(nan=float("-inf")).reshape(B * H, nkb).contiguous()
 
 
 def _combine_exact(opart, lpart):
@@ -318,16 +369,18 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
             lse2, thr = _lse_and_threshold(m2, l2, tau)
             idx, count, nvalid = _select(tile_max, thr, cfg, nqb, nkb, Nq)
         if not exact:
-            qp, kp, kbias = _pool_inputs(inp, q, k, cfg, nqb, nkb)
+            qp, kp, ko, kbias, kobias = _pool_inputs(inp, q, k, cfg, nqb, nkb)
+            vert = _vertical(inp, q, k, cfg, nkb)
             idx = torch.empty((BH, nqb, nkb), dtype=torch.int32, device=dev)
             count = torch.empty((BH, nqb), dtype=torch.int32, device=dev)
             chunk = 16 if interpreting() else 64
             pruned_predict[(nqb, BH)](
-                qp, kp, kbias, idx, count, *qp.stride(), *kp.stride(),
+                qp, kp, ko, kbias, kobias, vert if vert is not None else kbias, idx, count, *qp.stride(), *kp.stride(),
                 kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(1),
                 H, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, math.log2(tau * slack),
                 D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), CHUNK=chunk,
-                CAUSAL=inp.causal, PRECISION=_input_precision(q.dtype), num_warps=4, num_stages=1,
+                CAUSAL=inp.causal, VERT=vert is not None, PRECISION=_input_precision(q.dtype),
+                num_warps=4, num_stages=1,
             )
         # Splitting the fast mode needs every row covered by the predictor (no in-kernel fallback).
         can_split = exact or (inp.attn_mask is None and not (inp.causal and inp.key_padding_mask is not None))
@@ -346,13 +399,13 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
         dummy = lpart
         bound = not exact and inp.attn_mask is None
         if exact:
-            kp, kbias = q, lpart[0]
+            kp, ko, kbias, kobias = q, q, lpart[0], lpart[0]
         kp_str = kp.stride() if not exact else (0, 0, 0, 0)
         kb_str = (kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(-1)) if not exact else (0, 0)
         masked = inp.causal or mkind != 0 or pkind != 0 or Nk % cfg.block_n != 0
         pruned_attn[(nqb, BH, n_split)](
             q, k, v, out, idx, count, thr if thr is not None else dummy, lse2 if lse2 is not None else dummy,
-            opart, mpart, lpart, kept, kcnt, mask, kpm, kp, kbias,
+            opart, mpart, lpart, kept, kcnt, mask, kpm, kp, ko, kbias, kobias,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr, *pstr, *kp_str, *kb_str,
             H, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, math.log2(tau),
             D=D, DV=Dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), BLOCK_DV=_block(Dv),

@@ -22,8 +22,11 @@ Fast mode, two launches:
    pooled keys (a weighted mean per key block, with the log of the block's unmasked key weight as a
    bias). Per pooled row a softmax over key blocks estimates each tile's share of the row's mass; a
    tile is visited when its largest share over the pooled rows is ``>= log2 (tau * slack)``, and the
-   best tile of every pooled row is always visited (so no row is dropped). The list puts the block's
-   most concentrated tile first, then the rest in key order.
+   best tile of every pooled row is always visited (so no row is dropped). Mean pooling dilutes a
+   single strong key (an attention sink, a vertical stripe), so for long query sequences the host
+   also computes, from a sample of real query rows against all keys, the largest weight each key
+   block gets, and key blocks reaching the same threshold are visited by every query block. The list
+   puts the block's most concentrated tile first, then the rest in key order.
 2. ``pruned_attn`` without ``EXACT``: one sweep over the listed tiles with the online softmax. An
    entry is pruned when ``u_ij < min(lse2_lb_i + log2 tau, m_i)`` where ``lse2_lb_i`` is the running
    log-sum over the entries seen so far: a lower bound of the true lse2, so every entry it prunes is
@@ -179,21 +182,38 @@ def pruned_select(
 
 
 @triton.jit
+def _block_estimate(qp, kp, Ko, kb, bias, obias, offs_d, NKB, qk_scale, stride_kn, stride_kd,
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Estimated log2 mass of key blocks ``kb`` for the pooled rows: the block's weight times
+    2^(q . mean key), plus its outlier key (the farthest from the mean) on its own, which catches a
+    single strong key (an attention sink) that the mean dilutes."""
+    ko = load_tile(Ko, kb, offs_d, NKB, D, stride_kn, stride_kd, True, BLOCK_D != D)
+    e_mean = dot(qp, tl.trans(kp), PRECISION) * qk_scale + bias[None, :]
+    e_out = dot(qp, tl.trans(ko), PRECISION) * qk_scale + obias[None, :]
+    hi = tl.maximum(e_mean, e_out)
+    lo = tl.minimum(e_mean, e_out)
+    return tl.where(hi > float("-inf"), hi + tl.log2(1.0 + tl.exp2(lo - hi)), float("-inf"))
+
+
+@triton.jit
 def pruned_predict(
-    Qp, Kp, Kbias, Idx, Count,
+    Qp, Kp, Ko, Kbias, Kobias, Vert, Idx, Count,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_bb, stride_bn,
     H, GROUPS, Nq, Nk, NQB, NKB, qk_scale, log2_thr,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CHUNK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr, CAUSAL: tl.constexpr, VERT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Fast-mode tile prediction for query block ``pid_m`` of one (batch, head).
 
     Qp ``[B, H, NQB * 16, D]`` pooled queries (q's dtype) (row r of block m is the mean of query rows
     ``[m BLOCK_M + r G, m BLOCK_M + (r + 1) G)``, ``G = BLOCK_M / 16``); Kp ``[B, Hkv, NKB, D]``
-    pooled keys (q's dtype); Kbias ``[B, NKB]`` float32, log2 of each key block's unmasked weight
-    (-inf: nothing visible). Writes Idx ``[B*H, NQB, NKB]`` int32 and Count ``[B*H, NQB]``.
+    pooled keys (q's dtype), Ko the same shape: each block's outlier key; Kbias ``[B, NKB]`` float32, log2 of each key block's unmasked weight
+    (-inf: nothing visible), Kobias the same for the outlier key alone. With ``VERT``, Vert ``[B*H, NKB]`` float32: log2 of the largest
+    weight a sample of real query rows puts in each key block (vertical stripes, attention sinks:
+    single strong keys that mean pooling dilutes); such blocks are visited by every query block
+    (where the causal mask lets them). Writes Idx ``[B*H, NQB, NKB]`` int32 and Count ``[B*H, NQB]``.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -202,7 +222,9 @@ def pruned_predict(
     hk = h // GROUPS
     Qp += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     Kp += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    Ko += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     Kbias += b.to(tl.int64) * stride_bb
+    Kobias += b.to(tl.int64) * stride_bb
     G: tl.constexpr = BLOCK_M // POOL_ROWS
     offs_r = pid_m * POOL_ROWS + tl.arange(0, POOL_ROWS)
     first_row = offs_r * G  # first query row of each pooled row
@@ -219,7 +241,9 @@ def pruned_predict(
         kb = c + tl.arange(0, CHUNK)
         kp = load_tile(Kp, kb, offs_d, NKB, D, stride_kn, stride_kd, True, BLOCK_D != D)
         bias = tl.load(Kbias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
-        est = dot(qp, tl.trans(kp), PRECISION) * qk_scale + bias[None, :]
+        obias = tl.load(Kobias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
+        est = _block_estimate(qp, kp, Ko, kb, bias, obias, offs_d, NKB, qk_scale, stride_kn, stride_kd,
+                              D, BLOCK_D, PRECISION)
         if CAUSAL:
             est = tl.where(kb[None, :] * BLOCK_N <= first_row[:, None] + (Nk - Nq), est, float("-inf"))
         est = tl.where(row_ok[:, None], est, float("-inf"))
@@ -245,12 +269,20 @@ def pruned_predict(
         kb = c + tl.arange(0, CHUNK)
         kp = load_tile(Kp, kb, offs_d, NKB, D, stride_kn, stride_kd, True, BLOCK_D != D)
         bias = tl.load(Kbias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
-        est = dot(qp, tl.trans(kp), PRECISION) * qk_scale + bias[None, :]
+        obias = tl.load(Kobias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
+        est = _block_estimate(qp, kp, Ko, kb, bias, obias, offs_d, NKB, qk_scale, stride_kn, stride_kd,
+                              D, BLOCK_D, PRECISION)
         if CAUSAL:
             est = tl.where(kb[None, :] * BLOCK_N <= first_row[:, None] + (Nk - Nq), est, float("-inf"))
         share = tl.where(live[:, None], est - lse[:, None], float("-inf"))
         hit = (share >= log2_thr) | ((kb[None, :] == best[:, None]) & live[:, None])
         keep = (tl.max(hit.to(tl.int32), 0) > 0) & (kb < NKB) & (kb != first)
+        if VERT:
+            vert = tl.load(Vert + bh.to(tl.int64) * NKB + kb, mask=kb < NKB, other=float("-inf"))
+            vis = (vert >= log2_thr) & (kb < NKB) & (kb != first)
+            if CAUSAL:
+                vis = vis & (kb * BLOCK_N <= pid_m * BLOCK_M + BLOCK_M - 1 + (Nk - Nq))
+            keep = keep | vis
         ki = keep.to(tl.int32)
         pos = n + tl.cumsum(ki, 0) - 1
         tl.store(Idx + base + pos, kb, mask=keep)
@@ -260,24 +292,30 @@ def pruned_predict(
 
 @triton.jit
 def _pooled_lse_bound(
-    q, Kp, Kbias, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
+    q, Kp, Ko, Kbias, Kobias, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
     stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_bb, stride_bn,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CHUNK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """A lower bound of each row's lse2 from the pooled keys: by Jensen,
     ``sum_{j in block} w_j 2^(u_ij) >= W 2^(q_i . kbar)`` with kbar the w-weighted mean key and W the
-    block weight (``Kbias = log2 W``). Causal rows count only the blocks they see entirely. (The
+    block weight (``Kbias = log2 W``), and it is also >= the outlier key's own term. Causal rows count only the blocks they see entirely. (The
     pooled keys are rounded to q's dtype for the tensor cores, so the bound holds to that rounding.)"""
     Kp += b.to(tl.int64) * stride_pkb + hk.to(tl.int64) * stride_pkh
+    Ko += b.to(tl.int64) * stride_pkb + hk.to(tl.int64) * stride_pkh
     Kbias += b.to(tl.int64) * stride_bb
+    Kobias += b.to(tl.int64) * stride_bb
     mb = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
     lb = tl.zeros([BLOCK_M], dtype=tl.float32)
     for c in range(0, NKB, CHUNK):
         kb = c + tl.arange(0, CHUNK)
         kp = load_tile(Kp, kb, offs_d, NKB, D, stride_pkn, stride_pkd, True, BLOCK_D != D)
         bias = tl.load(Kbias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
-        est = dot(q, tl.trans(kp), PRECISION) * qk_scale + bias[None, :]
+        ko = load_tile(Ko, kb, offs_d, NKB, D, stride_pkn, stride_pkd, True, BLOCK_D != D)
+        obias = tl.load(Kobias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
+        # Both terms are lower bounds of the block's sum: Jensen, and one of its terms.
+        est = tl.maximum(dot(q, tl.trans(kp), PRECISION) * qk_scale + bias[None, :],
+                         dot(q, tl.trans(ko), PRECISION) * qk_scale + obias[None, :])
         if CAUSAL:
             est = tl.where((kb[None, :] + 1) * BLOCK_N <= offs_m[:, None] + (Nk - Nq) + 1, est, float("-inf"))
         m_new = tl.maximum(mb, tl.max(est, 1))
@@ -341,7 +379,7 @@ def _attn_tile(
 
 @triton.jit
 def pruned_attn(
-    Q, K, V, Out, Idx, Count, Thr, Lse2, Opart, Mpart, Lpart, Kept, Kcnt, Mask, Kpm, Kp, Kbias,
+    Q, K, V, Out, Idx, Count, Thr, Lse2, Opart, Mpart, Lpart, Kept, Kcnt, Mask, Kpm, Kp, Ko, Kbias, Kobias,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -394,7 +432,7 @@ def pruned_attn(
 
     lse_lb = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     if LSE_BOUND:
-        lse_lb = _pooled_lse_bound(q, Kp, Kbias, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
+        lse_lb = _pooled_lse_bound(q, Kp, Ko, Kbias, Kobias, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
                                    stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_bb, stride_bn,
                                    D, BLOCK_M, BLOCK_N, BLOCK_D, CHUNK, CAUSAL, PRECISION)
 
