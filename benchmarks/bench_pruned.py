@@ -1,0 +1,174 @@
+"""Tau-pruned attention (exact and fast) vs our dense kernel vs SDPA flash vs cuDNN, one run.
+
+bf16, B = 1, H = 2048 / D heads, non-causal, on inputs with controlled tile sparsity s: every query
+puts ~90% of its mass on the same ``n_hot = (1 - s) * Nk / 64`` sink keys, one per distinct 64-key
+block (vertical stripes), the rest on a near-uniform background. Each row can keep at most 1/tau
+entries, so tau = min(0.01, 0.45 / n_hot) (recorded). Labels: the measured tile sparsity of the
+exact mode (``s``), the ideal speed-up ``1/(1-s)``, and for the fast mode its deviation from the
+exact output (``fast_err``: max |fast - exact|) and its pruned mass next to the exact one.
+Decoding: Nq = 1 and 16 queries against Nk = 32k and 128k keys (B = 4, 32 query heads, 8 kv heads).
+
+    pytest benchmarks/bench_pruned.py --benchmark-enable --benchmark-json=out.json   # ~3 min, H100
+    pytest benchmarks/bench_pruned.py -m slow ...                                  # adds N = 64k
+    python benchmarks/report.py out.json
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from entropy_attn import entropy_attention
+from entropy_attn.flops import attention_flops
+from entropy_attn.pruned import pruned_attention
+
+pytestmark = pytest.mark.gpu
+WIDTH = 2048
+SPARSITY = (0.5, 0.8, 0.9, 0.95)
+
+
+def stripes(b, h, hkv, nq, nk, d, s, seed=0):
+    """Sink-key inputs with exact-mode tile sparsity ~ s (see the module docstring)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    nkb = nk // 64
+    n_hot = max(1, round((1 - s) * nkb))
+    q = 0.3 * torch.randn(b, h, nq, d, device="cuda", generator=g)
+    k = torch.randn(b, hkv, nk, d, device="cuda", generator=g)
+    hot = torch.randperm(nkb, device="cuda", generator=g)[:n_hot] * 64 + torch.randint(0, 64, (n_hot,), device="cuda", generator=g)
+    k[..., 0] = 0.0
+    k[:, :, hot, 0] = math.sqrt(d)
+    q[..., 0] = math.log(9 * nk / n_hot)
+    v = torch.randn(b, hkv, nk, d, device="cuda", generator=g)
+    tau = min(0.01, 0.45 / n_hot)
+    return q.bfloat16(), k.bfloat16(), v.bfloat16(), tau
+
+
+def sdpa(kind):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[kind]
+
+    def run(q, k, v):
+        gqa = q.shape[1] != k.shape[1]
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+
+    return run
+
+
+DENSE = {
+    "ours_dense": lambda q, k, v: entropy_attention(q, k, v, return_entropy=False, backend="triton"),
+    "sdpa_flash": sdpa("flash"),
+    "sdpa_cudnn": sdpa("cudnn"),
+}
+
+_LABELS = {}
+
+
+def sparse_labels(q, k, v, tau):
+    """Measured sparsity and the fast mode's deviation (cached per input)."""
+    key = (q.data_ptr(), tuple(q.shape), tuple(k.shape), tau)
+    if key not in _LABELS:
+        with torch.no_grad():
+            ex, st = pruned_attention(q, k, v, tau=tau, mode="exact", return_stats=True)
+            fa, stf = pruned_attention(q, k, v, tau=tau, mode="fast", return_stats=True)
+        s = st["tile_sparsity"].mean().item()
+        _LABELS[key] = dict(
+            tau=round(tau, 5), s=round(s, 3), ideal=round(1 / max(1 - s, 1e-9), 1),
+            fast_s=round(stf["tile_sparsity"].mean().item(), 3),
+            fast_err=float(f"{(fa.float() - ex.float()).abs().max().item():.3g}"),
+            mass_exact=round(st["pruned_mass"].mean().item(), 4), mass_fast=round(stf["pruned_mass"].mean().item(), 4),
+        )
+    return _LABELS[key]
+
+
+def prefill_cases(sizes):
+    for n in sizes:
+        for d in (64, 128):
+            for impl in DENSE:
+                yield impl, n, d, None
+            for s in SPARSITY:
+                for mode in ("exact", "fast"):
+                    yield f"pruned_{mode}", n, d, s
+
+
+_INPUTS = {}
+
+
+def prefill_inputs(n, d, s):
+    key = (n, d, s)
+    if key not in _INPUTS:
+        _INPUTS.clear()
+        _LABELS.clear()
+        _INPUTS[key] = stripes(1, WIDTH // d, WIDTH // d, n, n, d, 0.9 if s is None else s)
+    return _INPUTS[key]
+
+
+def _prefill(measure, impl, n, d, s):
+    q, k, v, tau = prefill_inputs(n, d, s)
+    labels = dict(group="pruned prefill (bf16, non-causal)", impl=impl, N=n, D=d)
+    if impl in DENSE:
+        fn = DENSE[impl]
+    else:
+        mode = impl.split("_")[1]
+        labels.update(s_target=s, **sparse_labels(q, k, v, tau))
+        if mode == "exact":
+            labels.pop("fast_err"), labels.pop("mass_fast"), labels.pop("fast_s")
+
+        def fn():
+            return pruned_attention(q, k, v, tau=tau, mode=mode)
+
+        fn.__name__ = impl
+    with torch.no_grad():
+        measure(lambda: fn(q, k, v) if impl in DENSE else fn(), flops=attention_flops(1, WIDTH // d, n, n, d),
+                rounds=5, warmup=2, **labels)
+
+
+@pytest.mark.parametrize("impl,n,d,s", list(prefill_cases((8192, 16384, 32768))), ids=str)
+def test_prefill(measure, impl, n, d, s):
+    _prefill(measure, impl, n, d, s)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl,n,d,s", list(prefill_cases((65536,))), ids=str)
+def test_prefill_64k(measure, impl, n, d, s):
+    _prefill(measure, impl, n, d, s)
+
+
+def decode_cases(nks):
+    for nk in nks:
+        for nq in (1, 16):
+            for impl in (*DENSE, "pruned_exact", "pruned_fast"):
+                yield impl, nq, nk
+
+
+def _decode(measure, impl, nq, nk):
+    b, h, hkv, d, s = 4, 32, 8, 128, 0.9
+    key = ("dec", nq, nk)
+    if key not in _INPUTS:
+        _INPUTS.clear()
+        _LABELS.clear()
+        _INPUTS[key] = stripes(b, h, hkv, nq, nk, d, s, seed=1)
+    q, k, v, tau = _INPUTS[key]
+    labels = dict(group="pruned decoding (bf16, B=4, H=32, Hkv=8, D=128)", impl=impl, Nq=nq, Nk=nk)
+    if impl in DENSE:
+        def fn():
+            return DENSE[impl](q, k, v)
+    else:
+        mode = impl.split("_")[1]
+        labels.update(s_target=s, **sparse_labels(q, k, v, tau))
+
+        def fn():
+            return pruned_attention(q, k, v, tau=tau, mode=mode)
+    try:
+        with torch.no_grad():
+            fn()
+    except RuntimeError as e:  # e.g. a cuDNN build without this shape
+        pytest.skip(f"{impl}: {str(e).splitlines()[0][:120]}")
+    with torch.no_grad():
+        measure(fn, flops=attention_flops(b, h, nq, nk, d), rounds=10, warmup=3, **labels)
+
+
+@pytest.mark.parametrize("impl,nq,nk", list(decode_cases((32768, 131072))), ids=str)
+def test_decode(measure, impl, nq, nk):
+    _decode(measure, impl, nq, nk)
