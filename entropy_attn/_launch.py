@@ -56,10 +56,11 @@ class _Config:
     num_stages: int
 
 
-def _fwd_config(d: int, dv: int) -> _Config:
+def _fwd_config(d: int, dv: int, dtype: torch.dtype) -> _Config:
+    """Block shape of the forward (measured on an H100, see benchmarks/RESULTS.md)."""
     if interpreting():
         return _Config(16, 16, 1, 1)
-    width = max(_block(d), _block(dv))
+    width = max(_block(d), _block(dv)) * dtype.itemsize // 2  # in 16-bit columns
     if width <= 64:
         return _Config(128, 64, 4, 3)
     if width <= 128:
@@ -67,13 +68,15 @@ def _fwd_config(d: int, dv: int) -> _Config:
     return _Config(64, 32, 4, 2)
 
 
-def _bwd_config(d: int, dv: int) -> tuple[_Config, _Config]:
+def _bwd_config(d: int, dv: int, dtype: torch.dtype) -> tuple[_Config, _Config]:
     """(dK/dV programs: query block x key block, dQ programs: query block x key block)."""
     if interpreting():
         return _Config(16, 16, 1, 1), _Config(16, 16, 1, 1)
-    width = max(_block(d), _block(dv))
-    if width <= 128:
+    width = max(_block(d), _block(dv)) * dtype.itemsize // 2
+    if width <= 64:
         return _Config(32, 128, 4, 4), _Config(128, 32, 4, 4)
+    if width <= 128:
+        return _Config(32, 128, 8, 3), _Config(128, 32, 8, 3)
     return _Config(16, 64, 4, 2), _Config(64, 16, 4, 2)
 
 
@@ -128,7 +131,7 @@ def attention_forward(inp: AttentionInputs, entropy: bool):
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     ent = torch.empty((B, H, Nq) if entropy else (0,), dtype=torch.float32, device=q.device)
     (mask, *mstr, mkind), (kpm, *pstr, pkind) = _mask_args(inp)
-    cfg = _fwd_config(D, Dv)
+    cfg = _fwd_config(D, Dv, q.dtype)
     from .kernels.attention_fwd import attention_fwd
 
     grid = (triton.cdiv(Nq, cfg.block_m), B * H)
@@ -162,7 +165,7 @@ def attention_backward(inp: AttentionInputs, out, lse, ent, dout, dent):
     dk = torch.empty((B, Hkv, Nk, D), dtype=q.dtype, device=q.device)
     dv = torch.empty((B, Hkv, Nk, Dv), dtype=q.dtype, device=q.device)
     (mask, *mstr, mkind), (kpm, *pstr, pkind) = _mask_args(inp)
-    kv_cfg, q_cfg = _bwd_config(D, Dv)
+    kv_cfg, q_cfg = _bwd_config(D, Dv, q.dtype)
     from .kernels.attention_bwd import attention_bwd, attention_bwd_preprocess
 
     pre_block = 16 if interpreting() else 64

@@ -1,13 +1,17 @@
 """Functional attention with the row entropy: the library's main entry point."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ._inputs import AttentionInputs, check_inputs
 from ._launch import MAX_HEAD_DIM, MAX_VALUE_DIM, TRITON_DTYPES, check_triton_inputs, interpreting
+from .range_entropy import DEFAULT_ALPHA, ball_cells, cell_entropy, init_anchors, sequence_positions
 from .reference import reference_attention
 
 BACKENDS = ("auto", "triton", "reference")
+ENTROPIES = ("shannon", "range")
 
 
 def _triton_runs(inp: AttentionInputs) -> bool:
@@ -48,6 +52,26 @@ def attention_with_lse(inp: AttentionInputs, *, entropy: bool = True, backend: s
     return out, (ent if entropy else None), lse
 
 
+def _range_cells(inp: AttentionInputs, cells, anchors, positions, alpha) -> torch.Tensor:
+    """The soft cells G ``[Nk, k]`` of the range entropy, checked, in v's dtype."""
+    nk = inp.k.shape[2]
+    if cells is None:
+        if positions is None:
+            positions = sequence_positions(nk, device=inp.q.device)
+        if anchors is None:
+            anchors = init_anchors(positions)
+        if positions.dim() != 2 or positions.shape[0] != nk:
+            raise ValueError(f"positions must have shape [Nk, c] = [{nk}, c], got {tuple(positions.shape)}")
+        if anchors.dim() != 2 or anchors.shape[1] != positions.shape[1]:
+            raise ValueError(f"anchors must have shape [k, {positions.shape[1]}], got {tuple(anchors.shape)}")
+        cells = ball_cells(positions, anchors, alpha)
+    if not isinstance(cells, torch.Tensor) or cells.dim() != 2 or cells.shape[0] != nk:
+        raise ValueError(f"cells must be a tensor of shape [Nk, k] = [{nk}, k], got {getattr(cells, 'shape', cells)}")
+    if cells.device != inp.q.device:
+        raise ValueError(f"cells are on {cells.device} but q is on {inp.q.device}")
+    return cells.to(inp.v.dtype)
+
+
 def entropy_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -58,6 +82,11 @@ def entropy_attention(
     attn_mask: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
     return_entropy: bool = True,
+    entropy: str | tuple[str, ...] = "shannon",
+    anchors: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    cells: torch.Tensor | None = None,
     backend: str = "auto",
 ):
     """Scaled dot-product attention that also returns each query row's attention entropy.
@@ -73,24 +102,50 @@ def entropy_attention(
             (added to the scores; -inf masks), as in ``scaled_dot_product_attention``.
         key_padding_mask: ``[B, Nk]``; boolean (True = padding, ignored) or floating (added), as
             in ``nn.MultiheadAttention``.
-        return_entropy: also return the entropy.
+        return_entropy: also return the entropy (or entropies).
+        entropy: ``'shannon'`` (MATH.md section 2), ``'range'`` (the range-partition entropy of
+            MATH.md section 4) or a tuple of both, returned in that order.
+        anchors: ``[k, c]`` cell centres for ``'range'`` (a tensor the caller owns, learnable);
+            default a uniform grid of ``ceil(sqrt(Nk))`` (see ``range_entropy.init_anchors``).
+        positions: ``[Nk, c]`` key coordinates in [0, 1]^c for ``'range'``; default the normalized
+            1-D positions ``j / (Nk - 1)``. NaN rows (e.g. a class token) form a cell of their own.
+        alpha: temperature of the ball cells, acting on [0, 1] coordinates: the default 5 (the
+            paper's) gives broad cells; ``alpha ~ k**2`` makes cells about one anchor spacing wide.
+        cells: ``[Nk, k]`` soft cells G given directly (e.g. ``range_entropy.halfspace_cells``);
+            overrides ``anchors``, ``positions`` and ``alpha``.
         backend: ``'triton'`` (fused kernels; CUDA, or the CPU under ``TRITON_INTERPRET=1``),
             ``'reference'`` (PyTorch, chunked over queries, any device, float64-capable), or
             ``'auto'``: Triton for supported CUDA inputs, else the reference path. A float mask that
             requires grad is differentiated on the reference path only.
 
     Returns:
-        ``(out, entropy)``, or ``out`` alone when ``return_entropy=False``. ``out`` is
-        ``[B, H, Nq, Dv]`` in q's dtype; ``entropy`` is ``[B, H, Nq]`` float32 (float64 for float64
-        inputs), in nats, within ``[0, log n_i]`` for ``n_i`` unmasked keys. A row with no unmasked
-        key gives out 0 and entropy 0, with zero gradients. Both outputs are differentiable; on the
-        Triton path their gradients come from one fused backward kernel.
+        ``(out, *entropies)``, or ``out`` alone when ``return_entropy=False``. ``out`` is
+        ``[B, H, Nq, Dv]`` in q's dtype; each entropy is ``[B, H, Nq]`` float32 (float64 for float64
+        inputs), in nats; Shannon lies in ``[0, log n_i]`` for ``n_i`` unmasked keys, range in
+        ``[0, log k]``. A row with no unmasked key gives out 0 and entropies 0, with zero
+        gradients. All outputs are differentiable; on the Triton path their gradients come from one
+        fused backward kernel (the range entropy rides along as ``k`` extra value columns).
     """
+    kinds = (entropy,) if isinstance(entropy, str) else tuple(entropy)
+    if not kinds or any(kind not in ENTROPIES for kind in kinds) or len(set(kinds)) != len(kinds):
+        raise ValueError(f"entropy must be one of {ENTROPIES} or a tuple of them, got {entropy!r}")
     inp = check_inputs(
         q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, key_padding_mask=key_padding_mask
     )
-    out, ent, _ = attention_with_lse(inp, entropy=return_entropy, backend=backend)
-    return (out, ent) if return_entropy else out
+    want_range = return_entropy and "range" in kinds
+    if want_range:
+        g = _range_cells(inp, cells, anchors, positions, alpha)
+        B, Hkv, Nk, _ = inp.v.shape
+        inp = replace(inp, v=torch.cat([inp.v, g.expand(B, Hkv, Nk, g.shape[-1])], dim=-1))
+    shannon = return_entropy and "shannon" in kinds
+    out, ent, _ = attention_with_lse(inp, entropy=shannon, backend=backend)
+    if not return_entropy:
+        return out
+    values = {"shannon": ent}
+    if want_range:
+        out, mass = out.split([v.shape[-1], out.shape[-1] - v.shape[-1]], dim=-1)
+        values["range"] = cell_entropy(mass)
+    return (out, *(values[kind] for kind in kinds))
 
 
 __all__ = ["entropy_attention", "resolve_backend", "attention_with_lse", "interpreting"]

@@ -1,0 +1,46 @@
+"""Sweep the block configurations of the Triton kernels on the GPU (bf16, 16k tokens) and print
+the time of each: ``python benchmarks/tune_attention.py``. The winners go into
+``entropy_attn/_launch.py`` (``_fwd_config``, ``_bwd_config``)."""
+import itertools
+
+import torch
+import triton
+
+from entropy_attn import _launch, entropy_attention
+from entropy_attn.flops import attention_flops
+
+FWD = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4), (128, 64, 4, 4)]
+BWD = [  # (M1, N1, M2, N2, warps, stages)
+    (32, 128, 128, 32, 4, 4), (32, 128, 128, 32, 8, 3), (64, 128, 128, 64, 8, 2), (32, 64, 64, 32, 4, 3),
+    (64, 64, 64, 64, 4, 3), (16, 128, 128, 16, 4, 4), (64, 128, 128, 64, 8, 3), (32, 128, 128, 32, 4, 2),
+]
+
+
+def main():
+    n, tokens, width = 4096, 16384, 2048
+    for d, causal in itertools.product((64, 128), (False, True)):
+        b, h = tokens // n, width // d
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        do, de = torch.randn_like(q), torch.full((b, h, n), 1e-6, device="cuda")
+        fl = attention_flops(b, h, n, n, d, causal=causal)
+        for cfg in FWD:
+            _launch._fwd_config = lambda *a, c=cfg: _launch._Config(*c)
+            for ent in (True, False):
+                try:
+                    ms = triton.testing.do_bench(lambda: entropy_attention(q, k, v, causal=causal, return_entropy=ent, backend="triton"), return_mode="median")
+                    print(f"fwd D={d} causal={causal} entropy={ent} cfg={cfg}: {ms:.3f} ms {fl / ms / 1e9:.0f} TFLOP/s", flush=True)
+                except Exception as e:  # noqa: BLE001 - report and go on with the sweep
+                    print(f"fwd D={d} cfg={cfg}: {type(e).__name__}", flush=True)
+        out, ent = entropy_attention(q, k, v, causal=causal, backend="triton")
+        for cfg in BWD:
+            _launch._bwd_config = lambda *a, c=cfg: (_launch._Config(c[0], c[1], c[4], c[5]), _launch._Config(c[2], c[3], c[4], c[5]))
+            for with_ent in (True, False):
+                try:
+                    ms = triton.testing.do_bench(lambda: torch.autograd.grad([out, ent] if with_ent else [out], (q, k, v), [do, de] if with_ent else [do], retain_graph=True), return_mode="median")
+                    print(f"bwd D={d} causal={causal} entropy={with_ent} cfg={cfg}: {ms:.3f} ms {2.5 * fl / ms / 1e9:.0f} TFLOP/s", flush=True)
+                except Exception as e:  # noqa: BLE001
+                    print(f"bwd D={d} cfg={cfg}: {type(e).__name__}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Range-partition attention entropy (MATH.md section 4) against float64 evaluations."""
+import math
+
+import pytest
+import torch
+
+from entropy_attn import entropy_attention
+from entropy_attn.range_entropy import halfspace_cells, init_anchors, interval_cells, patch_positions, sequence_positions
+from oracle import TOL, definition, rel_err
+
+
+def range_definition(q, k, v, positions, anchors, alpha, **kw):
+    """Hr_i = -sum_r M_ir log M_ir with M = P G, G_jr = softmax_r(-alpha ||x_j - a_r||^2)."""
+    out, _, _, allowed = definition(q, k, v, **kw)
+    # P from the definition, recomputed through the value path with V = identity
+    eye = torch.eye(k.shape[2], dtype=torch.float64).expand(*v.shape[:2], -1, -1)
+    P = definition(q, k, eye, **kw)[0]
+    d2 = ((positions[:, None, :] - anchors[None, :, :]) ** 2).sum(-1)
+    G = torch.softmax(-alpha * d2, dim=-1)
+    M = P @ G
+    Hr = -(M * torch.where(M > 0, M.log(), torch.zeros_like(M))).sum(-1)
+    return out, Hr
+
+
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.float32), ("triton", torch.bfloat16), ("reference", torch.float32)], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_range_entropy_values_and_gradients(backend, dtype, causal, device):
+    B, H, Hkv, Nq, Nk, D = 2, 2, 1, 23, 29, 32
+    q, k, v = (torch.randn(B, n_h, n, D).to(dtype).to(device) for n_h, n in ((H, Nq), (Hkv, Nk), (Hkv, Nk)))
+    kpm = torch.rand(B, Nk, device=device) < 0.2
+    positions = sequence_positions(Nk, device=device)
+    anchors = init_anchors(positions, 6) + 0.03 * torch.randn(6, 1, device=device)
+    alpha = 5.0
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, anchors)]
+    out, ent, hr = entropy_attention(*leaves[:3], causal=causal, key_padding_mask=kpm, entropy=("shannon", "range"),
+                                     anchors=leaves[3], positions=positions, alpha=alpha, backend=backend)
+    ref = [t.detach().double().cpu().requires_grad_() for t in (q, k, v, anchors)]
+    ref_out, ref_hr = range_definition(*ref[:3], positions.double().cpu(), ref[3], alpha, causal=causal, key_padding_mask=kpm.cpu())
+    tol = TOL[dtype]
+    assert rel_err(out, ref_out) < tol
+    assert rel_err(hr, ref_hr) < tol
+    assert rel_err(ent, definition(*[t.detach() for t in ref[:3]], causal=causal, key_padding_mask=kpm.cpu())[1]) < tol
+    assert (hr >= -tol).all() and (hr <= math.log(6) + tol).all()
+    go = torch.randn_like(ref_out)
+    gh = torch.randn_like(ref_hr)
+    grads = torch.autograd.grad((out * go.to(out)).sum() + (hr * gh.to(hr)).sum(), leaves)
+    ref_grads = torch.autograd.grad((ref_out * go).sum() + (ref_hr * gh).sum(), ref)
+    for name, g, rg in zip(["q", "k", "v", "anchors"], grads, ref_grads):
+        assert rel_err(g, rg) < 2 * tol, name
+
+
+def test_gradcheck_float64_anchors_and_positions():
+    q, k, v = (torch.randn(1, 2, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    anchors = torch.rand(3, 1, dtype=torch.float64, requires_grad=True)
+    positions = (sequence_positions(7, dtype=torch.float64) + 0.01 * torch.randn(7, 1, dtype=torch.float64)).requires_grad_()
+
+    def f(q, k, v, anchors, positions):
+        return entropy_attention(q, k, v, causal=True, entropy="range", anchors=anchors, positions=positions, backend="reference")
+
+    assert torch.autograd.gradcheck(f, (q, k, v, anchors, positions))
+
+
+def test_low_when_mass_is_local_high_when_spread():
+    n, D = 64, 16
+    positions = sequence_positions(n)
+    anchors = init_anchors(positions, 8)
+    k = torch.randn(1, 1, n, D)
+    v = torch.randn(1, 1, n, D)
+    local = k[:, :, 10:11] * 8  # each query aligned with key 10 only
+    spread = torch.zeros(1, 1, 1, D)  # uniform attention
+    # alpha acts on [0, 1] coordinates: with 8 anchors 1/7 apart, alpha ~ k^2 gives sharp cells
+    _, h_local = entropy_attention(local, k, v, entropy="range", anchors=anchors, alpha=200.0)
+    _, h_spread = entropy_attention(spread, k, v, entropy="range", anchors=anchors, alpha=200.0)
+    assert h_local.item() < 0.5 * h_spread.item()
+    assert h_spread.item() > 0.9 * math.log(8)
+
+
+def test_patch_positions_with_class_token():
+    pos = patch_positions(3, 4, class_token=True)
+    assert pos.shape == (13, 2) and pos[0].isnan().all() and pos[1:].min() == 0 and pos[1:].max() == 1
+    q, k, v = (torch.randn(1, 1, 13, 16) for _ in range(3))
+    q[..., 0, :] = k[..., 0, :] * 10  # query 0 attends to the class token
+    _, hr = entropy_attention(q, k, v, entropy="range", positions=pos, anchors=init_anchors(pos, 4), alpha=50.0)
+    assert hr[0, 0, 0] < 0.1  # nearly all mass in the class token's own cell
+
+
+def test_halfspace_and_interval_cells():
+    x = sequence_positions(50)
+    g = interval_cells(x, torch.tensor([0.7, 0.2, 0.5]), tau=0.02)
+    assert g.shape == (50, 4) and torch.allclose(g.sum(-1), torch.ones(50))
+    assert (g.argmax(-1)[x[:, 0] < 0.15] == 0).all() and (g.argmax(-1)[x[:, 0] > 0.75] == 3).all()
+    h = halfspace_cells(patch_positions(5, 5), torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0.5, 0.5]), tau=0.05)
+    assert h.shape == (25, 4) and torch.allclose(h.sum(-1), torch.ones(25))
+    q, k, v = (torch.randn(1, 2, 50, 16) for _ in range(3))
+    out, hr = entropy_attention(q, k, v, entropy="range", cells=g)
+    eye = torch.eye(50, dtype=torch.float64).expand(1, 2, -1, -1)
+    M = definition(q.double(), k.double(), eye)[0] @ g.double()
+    assert rel_err(hr, -(M * M.log()).sum(-1)) < 1e-5
+
+
+def test_range_errors():
+    q, k, v = (torch.randn(1, 1, 9, 16) for _ in range(3))
+    with pytest.raises(ValueError, match="entropy must be one of"):
+        entropy_attention(q, k, v, entropy="renyi")
+    with pytest.raises(ValueError, match="positions must have shape"):
+        entropy_attention(q, k, v, entropy="range", positions=torch.rand(8, 1))
+    with pytest.raises(ValueError, match="anchors must have shape"):
+        entropy_attention(q, k, v, entropy="range", anchors=torch.rand(3, 2))
+    with pytest.raises(ValueError, match="cells must be a tensor of shape"):
+        entropy_attention(q, k, v, entropy="range", cells=torch.rand(8, 3))
