@@ -61,8 +61,6 @@ def _fwd_config(d: int, dv: int, dtype: torch.dtype) -> _Config:
     if interpreting():
         return _Config(16, 16, 1, 1)
     width = max(_block(d), _block(dv)) * dtype.itemsize // 2  # in 16-bit columns
-    if width <= 64:
-        return _Config(128, 64, 4, 3)
     if width <= 128:
         return _Config(128, 64, 8, 3)
     return _Config(64, 32, 4, 2)
@@ -73,10 +71,8 @@ def _bwd_config(d: int, dv: int, dtype: torch.dtype) -> tuple[_Config, _Config]:
     if interpreting():
         return _Config(16, 16, 1, 1), _Config(16, 16, 1, 1)
     width = max(_block(d), _block(dv)) * dtype.itemsize // 2
-    if width <= 64:
-        return _Config(32, 128, 4, 4), _Config(128, 32, 4, 4)
     if width <= 128:
-        return _Config(32, 128, 8, 3), _Config(128, 32, 8, 3)
+        return _Config(32, 64, 4, 3), _Config(64, 32, 4, 3)
     return _Config(16, 64, 4, 2), _Config(64, 16, 4, 2)
 
 
