@@ -81,6 +81,10 @@ def key_counts(inp: AttentionInputs) -> torch.Tensor:
     boolean ``key_padding_mask`` entry, or a ``-inf`` float mask entry (finite biases count)."""
     Nq, Nk = inp.q.shape[2], inp.k.shape[2]
     dev = inp.q.device
+    if inp.attn_mask is None and inp.key_padding_mask is None:  # closed form, no [Nq, Nk] tensor
+        i = torch.arange(Nq, device=dev, dtype=torch.float32)
+        counts = (i + (Nk - Nq + 1)).clamp(0, Nk) if inp.causal else torch.full_like(i, Nk)
+        return counts.view(1, 1, Nq)
     keep = torch.ones(1, 1, 1, Nk, dtype=torch.bool, device=dev)
     if inp.causal:
         i = torch.arange(Nq, device=dev)[:, None]

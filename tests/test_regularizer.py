@@ -150,3 +150,16 @@ def test_training_with_gamma_lowers_entropy():
     assert before > 0.8 * math.log(12)  # near-uniform at initialization
     assert regularized < 0.6 * before, (before, regularized)
     assert regularized < plain - 0.3, (plain, regularized)
+
+
+@pytest.mark.parametrize("nq,nk", [(5, 7), (7, 5), (6, 6)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_counts_closed_form_matches_the_masked_count(nq, nk, causal):
+    from entropy_attn._inputs import check_inputs
+
+    q, k = torch.randn(2, 3, nq, 4), torch.randn(2, 3, nk, 4)
+    closed = reg.key_counts(check_inputs(q, k, k, causal=causal))
+    counted = reg.key_counts(check_inputs(q, k, k, causal=causal, attn_mask=torch.ones(nq, nk, dtype=torch.bool)))
+    torch.testing.assert_close(closed.expand(2, 3, nq), counted.expand(2, 3, nq))
+    expected = torch.ones(nq, nk).tril(nk - nq).sum(-1) if causal else torch.full((nq,), float(nk))
+    torch.testing.assert_close(closed.flatten(), expected)
