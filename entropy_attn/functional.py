@@ -6,7 +6,7 @@ from dataclasses import replace
 import torch
 
 from ._inputs import AttentionInputs, check_inputs
-from ._launch import MAX_HEAD_DIM, MAX_VALUE_DIM, TRITON_DTYPES, check_triton_inputs, interpreting
+from ._launch import MAX_HEAD_DIM, MAX_VALUE_DIM, TRITON_DTYPES, check_triton_inputs
 from .range_entropy import DEFAULT_ALPHA, ball_cells, cell_entropy, init_anchors, sequence_positions
 from .reference import reference_attention
 
@@ -52,7 +52,7 @@ def attention_with_lse(inp: AttentionInputs, *, entropy: bool = True, backend: s
     return out, (ent if entropy else None), lse
 
 
-def _range_cells(inp: AttentionInputs, cells, anchors, positions, alpha) -> torch.Tensor:
+def _range_cells(inp: AttentionInputs, cells, anchors, positions, alpha: float) -> torch.Tensor:
     """The soft cells G ``[Nk, k]`` of the range entropy, checked, in v's dtype."""
     nk = inp.k.shape[2]
     if cells is None:
@@ -132,20 +132,28 @@ def entropy_attention(
     inp = check_inputs(
         q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, key_padding_mask=key_padding_mask
     )
-    want_range = return_entropy and "range" in kinds
-    if want_range:
-        g = _range_cells(inp, cells, anchors, positions, alpha)
-        B, Hkv, Nk, _ = inp.v.shape
-        inp = replace(inp, v=torch.cat([inp.v, g.expand(B, Hkv, Nk, g.shape[-1])], dim=-1))
-    shannon = return_entropy and "shannon" in kinds
-    out, ent, _ = attention_with_lse(inp, entropy=shannon, backend=backend)
     if not return_entropy:
-        return out
-    values = {"shannon": ent}
-    if want_range:
-        out, mass = out.split([v.shape[-1], out.shape[-1] - v.shape[-1]], dim=-1)
-        values["range"] = cell_entropy(mass)
+        return attention_entropies(inp, (), backend=backend)[0]
+    g = _range_cells(inp, cells, anchors, positions, alpha) if "range" in kinds else None
+    out, values = attention_entropies(inp, kinds, cells=g, backend=backend)
     return (out, *(values[kind] for kind in kinds))
 
 
-__all__ = ["entropy_attention", "resolve_backend", "attention_with_lse", "interpreting"]
+def attention_entropies(inp: AttentionInputs, kinds=("shannon",), *, cells: torch.Tensor | None = None,
+                        backend: str = "auto"):
+    """Attention on checked inputs with the entropies ``kinds`` (a subset of ``ENTROPIES``) from one
+    fused call: ``(out, {kind: [B, H, Nq]})``. ``'range'`` needs ``cells`` G ``[Nk, k]`` in v's
+    dtype; it rides along as ``k`` extra value columns."""
+    dv = inp.v.shape[-1]
+    if "range" in kinds:
+        B, Hkv, Nk, _ = inp.v.shape
+        inp = replace(inp, v=torch.cat([inp.v, cells.expand(B, Hkv, Nk, cells.shape[-1])], dim=-1))
+    out, ent, _ = attention_with_lse(inp, entropy="shannon" in kinds, backend=backend)
+    values = {"shannon": ent} if "shannon" in kinds else {}
+    if "range" in kinds:
+        out, mass = out.split([dv, out.shape[-1] - dv], dim=-1)
+        values["range"] = cell_entropy(mass)
+    return out, values
+
+
+__all__ = ["entropy_attention", "attention_entropies", "resolve_backend", "attention_with_lse"]

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._inputs import AttentionInputs, check_inputs
-from .functional import BACKENDS, attention_with_lse
+from .functional import BACKENDS, attention_entropies
+from .range_entropy import DEFAULT_ALPHA, ball_cells, cell_entropy, init_anchors, sequence_positions
 from .regularizer import REGULARIZERS, attention_probs, head_mean, key_counts, map_rows, normalized_entropy
 
 
@@ -78,7 +79,9 @@ class EntropyAttention(nn.MultiheadAttention):
         regularizer: what ``last_regularizer`` holds, a key of ``entropy_attn.regularizer.REGULARIZERS``:
             ``'shannon'`` (the row entropy of the fused kernel, free), ``'l2'`` (``sum_j P_ij^2``,
             computed by a second, materialized and checkpointed pass over ``P``: about the cost of
-            an unfused attention forward+backward), ``'none'`` (zeros).
+            an unfused attention forward+backward), ``'range'`` (the range-partition entropy of
+            MATH.md section 4, fused into the same kernels as ``num_anchors`` extra value columns;
+            the layer owns its ``anchors`` as a parameter), ``'none'`` (zeros).
         normalize: divide the entropy by ``log n_i`` (``n_i`` unmasked keys of row i; 0 where
             ``n_i <= 1``), so ``last_entropy`` lies in [0, 1].
         tau: in eval mode, drop attention entries ``P_ij < tau`` and renormalize (MATH.md section 5)
@@ -88,6 +91,12 @@ class EntropyAttention(nn.MultiheadAttention):
             eval; the selection materializes a ``[B, H, L, S]`` boolean mask (no fused speed).
         backend: ``'auto'`` (Triton kernels for CUDA inputs, PyTorch reference elsewhere),
             ``'triton'`` or ``'reference'``; see ``entropy_attention``.
+        num_anchors, range_alpha, key_positions: for ``regularizer='range'``: the number of anchors
+            (about ``sqrt(S)`` is the paper's choice), the cells' temperature on [0, 1]
+            coordinates, and the keys' coordinates ``[S, c]`` (default the normalized 1-D
+            positions; e.g. ``range_entropy.patch_positions(14, 14, class_token=True)`` for a ViT).
+            The anchors are initialized on a uniform grid of ``[0, 1]^c``. A ``state_dict`` of a
+            ``'range'`` layer has the extra key ``anchors``.
 
     Attributes set by a forward in training mode or under ``AttentionMonitor`` (None otherwise):
         last_entropy: ``[H]`` float32 (float64 for float64 inputs), the Shannon entropy (nats, or normalized) of each head,
@@ -115,13 +124,14 @@ class EntropyAttention(nn.MultiheadAttention):
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
                  kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *, regularizer="shannon",
-                 normalize=False, tau=0.0, prune_mode="exact", top_k=None, backend="auto") -> None:
+                 normalize=False, tau=0.0, prune_mode="exact", top_k=None, backend="auto",
+                 num_anchors=16, range_alpha=DEFAULT_ALPHA, key_positions=None) -> None:
         if not (isinstance(embed_dim, int) and isinstance(num_heads, int)) or embed_dim <= 0 or num_heads <= 0:
             raise ValueError(f"embed_dim and num_heads must be positive integers, got {embed_dim} and {num_heads}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        if regularizer not in REGULARIZERS:
-            raise ValueError(f"regularizer must be one of {sorted(REGULARIZERS)}, got {regularizer!r}")
+        if regularizer not in (*REGULARIZERS, "range"):
+            raise ValueError(f"regularizer must be one of {sorted((*REGULARIZERS, 'range'))}, got {regularizer!r}")
         if not (math.isfinite(tau) and tau >= 0):
             raise ValueError(f"tau must be a finite number >= 0, got {tau}")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
@@ -138,6 +148,18 @@ class EntropyAttention(nn.MultiheadAttention):
         self._last_rows = None  # [H] valid rows behind last_entropy (the monitor's weights)
         self._monitors = 0  # active AttentionMonitors: record the entropy in eval too
         self.register_forward_pre_hook(_keep_module_forward)
+        if regularizer == "range":
+            if key_positions is not None and (key_positions.dim() != 2 or key_positions.shape[1] < 1):
+                raise ValueError(f"key_positions must have shape [S, c], got {tuple(key_positions.shape)}")
+            self.key_positions = key_positions
+            self.range_alpha = float(range_alpha)
+            self._init_anchors(num_anchors, device, dtype)
+
+    def _init_anchors(self, num_anchors: int, device, dtype) -> None:
+        """``anchors [num_anchors, c]``: a uniform grid over [0, 1]^c (c from ``key_positions``)."""
+        c = 1 if self.key_positions is None else self.key_positions.shape[1]
+        grid = init_anchors(torch.zeros(1, c), num_anchors)
+        self.anchors = nn.Parameter(grid.to(device=device, dtype=torch.float32 if dtype is None else dtype))
 
     @classmethod
     def from_mha(cls, mha: nn.MultiheadAttention, **options) -> "EntropyAttention":
@@ -151,6 +173,8 @@ class EntropyAttention(nn.MultiheadAttention):
         for name, param in mha.named_parameters(recurse=False):
             setattr(layer, name, param)
         layer.out_proj = mha.out_proj
+        if layer.regularizer == "range":  # built on the meta device above
+            layer._init_anchors(layer.anchors.shape[0], w.device, w.dtype)
         return layer.train(mha.training)
 
     def extra_repr(self) -> str:
@@ -181,15 +205,16 @@ class EntropyAttention(nn.MultiheadAttention):
         pruning = not self.training and self.tau > 0
         weights = None
         self.last_prune_stats = None
+        cells = self._cells(inp, n_extra) if record and self.regularizer == "range" else None
         if need_weights or (self.training and self.dropout > 0):
-            out, entropy, weights = self._materialized(inp, pruning)
+            out, entropies, weights = self._materialized(inp, pruning, cells)
         elif pruning:
-            out, entropy = self._pruned(inp, record)
+            out, entropies = self._pruned(inp, record, cells)
         else:
-            out, entropy, _ = attention_with_lse(inp, entropy=record, backend=self.backend)
+            out, entropies = attention_entropies(inp, self._kinds(record), cells=cells, backend=self.backend)
         if record:
             query_pad = _is_pad(key_padding_mask) if self_attention and key_padding_mask is not None else None
-            self._record(inp, entropy, query_pad)
+            self._record(inp, entropies, query_pad)
         else:
             self.last_entropy = self.last_regularizer = self._last_rows = None
 
@@ -290,35 +315,57 @@ class EntropyAttention(nn.MultiheadAttention):
         inp = check_inputs(q, k, v, causal=causal, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
         return inp, n_extra
 
-    def _materialized(self, inp: AttentionInputs, pruning: bool):
-        """``P`` in full: returns ``(out [B, H, L, D], entropy [B, H, L] of the undropped P,
-        weights [B, H, L, S], dropped-out and tau-pruned as applied)``."""
+    def _kinds(self, record: bool) -> tuple[str, ...]:
+        """The entropies a forward computes: none outside training and monitoring."""
+        if not record:
+            return ()
+        return ("shannon", "range") if self.regularizer == "range" else ("shannon",)
+
+    def _cells(self, inp: AttentionInputs, n_extra: int) -> Tensor:
+        """The range entropy's soft cells ``[S + n_extra, num_anchors (+1)]`` in v's dtype; the
+        ``add_bias_kv`` / ``add_zero_attn`` keys have no position (a cell of their own)."""
+        S = inp.k.shape[2] - n_extra
+        pos = self.key_positions
+        pos = sequence_positions(S, device=inp.q.device) if pos is None else pos.to(inp.q.device, torch.float32)
+        if pos.shape[0] != S:
+            raise ValueError(f"key_positions has {pos.shape[0]} rows but the keys have length {S}")
+        pos = torch.cat([pos, pos.new_full((n_extra, pos.shape[1]), float("nan"))])
+        return ball_cells(pos, self.anchors.float(), self.range_alpha).to(inp.v.dtype)
+
+    def _materialized(self, inp: AttentionInputs, pruning: bool, cells: Tensor | None):
+        """``P`` in full: returns ``(out [B, H, L, D], {'shannon': entropy [B, H, L] of the
+        undropped P, 'range': its range entropy when cells are given}, weights [B, H, L, S],
+        dropped-out and tau-pruned as applied)``."""
         if self.training and self.dropout > 0:
             warnings.warn("EntropyAttention: attention dropout in training runs the materialized PyTorch path "
                           "(O(B H L S) memory, no fused kernel); use dropout=0 for the fused kernels", stacklevel=3)
         p, log_p = attention_probs(inp)
-        entropy = -(p * log_p).sum(dim=-1)
+        entropies = {"shannon": -(p * log_p).sum(dim=-1)}
+        if cells is not None:
+            entropies["range"] = cell_entropy(p @ cells.to(p.dtype))
         a = _tau_prune(p, self.tau) if pruning else p
         a = F.dropout(a, self.dropout, training=self.training)
         out = (a @ inp.v.to(a.dtype)).to(inp.q.dtype)
-        return out, entropy, a
+        return out, entropies, a
 
-    def _pruned(self, inp: AttentionInputs, record: bool):
-        """Eval with ``tau > 0``: ``(out, dense entropy or None)``; under a monitor, also the
-        ``pruned_attention`` stats and the dense entropy (one extra dense pass)."""
+    def _pruned(self, inp: AttentionInputs, record: bool, cells: Tensor | None):
+        """Eval with ``tau > 0``: ``(out, dense entropies)``; under a monitor, also the
+        ``pruned_attention`` stats and the dense entropies (one extra dense pass)."""
         from .pruned import pruned_attention
 
         result = pruned_attention(inp.q, inp.k, inp.v, tau=self.tau, causal=inp.causal, scale=inp.scale,
                                   attn_mask=inp.attn_mask, key_padding_mask=inp.key_padding_mask,
                                   mode=self.prune_mode, return_stats=record, backend=self.backend)
         if not record:
-            return result, None
+            return result, {}
         out, self.last_prune_stats = result
-        _, entropy, _ = attention_with_lse(inp, entropy=True, backend=self.backend)
-        return out, entropy
+        _, entropies = attention_entropies(inp, self._kinds(record), cells=cells, backend=self.backend)
+        return out, entropies
 
-    def _record(self, inp: AttentionInputs, entropy: Tensor, query_pad: Tensor | None) -> None:
-        """Set ``last_entropy`` / ``last_regularizer`` (``[H]``) from the row entropy ``[B, H, L]``."""
+    def _record(self, inp: AttentionInputs, entropies: dict, query_pad: Tensor | None) -> None:
+        """Set ``last_entropy`` / ``last_regularizer`` (``[H]``) from the row entropies ``[B, H, L]``
+        (``entropies['range']`` is the range regularizer's row value)."""
+        entropy = entropies["shannon"]
         counts = key_counts(inp)
         valid = counts > 0
         if query_pad is not None:
@@ -328,6 +375,9 @@ class EntropyAttention(nn.MultiheadAttention):
             entropy = normalized_entropy(entropy, counts)
         self.last_entropy = head_mean(entropy, valid)
         self._last_rows = valid.sum(dim=(0, 2)).float()
+        if self.regularizer == "range":
+            self.last_regularizer = head_mean(entropies["range"], valid)
+            return
         fn = REGULARIZERS[self.regularizer]
         if fn is None:
             self.last_regularizer = torch.zeros_like(self.last_entropy)

@@ -45,8 +45,11 @@ def test_range_entropy_values_and_gradients(backend, dtype, causal, device):
     gh = torch.randn_like(ref_hr)
     grads = torch.autograd.grad((out * go.to(out)).sum() + (hr * gh.to(hr)).sum(), leaves)
     ref_grads = torch.autograd.grad((ref_out * go).sum() + (ref_hr * gh).sum(), ref)
-    for name, g, rg in zip(["q", "k", "v", "anchors"], grads, ref_grads):
-        assert rel_err(g, rg) < 2 * tol, name
+    # The anchor gradient goes through dG = P^T dM, stored like dV in the input dtype, then the
+    # softmax over anchors subtracts nearly equal terms: in bfloat16 it carries a few percent.
+    anchor_tol = 5e-2 if dtype == torch.bfloat16 else 2 * tol
+    for name, g, rg, t in zip(["q", "k", "v", "anchors"], grads, ref_grads, [2 * tol] * 3 + [anchor_tol]):
+        assert rel_err(g, rg) < t, name
 
 
 def test_gradcheck_float64_anchors_and_positions():

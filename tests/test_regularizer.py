@@ -163,3 +163,28 @@ def test_key_counts_closed_form_matches_the_masked_count(nq, nk, causal):
     torch.testing.assert_close(closed.expand(2, 3, nq), counted.expand(2, 3, nq))
     expected = torch.ones(nq, nk).tril(nk - nq).sum(-1) if causal else torch.full((nq,), float(nk))
     torch.testing.assert_close(closed.flatten(), expected)
+
+
+def test_range_regularizer_layer_matches_functional_and_trains_anchors():
+    """regularizer='range': last_regularizer is the fused range entropy of the layer's own
+    anchors, the anchors get gradients, and from_mha keeps them off the meta device."""
+    from entropy_attn import EntropyAttention, entropy_attention
+    from entropy_attn.range_entropy import ball_cells, sequence_positions
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    layer = EntropyAttention.from_mha(mha, regularizer="range", num_anchors=5, range_alpha=30.0)
+    assert layer.anchors.device.type == "cpu" and layer.anchors.shape == (5, 1)
+    x = torch.randn(2, 11, 32)
+    out, _ = layer(x, x, x, need_weights=False, is_causal=True, attn_mask=torch.ones(11, 11, dtype=torch.bool).triu(1))
+    ref_out, _ = mha(x, x, x, need_weights=False, attn_mask=torch.ones(11, 11, dtype=torch.bool).triu(1))
+    assert torch.allclose(out, ref_out, atol=1e-5)
+    q, k, v = (t.reshape(2, 11, 4, 8).transpose(1, 2) for t in torch.nn.functional.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1))
+    cells = ball_cells(sequence_positions(11), layer.anchors, 30.0)
+    _, hr = entropy_attention(q, k, v, causal=True, entropy="range", cells=cells)
+    assert torch.allclose(layer.last_regularizer, hr.mean(dim=(0, 2)), atol=1e-5)
+    layer.last_regularizer.sum().backward()
+    assert layer.anchors.grad is not None and layer.anchors.grad.abs().sum() > 0
+    # the materialized path (need_weights=True) gives the same value
+    layer(x, x, x, need_weights=True, attn_mask=torch.ones(11, 11, dtype=torch.bool).triu(1))
+    assert torch.allclose(layer.last_regularizer, hr.mean(dim=(0, 2)), atol=1e-5)
