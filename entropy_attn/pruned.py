@@ -324,12 +324,13 @@ def _vertical(inp, q, k, cfg, nkb):
     if inp.key_padding_mask is not None:
         kpm = inp.key_padding_mask[:, None, None, :]
         s = s.masked_fill(kpm, float("-inf")) if kpm.dtype == torch.bool else s + kpm.float()
-    logp = torch.log_softmax(s, -1) * LOG2E
+    lse = torch.logsumexp(s, -1, keepdim=True)
     keys = nkb * cfg.block_n
     if keys != Nk:
-        logp = torch.nn.functional.pad(logp, (0, keys - Nk), value=float("-inf"))
-    vert = logp.view(B, H, VERT_SAMPLES, nkb, cfg.block_n).amax((2, 4))
-    return vert.nan_to_num(nan=float("-inf")).reshape(B * H, nkb).contiguous()
+        s = torch.nn.functional.pad(s, (0, keys - Nk), value=float("-inf"))
+    bmax = s.view(B, H, VERT_SAMPLES, nkb, cfg.block_n).amax(-1)
+    vert = ((bmax - lse) * LOG2E).nan_to_num(nan=float("-inf")).amax(2)
+    return vert.reshape(B * H, nkb).contiguous()
 
 
 def _combine_exact(opart, lpart):
@@ -380,7 +381,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
                 H, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, math.log2(tau * slack),
                 D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), CHUNK=chunk,
                 CAUSAL=inp.causal, VERT=vert is not None, PRECISION=_input_precision(q.dtype),
-                num_warps=4, num_stages=1,
+                num_warps=8 if cfg.block_m >= 64 else 4, num_stages=1,
             )
         # Splitting the fast mode needs every row covered by the predictor (no in-kernel fallback).
         can_split = exact or (inp.attn_mask is None and not (inp.causal and inp.key_padding_mask is not None))
@@ -412,7 +413,8 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
             CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, MASKED=masked,
             EXACT=exact, SPLIT=split, FALLBACK=not exact and not split, STATS=stats,
             LSE_BOUND=bound, CHUNK=16 if interpreting() else 64, PRECISION=_input_precision(q.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            # the fast kernel carries two more row vectors: 4 warps spill at D = 64
+            num_warps=8 if (not exact and cfg.block_m == 128) else cfg.num_warps, num_stages=cfg.num_stages,
         )
         if split:
             if exact:

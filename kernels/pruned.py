@@ -292,7 +292,7 @@ def pruned_predict(
 
 @triton.jit
 def _pooled_lse_bound(
-    q, Kp, Ko, Kbias, Kobias, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
+    q, Kp, Ko, Kbias, Kobias, Idx, count, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
     stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_bb, stride_bn,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CHUNK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
@@ -300,15 +300,18 @@ def _pooled_lse_bound(
     """A lower bound of each row's lse2 from the pooled keys: by Jensen,
     ``sum_{j in block} w_j 2^(u_ij) >= W 2^(q_i . kbar)`` with kbar the w-weighted mean key and W the
     block weight (``Kbias = log2 W``), and it is also >= the outlier key's own term. Causal rows count only the blocks they see entirely. (The
-    pooled keys are rounded to q's dtype for the tensor cores, so the bound holds to that rounding.)"""
+    pooled keys are rounded to q's dtype for the tensor cores, so the bound holds to that rounding.)
+    Only the ``count`` listed key blocks ``Idx[:count]`` are summed (fewer terms: still a lower
+    bound), which costs one small product per 64 listed blocks instead of one per 64 key blocks."""
     Kp += b.to(tl.int64) * stride_pkb + hk.to(tl.int64) * stride_pkh
     Ko += b.to(tl.int64) * stride_pkb + hk.to(tl.int64) * stride_pkh
     Kbias += b.to(tl.int64) * stride_bb
     Kobias += b.to(tl.int64) * stride_bb
     mb = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
     lb = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for c in range(0, NKB, CHUNK):
-        kb = c + tl.arange(0, CHUNK)
+    for c in range(0, count, CHUNK):
+        t = c + tl.arange(0, CHUNK)
+        kb = tl.load(Idx + t, mask=t < count, other=NKB)
         kp = load_tile(Kp, kb, offs_d, NKB, D, stride_pkn, stride_pkd, True, BLOCK_D != D)
         bias = tl.load(Kbias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
         ko = load_tile(Ko, kb, offs_d, NKB, D, stride_pkn, stride_pkd, True, BLOCK_D != D)
@@ -430,9 +433,10 @@ def pruned_attn(
     else:
         lse2 = tl.zeros([BLOCK_M], dtype=tl.float32)
 
+    count = tl.load(Count + bh * NQB + pid_m)
     lse_lb = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     if LSE_BOUND:
-        lse_lb = _pooled_lse_bound(q, Kp, Ko, Kbias, Kobias, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
+        lse_lb = _pooled_lse_bound(q, Kp, Ko, Kbias, Kobias, Idx, count, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
                                    stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_bb, stride_bn,
                                    D, BLOCK_M, BLOCK_N, BLOCK_D, CHUNK, CAUSAL, PRECISION)
 
@@ -443,7 +447,6 @@ def pruned_attn(
     kept = tl.zeros([BLOCK_M], dtype=tl.float32)
     kcnt = tl.zeros([BLOCK_M], dtype=tl.int32)
 
-    count = tl.load(Count + bh * NQB + pid_m)
     lo = (split * count) // n_split
     hi = ((split + 1) * count) // n_split
     for t in range(lo, hi):

@@ -387,4 +387,5 @@ def test_gpu_exact_vs_reference(causal, nq):
         out, st = pruned_attention(q, k, v, tau=0.01, causal=causal, mode=mode, return_stats=True)
         err = (out.double() - ref).abs().max().item()
         assert torch.isfinite(out).all()
-        assert err < (0.05 if mode == "exact" else 0.2), (mode, err, st)
+        bad = ((out.double() - ref).abs().amax(-1) > 0.05).double().mean().item()
+        assert err < (0.05 if mode == "exact" else 0.2), (mode, err, bad, st)
