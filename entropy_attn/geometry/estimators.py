@@ -78,7 +78,7 @@ def grid_anchors(k: int, d: int, extent: float = 2.0, dtype=torch.float64, devic
 
     Unlike k-means++ seeds, which follow the data and so split any set about evenly, fixed
     anchors make ``H_diff`` measure how concentrated a set is (see the correlation study in
-    ``benchmarks/RESULTS_geometry.md``).
+    ``benchmarks/RESULTS.md``).
     """
     axis = torch.linspace(-extent, extent, max(1, round(k ** (1 / d))), dtype=dtype, device=device)
     return torch.cartesian_prod(*[axis] * d).reshape(-1, d)
