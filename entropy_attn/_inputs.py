@@ -45,9 +45,14 @@ def _check_tensor(name: str, t, dims: int) -> None:
         raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(t.shape)}")
 
 
-def _check_mask_dtype(name: str, mask: torch.Tensor, dtype: torch.dtype) -> None:
+def _check_mask(name: str, mask, q: torch.Tensor) -> None:
+    """A mask must be a boolean or floating tensor on q's device."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
         raise TypeError(f"{name} must be boolean or floating point, got {mask.dtype}")
+    if mask.device != q.device:
+        raise ValueError(f"{name} is on {mask.device} but q is on {q.device}")
 
 
 def check_inputs(
@@ -88,11 +93,7 @@ def check_inputs(
         raise ValueError(f"scale must be a positive finite number, got {scale}")
 
     if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor):
-            raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
-        _check_mask_dtype("attn_mask", attn_mask, q.dtype)
-        if attn_mask.device != q.device:
-            raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+        _check_mask("attn_mask", attn_mask, q)
         try:
             if attn_mask.dim() > 4:
                 raise RuntimeError
@@ -104,11 +105,7 @@ def check_inputs(
                 f"{[B, H, Nq, Nk]}"
             ) from None
     if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor):
-            raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}")
-        _check_mask_dtype("key_padding_mask", key_padding_mask, q.dtype)
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+        _check_mask("key_padding_mask", key_padding_mask, q)
         if tuple(key_padding_mask.shape) != (B, Nk):
             raise ValueError(
                 f"key_padding_mask must have shape [B, Nk] = {[B, Nk]}, got {tuple(key_padding_mask.shape)}"
