@@ -339,12 +339,19 @@ def _combine_exact(opart, lpart):
     return out, l
 
 
-def _combine_online(opart, mpart, lpart):
+def _combine_online(opart, mpart, lpart, lall, log2_tau):
+    """Combine the fast mode's splits. Each split kept at least its own maximum; as in the kernel,
+    a split whose maximum is below the combined threshold ``min(lse2_lb + log2 tau, m)`` (lse2_lb
+    from every entry the splits saw) holds no kept entry after all and is dropped, so the row
+    maximum rule holds for the whole row. Returns (out, the split weights)."""
     m = mpart.amax(0)
     w = torch.exp2(mpart - m)
+    lse_lb = m + torch.log2((lall * w).sum(0))
+    thr = torch.minimum(lse_lb + log2_tau, m)
+    w = torch.where(mpart >= thr, w, 0.0)
     l = (lpart * w).sum(0)
     out = (opart * w[..., None]).sum(0) / torch.where(l > 0, l, 1.0)[..., None]
-    return out
+    return out, w
 
 
 def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stats: bool = False,
@@ -394,6 +401,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
         f32 = dict(dtype=torch.float32, device=dev)
         opart = torch.empty((n_split, BH, Nq, Dv) if split else (1,), **f32)
         mpart = torch.empty((n_split, BH, Nq) if split else (1,), **f32)
+        lall = torch.empty((n_split, BH, Nq) if split and not exact else (1,), **f32)
         lpart = torch.empty((n_split, BH, Nq), **f32)
         kept = torch.empty((n_split, BH, Nq) if stats else (1,), **f32)
         kcnt = torch.empty((n_split, BH, Nq) if stats else (1,), dtype=torch.int32, device=dev)
@@ -406,7 +414,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
         masked = inp.causal or mkind != 0 or pkind != 0 or Nk % cfg.block_n != 0
         pruned_attn[(nqb, BH, n_split)](
             q, k, v, out, idx, count, thr if thr is not None else dummy, lse2 if lse2 is not None else dummy,
-            opart, mpart, lpart, kept, kcnt, mask, kpm, kp, ko, kbias, kobias,
+            opart, mpart, lpart, lall, kept, kcnt, mask, kpm, kp, ko, kbias, kobias,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr, *pstr, *kp_str, *kb_str,
             H, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, math.log2(tau),
             D=D, DV=Dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), BLOCK_DV=_block(Dv),
@@ -420,15 +428,20 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
             if exact:
                 o, _ = _combine_exact(opart, lpart)
             else:
-                o = _combine_online(opart, mpart, lpart)
+                o, wsplit = _combine_online(opart, mpart, lpart, lall, math.log2(tau))
             out = o.view(B, H, Nq, Dv).to(q.dtype)
     if not stats:
         return out
     live = torch.isfinite(lse2)
-    kept_mass = lpart.sum(0) if exact else kept.sum(0)
+    if exact:
+        kept_mass, kept_cnt = lpart.sum(0), kcnt.sum(0)
+    elif split:  # the dropped splits keep nothing
+        kept_mass, kept_cnt = (kept * (wsplit > 0)).sum(0), (kcnt * (wsplit > 0)).sum(0)
+    else:
+        kept_mass, kept_cnt = kept[0], kcnt[0]
     st = _stats(
         unmasked.view(B, H, Nq).sum(-1).to(torch.int64),
-        kcnt.sum(0).view(B, H, Nq).sum(-1).to(torch.int64),
+        kept_cnt.view(B, H, Nq).sum(-1).to(torch.int64),
         torch.where(live, 1.0 - kept_mass, 0.0).view(B, H, Nq).sum(-1).to(torch.float64),
         live.view(B, H, Nq).sum(-1),
         nvalid.view(B, H, nqb).sum(-1),

@@ -382,7 +382,7 @@ def _attn_tile(
 
 @triton.jit
 def pruned_attn(
-    Q, K, V, Out, Idx, Count, Thr, Lse2, Opart, Mpart, Lpart, Kept, Kcnt, Mask, Kpm, Kp, Ko, Kbias, Kobias,
+    Q, K, V, Out, Idx, Count, Thr, Lse2, Opart, Mpart, Lpart, Lall, Kept, Kcnt, Mask, Kpm, Kp, Ko, Kbias, Kobias,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -403,7 +403,8 @@ def pruned_attn(
     Thr, Lse2 ``[B*H, Nq]`` float32 base 2 (exact: the thresholds and lse, +inf on empty rows; fast:
     Lse2 is the exact lse, read only with ``STATS``). Without ``SPLIT`` writes Out ``[B, H, Nq, DV]``
     (input dtype) and Lpart[0] (kept mass, exact; kept sum, fast); with ``SPLIT`` writes the
-    unnormalized Opart ``[S, B*H, Nq, DV]`` and Mpart, Lpart ``[S, B*H, Nq]`` float32 for the host.
+    unnormalized Opart ``[S, B*H, Nq, DV]`` and Mpart, Lpart (and Lall, fast: the sum over every
+    entry seen) ``[S, B*H, Nq]`` float32 for the host.
     ``STATS``: Kept (true kept mass, fast only) and Kcnt (kept entries) ``[S, B*H, Nq]``.
     """
     pid_m = tl.program_id(0)
@@ -480,6 +481,8 @@ def pruned_attn(
         o_ptrs = Opart + srows[:, None] * DV + offs_dv[None, :]
         tl.store(o_ptrs, acc, mask=row_mask[:, None] & (offs_dv[None, :] < DV))
         tl.store(Mpart + srows, m, mask=row_mask)
+        if not EXACT:
+            tl.store(Lall + srows, l_all, mask=row_mask)
     else:
         l_safe = tl.where(l > 0.0, l, 1.0)
         out = acc / l_safe[:, None]
