@@ -408,5 +408,5 @@ def test_gpu_exact_vs_reference(causal, nq):
         bad = ((out.double() - ref).abs().amax(-1) > 0.05).double().mean().item()
         if mode == "exact":
             assert err < 0.05, (err, bad, st)
-        else:  # diffuse rows (their cluster is causally invisible) may move by O(1): see the docs
-            assert bad < 0.2 and (out.abs().amax(-1) > 0).all(), (err, bad, st)
+        else:  # measured on the H100: max error 0.07 - 0.16 (rows keep a few extra entries near tau)
+            assert err < 0.25 and (out.abs().amax(-1) > 0).all(), (err, bad, st)
