@@ -21,6 +21,21 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def masked_softmax(s: torch.Tensor):
+    """``(P, log P, lse)`` of scores ``s [..., Nk]`` whose masked entries are -inf.
+
+    Masked entries are 0 in both P and log P (0 log 0 = 0, and no -inf reaches autograd); a row
+    with no unmasked entry has P = 0, log P = 0 and lse = -inf, with zero gradients.
+    """
+    valid = s > float("-inf")
+    empty = ~valid.any(dim=-1, keepdim=True)
+    s = s.masked_fill(empty, 0.0)  # a finite row for logsumexp; its weights are zeroed below
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    log_p = (s - lse).masked_fill(~valid, 0.0)
+    p = torch.exp(log_p).masked_fill(~valid | empty, 0.0)
+    return p, log_p, lse.squeeze(-1).masked_fill(empty.squeeze(-1), float("-inf"))
+
+
 def attention_rows(q, k, v, bias, scale: float):
     """Attention of a block of query rows, with the row entropy.
 
@@ -34,16 +49,8 @@ def attention_rows(q, k, v, bias, scale: float):
     s = scale * (q @ k.transpose(-1, -2))
     if bias is not None:
         s = s + bias
-    valid = s > float("-inf")
-    empty = ~valid.any(dim=-1, keepdim=True)
-    s = s.masked_fill(empty, 0.0)  # a finite row for logsumexp; its weights are zeroed below
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    log_p = (s - lse).masked_fill(~valid, 0.0)  # 0 log 0 = 0, and no -inf reaches autograd
-    p = torch.exp(log_p).masked_fill(~valid | empty, 0.0)
-    out = p @ v
-    entropy = -(p * log_p).sum(dim=-1)
-    lse = lse.squeeze(-1).masked_fill(empty.squeeze(-1), float("-inf"))
-    return out, entropy, lse
+    p, log_p, lse = masked_softmax(s)
+    return p @ v, -(p * log_p).sum(dim=-1), lse
 
 
 def reference_attention(inp: AttentionInputs, chunk_size: int | None = None):

@@ -17,6 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ._inputs import AttentionInputs, score_bias
+from .reference import masked_softmax
 
 #: Score elements per chunk (B * H * rows * Nk) in ``map_rows``: 16 Mi.
 _CHUNK_ELEMENTS = 1 << 24
@@ -38,10 +39,7 @@ def attention_probs(inp: AttentionInputs, rows: slice | None = None):
     bias = score_bias(inp, rows, dtype=cdt)
     if bias is not None:
         s = s + bias
-    valid = s > float("-inf")
-    s = s.masked_fill(~valid.any(dim=-1, keepdim=True), 0.0)  # finite rows for log_softmax
-    log_p = torch.log_softmax(s, dim=-1).masked_fill(~valid, 0.0)
-    p = torch.exp(log_p).masked_fill(~valid, 0.0)
+    p, log_p, _ = masked_softmax(s)
     return p, log_p
 
 
