@@ -4,6 +4,7 @@
 #   bash scripts/gpu_check.sh [STAGE ...]
 #   STAGE: tests | tests:NAME (tests/test_NAME.py) | bench:NAME (benchmarks/bench_NAME.py) | all
 # $OUT gets logs.tgz (every log and JSON) and one markdown table per benchmark.
+# STAGE_TIMEOUT (seconds, default 1800) bounds each stage; benchmarks marked `slow` run only with SLOW=1.
 set -uo pipefail
 OUT=${OUT:-/tmp/entropy_attn_out}
 LOGS=$(mktemp -d)
@@ -29,7 +30,7 @@ for stage in "${STAGES[@]}"; do
       name=${stage#tests}; name=${name#:}
       target=tests; [ -n "$name" ] && target=tests/test_${name}.py
       log="$LOGS/tests${name:+_$name}.log"
-      python3 -m pytest "$target" -n 8 -q -p no:cacheprovider --durations=15 >"$log" 2>&1
+      timeout "${STAGE_TIMEOUT:-1800}" python3 -m pytest "$target" -n 8 -q -p no:cacheprovider --durations=15 >"$log" 2>&1
       rc=$?; status=$((status | rc))
       summary+=("$stage: $(tail -1 "$log")")
       grep -E "^(FAILED|ERROR)" "$log" | head -40
@@ -38,7 +39,7 @@ for stage in "${STAGES[@]}"; do
       name=${stage#bench:}
       file=benchmarks/bench_${name}.py
       [ -f "$file" ] || { summary+=("$stage: no $file"); continue; }
-      python3 -m pytest "$file" -q -p no:cacheprovider --benchmark-enable --benchmark-json="$LOGS/bench_${name}.json" \
+      timeout "${STAGE_TIMEOUT:-1800}" python3 -m pytest "$file" -q -p no:cacheprovider -m "${SLOW:+slow or }not slow" --benchmark-enable --benchmark-json="$LOGS/bench_${name}.json" \
         >"$LOGS/bench_${name}.log" 2>&1
       rc=$?; status=$((status | rc))
       python3 benchmarks/report.py "$LOGS/bench_${name}.json" --markdown >"$OUT/bench_${name}.md" 2>>"$LOGS/bench_${name}.log"
