@@ -184,6 +184,17 @@ def lr_scale(step: int, steps: int, warmup: int, time_frac: float = 0.0) -> floa
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def _time_is_up(start: float, limit: float, device: torch.device) -> bool:
+    """Whether ``limit`` seconds have passed since ``start`` (0: never); under torchrun rank 0
+    decides for every rank, so all ranks stop after the same step."""
+    if not limit:
+        return False
+    up = torch.tensor(float(time.perf_counter() - start > limit), device=device)
+    if torch_dist.is_initialized():
+        torch_dist.broadcast(up, src=0)
+    return bool(up)
+
+
 def fit(model: nn.Module, batches: Iterator, task_loss: Callable, args: argparse.Namespace, steps: int,
         device: torch.device, show: bool = True) -> dict:
     """Train ``model`` (plain or DDP-wrapped) for ``steps`` AdamW steps on
@@ -219,7 +230,7 @@ def fit(model: nn.Module, batches: Iterator, task_loss: Callable, args: argparse
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         items, done = items + n, step + 1
-        last = done == steps or (args.time_limit and time.perf_counter() - start > args.time_limit)
+        last = done == steps or _time_is_up(start, args.time_limit, device)
         if step % args.log_every == 0 or last:
             rec = dict(step=done, loss=loss.item(), reg=reg.item(), entropy=mean_train_entropy(model),
                        lr=lr)

@@ -72,7 +72,7 @@ def plot_attention(model: GPT, x: torch.Tensor, tau: float, path: Path, n: int =
     for ax, t in zip(axes, (0.0, tau)):
         set_tau(model, t)
         _, weights = model(x, return_attention=True)
-        ax.imshow(weights[0].float().cpu() ** 0.5, cmap="magma")  # sqrt: small weights stay visible
+        ax.imshow(weights[0].float().cpu().numpy() ** 0.5, cmap="magma")  # sqrt: small weights stay visible
         ax.set(title=f"tau = {t:g}", xlabel="key byte", ylabel="query byte")
     set_tau(model, 0.0)
     text = bytes(x[0].tolist()).decode("utf-8", "replace").replace("\n", "\\n")[:80]

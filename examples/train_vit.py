@@ -127,12 +127,12 @@ def plot_attention(model: ViT, data, path: Path, device: torch.device, n: int = 
     fig, axes = plt.subplots(2, n, figsize=(2 * n, 4.2))
     for i in range(n):
         img = x[i].permute(1, 2, 0) * 0.25 + 0.5
-        axes[0, i].imshow(img.clamp(0, 1).squeeze(-1), cmap="gray" if img.shape[-1] == 1 else None)
+        axes[0, i].imshow(img.clamp(0, 1).squeeze(-1).numpy(), cmap="gray" if img.shape[-1] == 1 else None)
         name = SHAPE_CLASSES[y[i]] if data.val_masks is not None else str(int(y[i]))
         axes[0, i].set_title(name, fontsize=9)
-        axes[1, i].imshow(maps[i], cmap="magma", extent=(0, x.shape[-1], x.shape[-1], 0))
+        axes[1, i].imshow(maps[i].numpy(), cmap="magma", extent=(0, x.shape[-1], x.shape[-1], 0))
         if data.val_masks is not None:
-            axes[1, i].contour(data.val_masks[i].float(), levels=[0.5], colors="white", linewidths=0.8,
+            axes[1, i].contour(data.val_masks[i].float().numpy(), levels=[0.5], colors="white", linewidths=0.8,
                                extent=(0, x.shape[-1], 0, x.shape[-1]), origin="upper")
         for ax in axes[:, i]:
             ax.set_axis_off()
@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     keep = topk_keep_fraction(n_tokens, attn.get("top_k"), causal=False)
     sweep = tau_sweep(model, args.taus, run_eval, base_keep=keep, show=not args.no_progress)
     metrics = dict(task="vit", dataset=args.dataset, reg=args.reg, gamma=args.gamma, seed=args.seed,
-                   primary="accuracy", params=sum(p.numel() for p in model.parameters()), **train,
+                   primary="accuracy", params=sum(p.numel() for p in model.parameters()), world_size=info.world_size,
+                   images_per_s=train["items_per_s"] * info.world_size, **train,
                    dense=next(r for r in sweep if r["tau"] == 0) if 0 in args.taus else None, sweep=sweep)
     if data.val_masks is not None:
         metrics["iou"] = attention_iou(model, data, args.iou_images, info.device)
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
 def print_summary(metrics: dict) -> None:
     """Print training speed, the tau sweep table and the IoU."""
     last = metrics["history"][-1]
-    print(f"trained {metrics['steps']} steps in {metrics['train_time_s']:.1f}s ({metrics['items_per_s']:.0f} img/s); "
+    print(f"trained {metrics['steps']} steps in {metrics['train_time_s']:.1f}s ({metrics['images_per_s']:.0f} img/s); "
           f"reg={metrics['reg']} gamma={metrics['gamma']} final train entropy {last['entropy']:.3f} nats")
     print(f"{'tau':>7} {'accuracy':>9} {'sparsity':>9} {'entropy':>8}")
     for r in metrics["sweep"]:

@@ -1,0 +1,135 @@
+"""End-to-end runs of the example scripts' smallest configurations on the CPU (a few steps each):
+outputs, checkpoints and plots are produced, the tau sweep is consistent, and gamma > 0 lowers the
+attention entropy."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from examples import common, quickstart, study, train_lm, train_vit  # noqa: E402
+from examples.models import GPT, ViT  # noqa: E402
+
+TINY_VIT = ["--device", "cpu", "--threads", "1", "--no-progress", "--dim", "16", "--depth", "1", "--heads", "2",
+            "--batch-size", "32"]
+TINY_LM = ["--device", "cpu", "--threads", "1", "--no-progress", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+           "--block-size", "32", "--batch-size", "8", "--max-bytes", "1000000", "--eval-batches", "2"]
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """The scripts' ``--threads 1`` sets torch's global thread count: restore it."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def check_run_dir(out: Path, metrics: dict) -> dict:
+    """The files every training run writes; returns the loaded checkpoint."""
+    for name in ("checkpoint.pt", "args.json", "metrics.json", "tradeoff.png", "attention.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "metrics.json").read_text())["sweep"] == json.loads(json.dumps(metrics["sweep"]))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["args"] == json.loads((out / "args.json").read_text())
+    assert ckpt["step"] == metrics["steps"]
+    return ckpt
+
+
+def check_sweep(sweep: list, taus: list) -> None:
+    assert [r["tau"] for r in sweep] == taus
+    assert sweep[0]["sparsity"] == 0.0  # tau = 0 prunes nothing
+    sp = [r["sparsity"] for r in sweep]
+    assert all(0.0 <= s <= 1.0 for s in sp) and sp == sorted(sp)  # a larger tau prunes a superset
+    assert sweep[-1]["sparsity"] > 0.3  # tau = 0.1 prunes a row of 17 or more keys substantially
+
+
+def test_vit_shapes_end_to_end(tmp_path):
+    out = tmp_path / "vit"
+    m = train_vit.main([*TINY_VIT, "--dataset", "shapes", "--n-train", "256", "--steps", "4", "--iou-images", "64",
+                        "--taus", "0", "0.01", "0.1", "--out", str(out)])
+    assert m["steps"] == 4 and len(m["history"]) >= 1
+    check_sweep(m["sweep"], [0.0, 0.01, 0.1])
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in m["sweep"])
+    assert 0.0 <= m["iou"]["iou"] <= 1.0 and m["iou"]["iou_random"] < m["iou"]["iou_best"]
+    ckpt = check_run_dir(out, m)
+    model = ViT(image_size=32, patch=4, channels=3, num_classes=4, dim=16, depth=1, heads=2)
+    model.load_state_dict(ckpt["model"])  # the checkpoint restores the architecture the args describe
+
+
+def test_lm_end_to_end(tmp_path):
+    out = tmp_path / "lm"
+    m = train_lm.main([*TINY_LM, "--steps", "4", "--taus", "0", "0.01", "0.1", "--out", str(out)])
+    check_sweep(m["sweep"], [0.0, 0.01, 0.1])
+    dense = m["dense"]
+    assert 1.0 < dense["ppl"] < 300 and math.isclose(dense["bpb"], math.log2(dense["ppl"]), rel_tol=1e-6)
+    assert m["tokens_per_s"] > 0 and m["train_bytes"] > m["val_bytes"] > 0
+    ckpt = check_run_dir(out, m)
+    GPT(block_size=32, n_layer=1, n_head=2, n_embd=32).load_state_dict(ckpt["model"])
+
+
+@pytest.mark.parametrize("script,argv", [
+    (train_vit, [*TINY_VIT, "--dataset", "digits", "--dim", "32", "--steps", "40", "--lr", "3e-3"]),
+    (train_lm, [*TINY_LM, "--steps", "40", "--lr", "3e-3"]),
+], ids=["vit", "lm"])
+def test_gamma_lowers_entropy(script, argv):
+    """Same seed and data; the only difference is gamma. Entropy measured on validation data at
+    tau = 0 (dense) after training."""
+    runs = {g: script.main([*argv, "--reg", "shannon", "--gamma", str(g), "--seed", "0", "--taus", "0", "--no-plots"])
+            for g in (0.0, 0.5)}
+    h0, h1 = (runs[g]["dense"]["entropy"] for g in (0.0, 0.5))
+    assert h1 < 0.7 * h0, (h0, h1)
+    assert runs[0.5]["history"][-1]["entropy"] < runs[0.0]["history"][-1]["entropy"]
+
+
+def test_study_all_regularizers(tmp_path):
+    res = study.main(["--task", "both", "--preset", "smoke", "--seeds", "0", "--out", str(tmp_path)])
+    for name in ("study.json", "study.csv", "study.md", "study_vit.png", "study_lm.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    table = (tmp_path / "study.md").read_text()
+    for task in ("vit", "lm"):
+        agg = res[task]["aggregate"]
+        assert list(agg) == list(common.REGULARIZERS)
+        assert all(f"| {reg} |" in table for reg in agg)
+    # top-k: before any tau pruning, the entries outside the k kept per row count as pruned
+    k_vit = round(0.2 * 17)  # digits 16x16, patch 4: 16 patches + class token
+    assert math.isclose(res["vit"]["aggregate"]["topk"]["sparsity"][0], 1 - k_vit / 17, rel_tol=1e-6)
+    assert res["lm"]["aggregate"]["topk"]["sparsity"][0] > 0.5
+    rows = (tmp_path / "study.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2 * 5 * 3  # header + tasks x regularizers x taus
+
+
+def test_quickstart(capsys):
+    results = quickstart.main(["--steps", "10"])
+    assert set(results) == {0.0, 0.05}
+    printed = capsys.readouterr().out
+    assert "quickstart summary" in printed and "sparsity" in printed and "entropy" in printed
+
+
+def test_range_flag_fails_clearly(monkeypatch):
+    """Without range-entropy support in the library, --reg range stops with a clear message."""
+    def no_range(*args, regularizer="shannon", **kwargs):
+        raise ValueError(f"regularizer must be one of ['l2', 'none', 'shannon'], got {regularizer!r}")
+
+    monkeypatch.setattr(common, "EntropyAttention", no_range)
+    with pytest.raises(SystemExit, match="range-partition regularizer"):
+        train_vit.main([*TINY_VIT, "--dataset", "digits", "--reg", "range", "--steps", "1"])
+
+
+def test_torchrun_ddp_cpu(tmp_path):
+    """Two processes under torchrun (gloo on the CPU), unchanged script: rank 0 writes the outputs."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "examples.train_vit", *TINY_VIT, "--dataset", "digits", "--steps", "3", "--time-limit", "600", "--taus", "0", "0.1",
+           "--no-plots", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 3 and m["world_size"] == 2 and (out / "checkpoint.pt").exists()
