@@ -30,10 +30,10 @@ for stage in "${STAGES[@]}"; do
       name=${stage#tests}; name=${name#:}
       target=tests; [ -n "$name" ] && target=tests/test_${name}.py
       log="$LOGS/tests${name:+_$name}.log"
-      timeout "${STAGE_TIMEOUT:-1800}" python3 -m pytest "$target" -n 8 -q -p no:cacheprovider --durations=15 >"$log" 2>&1
+      timeout "${STAGE_TIMEOUT:-1800}" python3 -m pytest "$target" -n 8 -v --tb=short -p no:cacheprovider --durations=15 >"$log" 2>&1
       rc=$?; status=$((status | rc))
       summary+=("$stage: $(tail -1 "$log")")
-      grep -E "^(FAILED|ERROR)" "$log" | head -40
+      grep -E "(FAILED|ERROR) tests/" "$log" | sed "s/^.*\(FAILED\|ERROR\) /\1 /" | sort -u | head -40
       ;;
     bench:*)
       name=${stage#bench:}
