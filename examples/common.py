@@ -203,7 +203,7 @@ def fit(model: nn.Module, batches: Iterator, task_loss: Callable, args: argparse
     ``task_loss(model, batch)`` returns ``(loss scalar, items in the batch)``; items (images or
     tokens) give the throughput. With ``args.time_limit`` (seconds) training stops when it is
     reached and the LR schedule runs on the elapsed time too, so a time-limited run still anneals. Returns
-    ``{"history": [{step, loss, reg, entropy, lr}], "steps", "train_time_s", "items_per_s"}``.
+    ``{"history": [{step, loss, reg, entropy, lr, time_s}], "steps", "train_time_s", "items_per_s"}``.
     """
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos" not in n)]
@@ -233,7 +233,7 @@ def fit(model: nn.Module, batches: Iterator, task_loss: Callable, args: argparse
         last = done == steps or _time_is_up(start, args.time_limit, device)
         if step % args.log_every == 0 or last:
             rec = dict(step=done, loss=loss.item(), reg=reg.item(), entropy=mean_train_entropy(model),
-                       lr=lr)
+                       lr=lr, time_s=time.perf_counter() - start)
             history.append(rec)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", H=f"{rec['entropy']:.3f}")

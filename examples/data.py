@@ -160,29 +160,39 @@ def image_data(name: str, *, seed: int = 0, root: str = "data", download: bool =
     raise ValueError(f"unknown dataset {name!r}")
 
 
-def stdlib_files() -> list[Path]:
-    """The ``.py`` files of Python's standard library (no site-packages), sorted."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+def text_sources() -> tuple[Path, list[Path]]:
+    """``(root, files)``: the ``.py`` files of Python's standard library (no site-packages), sorted
+    by their path under ``root``. Where the interpreter ships without library sources (some
+    container images keep only bytecode), the ``.py`` files of the installed packages instead."""
+    paths = sysconfig.get_paths()
+    for root in (Path(paths["stdlib"]), Path(paths["purelib"])):
+        skip = set() if root == Path(paths["purelib"]) else {"site-packages", "dist-packages"}
+        files = [p for p in root.rglob("*.py") if not skip & set(p.parts)]
+        if files:
+            return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    raise RuntimeError(f"no .py sources under {paths['stdlib']} or {paths['purelib']} to train the LM on")
 
 
 def stdlib_text(max_bytes: int = 16_000_000, val_every: int = 10):
-    """Byte-level text of the standard library's sources: ``(train [T] uint8, val [V] uint8)``.
+    """Byte-level text of the standard library's sources (see ``text_sources``):
+    ``(train [T] uint8, val [V] uint8)``.
 
     Files go to validation when ``crc32(relative path) % val_every == 0``, so the split is stable
     across machines and file orders. Files are read in sorted order until ``max_bytes`` is reached.
     """
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root, files = text_sources()
     parts: dict[bool, list[bytes]] = {True: [], False: []}
     total = 0
-    for path in stdlib_files():
+    for path in files:
         data = path.read_bytes()
         if total + len(data) > max_bytes:
             break
         total += len(data)
         is_val = zlib.crc32(path.relative_to(root).as_posix().encode()) % val_every == 0
         parts[is_val].append(data)
+    if not parts[True] or not parts[False]:
+        raise ValueError(f"max_bytes={max_bytes} reads too few files under {root} for both a training and "
+                         "a validation split; raise it")
     as_tensor = lambda chunks: torch.frombuffer(bytearray(b"\n".join(chunks)), dtype=torch.uint8)
     return as_tensor(parts[False]), as_tensor(parts[True])
 

@@ -37,21 +37,38 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, std=0.02)
 
 
+def conv_stem(channels: int, dim: int, patch: int) -> nn.Sequential:
+    """Patch embedding as ``log2(patch)`` stride-2 3x3 convolutions (an "early convolutions" stem):
+    the same ``patch``-aligned token grid as a ``patch x patch`` patchify, but it trains much
+    faster on small data sets. ``patch`` must be a power of 2."""
+    if patch < 1 or patch & (patch - 1):
+        raise ValueError(f"the conv stem needs a power-of-2 patch, got {patch}")
+    layers, c = [], channels
+    for i in range(patch.bit_length() - 1):
+        out = dim if 2 ** (i + 1) == patch else max(dim // 2, 16)
+        layers += [nn.Conv2d(c, out, 3, stride=2, padding=1), nn.BatchNorm2d(out), nn.GELU()]
+        c = out
+    layers.append(nn.Conv2d(c, dim, 1))
+    return nn.Sequential(*layers)
+
+
 class ViT(nn.Module):
-    """Vision Transformer: conv patch embedding, class token, learned positions, ``depth`` blocks,
-    LayerNorm and a linear head on the class token.
+    """Vision Transformer: patch embedding (``stem='conv'``: a small strided-conv stem, see
+    ``conv_stem``; ``'linear'``: the standard patchify convolution), class token, learned
+    positions, ``depth`` blocks, LayerNorm and a linear head on the class token.
 
     Input ``[B, channels, image_size, image_size]`` float; output logits ``[B, num_classes]``.
     Tokens: 1 class token followed by ``(image_size // patch) ** 2`` patches in row-major order.
     """
 
     def __init__(self, *, image_size: int, patch: int, channels: int, num_classes: int, dim: int = 64,
-                 depth: int = 2, heads: int = 4, mlp_ratio: float = 2.0, dropout: float = 0.0, **attn_options):
+                 depth: int = 2, heads: int = 4, mlp_ratio: float = 2.0, dropout: float = 0.0, stem: str = "conv",
+                 **attn_options):
         super().__init__()
         if image_size % patch:
             raise ValueError(f"image_size {image_size} is not divisible by patch {patch}")
         self.grid = image_size // patch
-        self.patch_embed = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch)
+        self.patch_embed = conv_stem(channels, dim, patch) if stem == "conv" else nn.Conv2d(channels, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + self.grid**2, dim) * 0.02)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout, **attn_options) for _ in range(depth))

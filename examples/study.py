@@ -2,7 +2,7 @@
 each run, and put all curves on one figure with a markdown table.
 
     python -m examples.study --task vit --preset cpu --out runs/study_cpu
-    python -m examples.study --task both --preset gpu-quick --out runs/study_gpu --jobs 4
+    python -m examples.study --task both --preset gpu-quick --jobs 4 --out runs/study_gpu
 
 Each run is ``train_vit.main`` / ``train_lm.main`` with the preset's flags plus ``--reg``,
 ``--gamma`` (the preset's per-regularizer value unless ``--gamma`` is given), ``--seed`` and
@@ -54,7 +54,8 @@ PRESETS = {
                "--steps", "400", "--max-bytes", "4000000", "--eval-batches", "8", "--threads", "1", "--device", "cpu",
                *TAUS],
     },
-    # H100, bf16: about 6 minutes of GPU for both tasks, 5 regularizers x 3 seeds, with --jobs 4
+    # H100, bf16, --jobs 4: 5 regularizers x 3 seeds x 2 tasks in about 6 minutes (budget 200 s of
+    # training, ~27 s per run, plus start-up and sweeps); --steps is a cap the time limit cuts short
     "gpu-quick": {
         "vit": ["--dataset", "shapes", "--n-train", "20000", "--dim", "128", "--depth", "4", "--heads", "4",
                 "--batch-size", "256", "--steps", "3000", "--lr", "2e-3", "--device", "cuda", "--amp",
@@ -71,6 +72,9 @@ PRESETS = {
     },
 }
 
+#: preset -> default --budget-s (total training seconds): 30 runs x 4 jobs -> about 27 s of training each
+PRESET_BUDGET_S = {"gpu-quick": 200.0}
+
 #: regularizer -> gamma (none and topk carry no penalty). The penalties are normalized
 #: (``--normalize``: entropy / log n), so one gamma serves shannon and range.
 GAMMAS = {"none": 0.0, "topk": 0.0, "l2": 0.1, "shannon": 0.1, "range": 0.1}
@@ -84,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regs", nargs="+", choices=REGULARIZERS, default=list(REGULARIZERS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--gamma", type=float, default=None, help="one gamma for every penalized regularizer")
-    p.add_argument("--budget-s", type=float, default=0.0, help="total training seconds over all runs (0: none)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help=f"total training seconds over all runs (0: none; default: {PRESET_BUDGET_S} per preset, else 0)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (subprocesses when > 1)")
     p.add_argument("--out", type=Path, default=Path("runs/study"))
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
@@ -102,27 +107,35 @@ def run_argv(task: str, preset: str, reg: str, seed: int, gamma: float, out: Pat
     return argv + extra
 
 
-def launch(task: str, argv: list[str], in_process: bool) -> None:
-    """Run one training run: ``main(argv)`` here, or a subprocess logging to ``<out>/log.txt``."""
+def launch(task: str, argv: list[str], in_process: bool) -> bool:
+    """Run one training run: ``main(argv)`` here (errors propagate), or a subprocess logging to
+    ``<out>/log.txt``; a failed subprocess is reported with its log's tail and returns False, so
+    the other runs (and the device time spent on them) still count."""
     out = Path(argv[argv.index("--out") + 1])
     if in_process:
         from examples import train_lm, train_vit
 
         {"vit": train_vit, "lm": train_lm}[task].main(argv)
-        return
+        return True
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "log.txt", "w") as log:
-        subprocess.run([sys.executable, "-m", f"examples.train_{task}", *argv], cwd=ROOT, stdout=log,
-                       stderr=subprocess.STDOUT, check=True)
+        rc = subprocess.run([sys.executable, "-m", f"examples.train_{task}", *argv], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT).returncode
+    if rc:
+        tail = (out / "log.txt").read_text().splitlines()[-15:]
+        print(f"FAILED (exit {rc}): {task} {' '.join(argv)}\n  " + "\n  ".join(tail))
+    return rc == 0
 
 
 def value_at(sparsity: list[float], values: list[float], target: float) -> float | None:
-    """Linear interpolation of a run's metric at ``target`` sparsity; None outside its range."""
+    """A run's metric at ``target`` sparsity: linear interpolation along its sweep; its least
+    sparse point when that is already sparser than ``target`` (top-k); None when even its
+    sparsest point is below ``target``."""
     order = np.argsort(sparsity)
     s, v = np.asarray(sparsity)[order], np.asarray(values)[order]
-    if not s[0] <= target <= s[-1]:
+    if target > s[-1]:
         return None
-    return float(np.interp(target, s, v))
+    return float(v[0]) if target < s[0] else float(np.interp(target, s, v))
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -173,7 +186,8 @@ def markdown_table(task: str, agg: dict) -> str:
         a = next(a for a in agg.values() if "iou" in a)
         lines += ["", f"IoU of random patches {a['iou']['random']:.3f}, best reachable {a['iou']['best']:.3f} "
                       "(protocol: examples/train_vit.py docstring)."]
-    lines += ["", f"`{metric} @ s% sparsity`: linear interpolation along each seed's tau sweep, mean ± std over "
+    lines += ["", f"`{metric} @ s% sparsity`: linear interpolation along each seed's tau sweep (a run already "
+                  "sparser than s at tau = 0, as top-k can be, counts with its tau = 0 point), mean ± std over "
                   "the seeds whose sweep reaches s (count in brackets); n/a when none does."]
     return "\n".join(lines)
 
@@ -196,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     tasks = ["vit", "lm"] if args.task == "both" else [args.task]
     plan = [(t, reg, seed) for t in tasks for reg in args.regs for seed in args.seeds]
-    time_limit = args.budget_s * args.jobs / len(plan) if args.budget_s else 0.0
+    budget = PRESET_BUDGET_S.get(args.preset, 0.0) if args.budget_s is None else args.budget_s
+    time_limit = budget * args.jobs / len(plan) if budget else 0.0
     jobs = []
     for task, reg, seed in plan:
         gamma = GAMMAS[reg] if args.gamma is None or reg in ("none", "topk") else args.gamma
@@ -204,12 +219,14 @@ def main(argv: list[str] | None = None) -> dict:
         jobs.append((task, run_argv(task, args.preset, reg, seed, gamma, out, time_limit, args.extra), out))
     start = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda j: launch(j[0], j[1], args.jobs == 1), jobs))
-    print(f"{len(jobs)} runs in {time.perf_counter() - start:.0f}s")
+        ok = list(pool.map(lambda j: launch(j[0], j[1], args.jobs == 1), jobs))
+    print(f"{sum(ok)} of {len(jobs)} runs succeeded in {time.perf_counter() - start:.0f}s")
 
     result, tables = {}, []
     for task in tasks:
-        runs = [json.loads((out / "metrics.json").read_text()) for t, _, out in jobs if t == task]
+        runs = [json.loads((out / "metrics.json").read_text()) for (t, _, out), good in zip(jobs, ok) if t == task and good]
+        if not runs:
+            continue
         agg = aggregate(runs)
         result[task] = dict(runs=runs, aggregate=agg)
         tables.append(markdown_table(task, agg))
@@ -217,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         plot_tradeoff({f"{reg} (γ={a['gamma']:g})": a for reg, a in agg.items()}, args.out / f"study_{task}.png",
                       ylabel, f"{task}: {args.preset}, {len(args.seeds)} seed(s), mean ± std")
     write_json(args.out / "study.json", dict(args=vars(args), **result))
-    write_csv(args.out / "study.csv", [r for t in tasks for r in result[t]["runs"]])
+    write_csv(args.out / "study.csv", [r for t in result for r in result[t]["runs"]])
     (args.out / "study.md").write_text("\n\n".join(tables) + "\n")
     print("\n\n".join(tables))
     return result

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default="data", help="cifar: where the files are (or go with --download)")
     p.add_argument("--download", action="store_true", help="cifar: download the data set")
     p.add_argument("--patch", type=int, default=4)
+    p.add_argument("--stem", choices=("conv", "linear"), default="conv",
+                   help="patch embedding: strided 3x3 convs (trains faster on small data) or the plain patchify")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--heads", type=int, default=4)
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     grid = data.image_size // args.patch
     attn = attention_options(args, n_tokens, patch_positions(grid, grid, class_token=True))
     model = ViT(image_size=data.image_size, patch=args.patch, channels=data.channels, num_classes=data.num_classes,
-                dim=args.dim, depth=args.depth, heads=args.heads, mlp_ratio=args.mlp_ratio, **attn).to(info.device)
+                dim=args.dim, depth=args.depth, heads=args.heads, mlp_ratio=args.mlp_ratio, stem=args.stem, **attn).to(info.device)
 
     sampler = DistributedSampler(data.train, seed=args.seed, drop_last=True) if info.world_size > 1 else None
     loader = DataLoader(data.train, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,

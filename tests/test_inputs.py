@@ -5,8 +5,11 @@ import torch
 from entropy_attn import entropy_attention
 
 
-def qkv(B=1, H=2, Hkv=2, N=8, D=16, dtype=torch.float32):
-    return torch.randn(B, H, N, D, dtype=dtype), torch.randn(B, Hkv, N, D, dtype=dtype), torch.randn(B, Hkv, N, D, dtype=dtype)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def qkv(B=1, H=2, Hkv=2, N=8, D=16, dtype=torch.float32, device="cpu"):
+    return tuple(torch.randn(B, h, N, D, dtype=dtype, device=device) for h in (H, Hkv, Hkv))
 
 
 @pytest.mark.parametrize(
@@ -42,20 +45,18 @@ def test_bad_masks():
 
 
 def test_triton_backend_limits():
-    q, k, v = qkv(dtype=torch.float64)
+    q, k, v = qkv(dtype=torch.float64, device=DEV)
     with pytest.raises(TypeError, match="use backend='reference' for float64"):
         entropy_attention(q, k, v, backend="triton")
-    q, k, v = qkv(D=320)
+    q, k, v = qkv(D=320, device=DEV)
     with pytest.raises(ValueError, match="head dims up to 256"):
         entropy_attention(q, k, v, backend="triton")
-    m = torch.randn(8, 8, requires_grad=True)
+    m = torch.randn(8, 8, requires_grad=True, device=DEV)
     with pytest.raises(ValueError, match="does not differentiate masks"):
-        entropy_attention(*qkv(), attn_mask=m, backend="triton")
+        entropy_attention(*qkv(device=DEV), attn_mask=m, backend="triton")
 
 
 def test_triton_needs_cuda_or_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: CPU tensors are not the case under test")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         entropy_attention(*qkv(), backend="triton")

@@ -12,7 +12,7 @@ import torch
 from entropy_attn import entropy_attention
 from entropy_attn._inputs import check_inputs
 from entropy_attn._launch import interpreting
-from entropy_attn.pruned import pruned_attention, pruned_triton, reference_pruned
+from entropy_attn.pruned import _config, pruned_attention, pruned_triton, reference_pruned
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 triton_ok = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
@@ -25,8 +25,16 @@ TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2, torch.flo
 # ------------------------------------------------------------------------------------------------
 
 
-def definition(q, k, v, tau, *, causal=False, scale=None, attn_mask=None, key_padding_mask=None, block=(16, 16)):
-    """Returns (out float64, stats dict [H] float64, ambiguous rows [B, H, Nq] bool).
+def kernel_tiles(nq, d):
+    """The Triton path's tiles for Nq = nq, D = d: the grid ``tile_sparsity`` is counted on
+    (16 x 16 in the interpreter, larger on a GPU)."""
+    cfg = _config(nq, d, d)
+    return cfg.block_m, cfg.block_n
+
+
+def definition(q, k, v, tau, *, causal=False, scale=None, attn_mask=None, key_padding_mask=None, block=None):
+    """Returns (out float64, stats dict [H] float64, ambiguous rows [B, H, Nq] bool); tile stats
+    on ``block`` tiles, by default the Triton path's (``kernel_tiles``).
 
     A row is ambiguous when an entry lies within 1e-4 (relative) of its threshold, where float32
     kernels may legitimately decide either way."""
@@ -68,7 +76,7 @@ def definition(q, k, v, tau, *, causal=False, scale=None, attn_mask=None, key_pa
     unm = valid.sum((-1, -2)).double()
     entry = torch.where(unm > 0, (valid & ~keep).sum((-1, -2)) / unm.clamp_min(1), 0.0)
     pm = ((P * ~keep).sum(-1) * ~empty).sum(-1) / (~empty).sum(-1).clamp_min(1)
-    bm, bn = block
+    bm, bn = block or kernel_tiles(Nq, D)
     nrb, nkb = -(-Nq // bm), -(-Nk // bn)
     sp = torch.full((B, H, nrb * bm, nkb * bn), -math.inf, dtype=torch.float64)
     sp[:, :, :Nq, :Nk] = s
@@ -144,7 +152,8 @@ def test_exact_random(dtype, causal):
 @triton_ok
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_exact_clustered_skips_tiles_and_is_exact(dtype):
-    q, k, v = clustered(1, 2, 1, 48, 96, 32, dtype=dtype)
+    bn = kernel_tiles(48, 32)[1]
+    q, k, v = clustered(1, 2, 1, 48, 6 * bn, 32, dtype=dtype, block=bn)
     ref, st_ref, amb = definition(q, k, v, 0.01)
     out, st = run(q, k, v, tau=0.01, return_stats=True)
     check_close(out, ref, amb, dtype)
@@ -292,7 +301,8 @@ def test_fast_splits_keep_the_row_max_rule():
 
 @triton_ok
 def test_fast_clustered_close_to_exact():
-    q, k, v = clustered(1, 2, 1, 48, 96, 32)
+    bn = kernel_tiles(48, 32)[1]
+    q, k, v = clustered(1, 2, 1, 48, 6 * bn, 32, block=bn)
     ref, st_ref, _ = definition(q, k, v, 0.01)
     out, st = run(q, k, v, tau=0.01, mode="fast", return_stats=True)
     err = (out.double().cpu() - ref).abs().max().item()
