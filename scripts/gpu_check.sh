@@ -2,9 +2,12 @@
 # The one GPU script: install the project, run the GPU tests and the benchmarks, print a short table
 # last. Full logs and JSON go to $OUT (the device tool brings them back).
 #   bash scripts/gpu_check.sh [STAGE ...]
-#   STAGE: tests | tests:NAME (tests/test_NAME.py) | bench:NAME (benchmarks/bench_NAME.py) | all
+#   STAGE: tests | tests:NAME (tests/test_NAME.py, or the folder tests/NAME) | bench:NAME
+#          (benchmarks/bench_NAME.py) | study:PRESET (examples/study.py, both tasks, 4 runs at a time,
+#          after a CUDA smoke run of both scripts) | all
 # $OUT gets logs.tgz (every log and JSON) and one markdown table per benchmark.
-# STAGE_TIMEOUT (seconds, default 1800) bounds each stage; benchmarks marked `slow` run only with SLOW=1.
+# STAGE_TIMEOUT (seconds, default 1800) bounds each stage; benchmarks marked `slow` run only with SLOW=1;
+# STUDY_BUDGET_S overrides the study preset's total training seconds.
 set -uo pipefail
 OUT=${OUT:-/tmp/entropy_attn_out}
 LOGS=$(mktemp -d)
@@ -28,7 +31,7 @@ for stage in "${STAGES[@]}"; do
   case "$stage" in
     tests|tests:*)
       name=${stage#tests}; name=${name#:}
-      target=tests; [ -n "$name" ] && target=tests/test_${name}.py
+      target=tests; [ -n "$name" ] && { target=tests/test_${name}.py; [ -d "tests/$name" ] && target=tests/$name; }
       log="$LOGS/tests${name:+_$name}.log"
       timeout "${STAGE_TIMEOUT:-1800}" python3 -m pytest "$target" -n 8 -v --tb=short -p no:cacheprovider --durations=15 >"$log" 2>&1
       rc=$?; status=$((status | rc))
@@ -45,9 +48,20 @@ for stage in "${STAGES[@]}"; do
       python3 benchmarks/report.py "$LOGS/bench_${name}.json" --markdown >"$OUT/bench_${name}.md" 2>>"$LOGS/bench_${name}.log"
       summary+=("$stage: $(tail -1 "$LOGS/bench_${name}.log")")
       ;;
+    study:*)
+      preset=${stage#study:}
+      log="$LOGS/study_${preset}.log"
+      { timeout 300 python3 -m examples.study --task both --preset smoke --regs shannon --seeds 0 --out "$LOGS/smoke_cuda" \
+          --extra --device cuda --amp &&
+        timeout "${STAGE_TIMEOUT:-1800}" python3 -m examples.study --task both --preset "$preset" --jobs 4 \
+          ${STUDY_BUDGET_S:+--budget-s "$STUDY_BUDGET_S"} --out "$LOGS/study_$preset"; } >"$log" 2>&1
+      rc=$?; status=$((status | rc))
+      for f in "$LOGS/study_$preset"/study*.{md,png}; do [ -f "$f" ] && cp "$f" "$OUT/${preset}_$(basename "$f")"; done
+      summary+=("$stage: $(grep -E 'runs succeeded' "$log" | tail -1) (exit $rc)")
+      ;;
   esac
 done
-tar czf "$OUT/logs.tgz" -C "$LOGS" .
-for f in "$OUT"/bench_*.md; do [ -f "$f" ] && cat "$f"; done
+tar czf "$OUT/logs.tgz" --exclude='*.pt' -C "$LOGS" .
+for f in "$OUT"/bench_*.md "$OUT"/*_study.md; do [ -f "$f" ] && cat "$f"; done
 printf '%s\n' "${summary[@]}"
 exit $status
