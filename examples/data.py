@@ -161,40 +161,41 @@ def image_data(name: str, *, seed: int = 0, root: str = "data", download: bool =
 
 
 def text_sources() -> tuple[Path, list[Path]]:
-    """``(root, files)``: the ``.py`` files of Python's standard library (no site-packages), sorted
-    by their path under ``root``. Where the interpreter ships without library sources (some
-    container images keep only bytecode), the ``.py`` files of the installed packages instead."""
+    """``(root, files)``: the ``.py`` files of Python's standard library (no site-packages) in a
+    stable pseudo-random order (by ``crc32`` of the path under ``root``, the same on every machine).
+    Where the interpreter ships without library sources (some container images keep only
+    bytecode), the ``.py`` files of the installed packages instead."""
     paths = sysconfig.get_paths()
     for root in (Path(paths["stdlib"]), Path(paths["purelib"])):
         skip = set() if root == Path(paths["purelib"]) else {"site-packages", "dist-packages"}
         files = [p for p in root.rglob("*.py") if not skip & set(p.parts)]
         if files:
-            return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
+            return root, sorted(files, key=lambda p: zlib.crc32(p.relative_to(root).as_posix().encode()))
     raise RuntimeError(f"no .py sources under {paths['stdlib']} or {paths['purelib']} to train the LM on")
 
 
-def stdlib_text(max_bytes: int = 16_000_000, val_every: int = 10):
+def stdlib_text(max_bytes: int = 16_000_000, val_fraction: float = 0.1):
     """Byte-level text of the standard library's sources (see ``text_sources``):
     ``(train [T] uint8, val [V] uint8)``.
 
-    Files go to validation when ``crc32(relative path) % val_every == 0``, so the split is stable
-    across machines and file orders. Files are read in sorted order until ``max_bytes`` is reached.
+    Files are read in ``text_sources``'s order, skipping those that would pass ``max_bytes``, so any
+    budget samples the whole library; the last ``val_fraction`` of the bytes read is the validation
+    split.
     """
     root, files = text_sources()
-    parts: dict[bool, list[bytes]] = {True: [], False: []}
-    total = 0
+    chunks, total = [], 0
     for path in files:
         data = path.read_bytes()
         if total + len(data) > max_bytes:
-            break
+            continue
+        chunks.append(data)
         total += len(data)
-        is_val = zlib.crc32(path.relative_to(root).as_posix().encode()) % val_every == 0
-        parts[is_val].append(data)
-    if not parts[True] or not parts[False]:
-        raise ValueError(f"max_bytes={max_bytes} reads too few files under {root} for both a training and "
-                         "a validation split; raise it")
-    as_tensor = lambda chunks: torch.frombuffer(bytearray(b"\n".join(chunks)), dtype=torch.uint8)
-    return as_tensor(parts[False]), as_tensor(parts[True])
+    text = torch.frombuffer(bytearray(b"\n".join(chunks)), dtype=torch.uint8) if chunks else torch.zeros(0, dtype=torch.uint8)
+    split = int(len(text) * (1 - val_fraction))
+    if split < 2 or len(text) - split < 2:
+        raise ValueError(f"max_bytes={max_bytes} reads too little text under {root} for a training and a "
+                         "validation split; raise it")
+    return text[:split], text[split:]
 
 
 def lm_batch(data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator):
