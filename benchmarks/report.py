@@ -5,6 +5,7 @@ Rows are grouped by ``extra_info['group']``; each row shows the labels, the medi
 """
 import argparse
 import json
+import os
 from collections import defaultdict
 
 SKIP = {"group", "flops", "peak_bytes"}
@@ -46,7 +47,9 @@ def main():
     args = ap.parse_args()
     data, groups = rows_of(args.json)
     m = data.get("machine_info", {})
-    print(f"# {data.get('datetime', '')}  {m.get('node', '')}  commit {data.get('commit_info', {}).get('id', '')[:10]}")
+    # $COMMIT (set by scripts/gpu_check.sh) names the commit where the run's git checkout cannot
+    commit = os.environ.get("COMMIT") or data.get("commit_info", {}).get("id", "")[:10]
+    print(f"# {data.get('datetime', '')}  {m.get('node', '')}  commit {commit}")
     for name, rows in groups.items():
         print(f"\n## {name}\n")
         print(table(rows, args.markdown))
