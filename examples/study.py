@@ -78,7 +78,7 @@ PRESET_BUDGET_S = {"gpu-quick": 200.0}
 #: regularizer -> gamma (none and topk carry no penalty). The penalties are normalized
 #: (``--normalize``: entropy / log n), so one gamma serves shannon and range.
 GAMMAS = {"none": 0.0, "topk": 0.0, "l2": 0.1, "shannon": 0.1, "range": 0.1}
-SPARSITY_POINTS = (0.5, 0.8, 0.9)
+SPARSITY_POINTS = (0.5, 0.8, 0.9, 0.95, 0.98)
 
 
 def build_parser() -> argparse.ArgumentParser:
