@@ -491,9 +491,10 @@ def pruned_attention(
             tile of each pooled row always is) and entries are pruned within them against a running
             lower bound of lse. It misses the mass of tiles it does not visit and may keep entries
             the exact mode prunes; it never returns NaN and never empties a row that has an
-            unmasked key. It pays off for long prefill (measured on an H100, bf16, N = 32k, D = 128:
-            4.9x faster than the dense kernel at tile sparsity 0.95, 3.6x at 0.9; max |fast - exact|
-            0.05 - 0.09 on sink-key inputs). For decoding (Nq <= 16) it re-pools the whole key cache
+            unmasked key. It pays off for long prefill (measured on an H100, bf16, D = 128, faster
+            than the dense kernel at tile sparsity 0.9 / 0.95: 3.3x / 4.4x at N = 32k, 4.5x / 6.6x at
+            64k, below 1.8x at 16k and slower at 8k; max |fast - exact| 0.05 - 0.1 on sink-key
+            inputs; benchmarks/RESULTS.md). For decoding (Nq <= 16) it re-pools the whole key cache
             on every call and is slower than ``'exact'``: use ``'exact'`` there. Rows whose weights
             are all near tau (diffuse rows) are its weak case: it may keep a few entries that the
             exact mode prunes. The reference backend evaluates the exact definition in both modes.
