@@ -182,17 +182,25 @@ def pruned_select(
 
 
 @triton.jit
-def _block_estimate(qp, kp, Ko, kb, bias, obias, offs_d, NKB, qk_scale, stride_kn, stride_kd,
-                    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Estimated log2 mass of key blocks ``kb`` for the pooled rows: the block's weight times
-    2^(q . mean key), plus its outlier key (the farthest from the mean) on its own, which catches a
-    single strong key (an attention sink) that the mean dilutes."""
+def _block_estimate(qp, Kp, Ko, Kbias, Kobias, kb, first_row, offs_d, NKB, Nq, Nk, qk_scale,
+                    stride_kn, stride_kd, stride_bn, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Estimated log2 mass ``[POOL_ROWS, CHUNK]`` of key blocks ``kb`` for the pooled rows whose
+    first query rows are ``first_row``: the block's weight times 2^(q . mean key), plus its outlier
+    key (the farthest from the mean) on its own, which catches a single strong key (an attention
+    sink) that the mean dilutes; -inf where the block is invisible (masked, causal, past NKB)."""
+    kp = load_tile(Kp, kb, offs_d, NKB, D, stride_kn, stride_kd, True, BLOCK_D != D)
     ko = load_tile(Ko, kb, offs_d, NKB, D, stride_kn, stride_kd, True, BLOCK_D != D)
+    bias = tl.load(Kbias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
+    obias = tl.load(Kobias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
     e_mean = dot(qp, tl.trans(kp), PRECISION) * qk_scale + bias[None, :]
     e_out = dot(qp, tl.trans(ko), PRECISION) * qk_scale + obias[None, :]
     hi = tl.maximum(e_mean, e_out)
     lo = tl.minimum(e_mean, e_out)
-    return tl.where(hi > float("-inf"), hi + tl.log2(1.0 + tl.exp2(lo - hi)), float("-inf"))
+    est = tl.where(hi > float("-inf"), hi + tl.log2(1.0 + tl.exp2(lo - hi)), float("-inf"))
+    if CAUSAL:
+        est = tl.where(kb[None, :] * BLOCK_N <= first_row[:, None] + (Nk - Nq), est, float("-inf"))
+    return est
 
 
 @triton.jit
@@ -239,13 +247,8 @@ def pruned_predict(
     best = tl.zeros([POOL_ROWS], dtype=tl.int32)
     for c in range(0, NKB, CHUNK):
         kb = c + tl.arange(0, CHUNK)
-        kp = load_tile(Kp, kb, offs_d, NKB, D, stride_kn, stride_kd, True, BLOCK_D != D)
-        bias = tl.load(Kbias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
-        obias = tl.load(Kobias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
-        est = _block_estimate(qp, kp, Ko, kb, bias, obias, offs_d, NKB, qk_scale, stride_kn, stride_kd,
-                              D, BLOCK_D, PRECISION)
-        if CAUSAL:
-            est = tl.where(kb[None, :] * BLOCK_N <= first_row[:, None] + (Nk - Nq), est, float("-inf"))
+        est = _block_estimate(qp, Kp, Ko, Kbias, Kobias, kb, first_row, offs_d, NKB, Nq, Nk, qk_scale,
+                              stride_kn, stride_kd, stride_bn, D, BLOCK_N, BLOCK_D, CAUSAL, PRECISION)
         est = tl.where(row_ok[:, None], est, float("-inf"))
         c_max = tl.max(est, 1)
         c_arg = tl.argmax(est, 1).to(tl.int32) + c
@@ -267,13 +270,8 @@ def pruned_predict(
     # row's best block.
     for c in range(0, NKB, CHUNK):
         kb = c + tl.arange(0, CHUNK)
-        kp = load_tile(Kp, kb, offs_d, NKB, D, stride_kn, stride_kd, True, BLOCK_D != D)
-        bias = tl.load(Kbias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
-        obias = tl.load(Kobias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
-        est = _block_estimate(qp, kp, Ko, kb, bias, obias, offs_d, NKB, qk_scale, stride_kn, stride_kd,
-                              D, BLOCK_D, PRECISION)
-        if CAUSAL:
-            est = tl.where(kb[None, :] * BLOCK_N <= first_row[:, None] + (Nk - Nq), est, float("-inf"))
+        est = _block_estimate(qp, Kp, Ko, Kbias, Kobias, kb, first_row, offs_d, NKB, Nq, Nk, qk_scale,
+                              stride_kn, stride_kd, stride_bn, D, BLOCK_N, BLOCK_D, CAUSAL, PRECISION)
         share = tl.where(live[:, None], est - lse[:, None], float("-inf"))
         hit = (share >= log2_thr) | ((kb[None, :] == best[:, None]) & live[:, None])
         keep = (tl.max(hit.to(tl.int32), 0) > 0) & (kb < NKB) & (kb != first)
