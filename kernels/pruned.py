@@ -217,9 +217,10 @@ def pruned_predict(
 
     Qp ``[B, H, NQB * 16, D]`` pooled queries (q's dtype) (row r of block m is the mean of query rows
     ``[m BLOCK_M + r G, m BLOCK_M + (r + 1) G)``, ``G = BLOCK_M / 16``); Kp ``[B, Hkv, NKB, D]``
-    pooled keys (q's dtype), Ko the same shape: each block's outlier key; Kbias ``[B, NKB]`` float32, log2 of each key block's unmasked weight
-    (-inf: nothing visible), Kobias the same for the outlier key alone. With ``VERT``, Vert ``[B*H, NKB]`` float32: log2 of the largest
-    weight a sample of real query rows puts in each key block (vertical stripes, attention sinks:
+    pooled keys (q's dtype), Ko the same shape: each block's outlier key; Kbias ``[B, NKB]``
+    float32, log2 of each key block's unmasked weight (-inf: nothing visible), Kobias the same for
+    the outlier key alone. With ``VERT``, Vert ``[B*H, NKB]`` float32: log2 of the largest weight a
+    sample of real query rows puts in each key block (vertical stripes, attention sinks:
     single strong keys that mean pooling dilutes); such blocks are visited by every query block
     (where the causal mask lets them). Writes Idx ``[B*H, NQB, NKB]`` int32 and Count ``[B*H, NQB]``.
     """
