@@ -26,10 +26,9 @@ import torch
 import triton
 
 from ._inputs import AttentionInputs, check_inputs, score_bias
-from ._launch import _block, _input_precision, _mask_args, _on_device, _unit_stride, interpreting
+from ._launch import LOG2E, _block, _input_precision, _mask_args, _on_device, _unit_stride, interpreting
 from .functional import attention_with_lse, resolve_backend
 
-LOG2E = 1.4426950408889634
 MODES = ("exact", "fast")
 #: The fast predictor visits a tile when its estimated share of some pooled row's mass is at least
 #: ``tau * FAST_SLACK``: with 1, the analogue of the exact rule (a tile whose mass is below tau cannot
@@ -218,7 +217,7 @@ def _exact_first_pass(inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_ar
         *q.stride(), *k.stride(), *mstr, *pstr,
         H, inp.groups, Nq, Nk, nqb, nkb, kb_per, inp.scale * LOG2E,
         D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D),
-        CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, RAGGED_N=Nk % cfg.block_n != 0,
+        CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind,
         STATS=stats, PRECISION=_input_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

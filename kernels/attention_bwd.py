@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import load_tile
-from .masks import LN2, LOG2E, MIN_EXP2, NO_MASK, apply_masks, dot
+from .masks import LN2, LOG2E, MIN_EXP2, NO_MASK, apply_masks, dot, key_range
 
 
 @triton.jit
@@ -213,12 +213,7 @@ def attention_bwd(
         g = delta  # unused without an entropy gradient
         if HAS_DENT:
             g = tl.load(dEnt + head * Nq + offs_m, mask=row_ok, other=0.0)
-        if CAUSAL:
-            end = tl.maximum(tl.minimum(Nk, start_m + BLOCK_M2 + Nk - Nq), 0)
-            full_end = tl.maximum(tl.minimum(Nk, start_m + Nk - Nq + 1), 0)
-        else:
-            end = Nk
-            full_end = Nk
+        end, full_end = key_range(start_m, Nq, Nk, BLOCK_M2, CAUSAL)
         if MASK_KIND != NO_MASK or KPM_KIND != NO_MASK:
             full_end = 0
         full_end = (full_end // BLOCK_N2) * BLOCK_N2

@@ -10,10 +10,7 @@ Empty rows (no unmasked key) give out 0, entropy 0 and lse = +inf: the +inf make
 import triton
 import triton.language as tl
 
-from .masks import LN2, LOG2E, MIN_EXP2, NO_MASK, apply_masks, dot
-
-#: Initial running max: finite, so that ``l * (m - m_new)`` is 0 * finite, not 0 * inf = NaN.
-M_INIT = tl.constexpr(-1.0e30)
+from .masks import LN2, M_INIT, MIN_EXP2, NO_MASK, apply_masks, dot, key_range
 
 
 @triton.jit
@@ -108,12 +105,7 @@ def attention_fwd(
 
     # Keys [0, full_end) are visible to every row of the block and in range: no masking needed.
     # Keys [full_end, end) need the masks (causal diagonal, the ragged last block, mask tensors).
-    if CAUSAL:
-        end = tl.maximum(tl.minimum(Nk, (pid_m + 1) * BLOCK_M + Nk - Nq), 0)
-        full_end = tl.maximum(tl.minimum(Nk, pid_m * BLOCK_M + Nk - Nq + 1), 0)
-    else:
-        end = Nk
-        full_end = Nk
+    end, full_end = key_range(pid_m * BLOCK_M, Nq, Nk, BLOCK_M, CAUSAL)
     if MASK_KIND != NO_MASK or KPM_KIND != NO_MASK:
         full_end = 0
     full_end = (full_end // BLOCK_N) * BLOCK_N

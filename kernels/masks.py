@@ -11,6 +11,8 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 #: exp2 of anything below this is 0 in float32; clamping there keeps p * log p finite (0 * -inf is NaN).
 MIN_EXP2 = tl.constexpr(-1000.0)
+#: Initial running max: finite, so that ``m - m_new`` and ``l * (m - m_new)`` never meet inf.
+M_INIT = tl.constexpr(-1.0e30)
 NO_MASK = tl.constexpr(0)
 BOOL_MASK = tl.constexpr(1)
 FLOAT_MASK = tl.constexpr(2)
@@ -25,6 +27,21 @@ def dot(a, b, PRECISION: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def key_range(start_m, Nq, Nk, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """``(end, full_end)`` for the query rows ``[start_m, start_m + BLOCK_M)``: keys ``[0, end)``
+    are visible to some of them, keys ``[0, full_end)`` to all of them (causal: key ``j`` visible to
+    query ``i`` iff ``j <= i + Nk - Nq``, bottom-right aligned). Mask tensors are not considered,
+    and neither bound is rounded to key blocks."""
+    if CAUSAL:
+        end = tl.maximum(tl.minimum(Nk, start_m + BLOCK_M + Nk - Nq), 0)
+        full_end = tl.maximum(tl.minimum(Nk, start_m + Nk - Nq + 1), 0)
+    else:
+        end = Nk
+        full_end = Nk
+    return end, full_end
 
 
 @triton.jit

@@ -38,18 +38,9 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import load_tile
-from .masks import MIN_EXP2, apply_masks, dot
-
-#: Initial running max: finite, so ``m - m_new`` is never inf - inf.
-M_INIT = tl.constexpr(-1.0e30)
+from .masks import M_INIT, MIN_EXP2, NO_MASK, apply_masks, dot, key_range
 #: Pooled query rows per query block in the fast predictor (the smallest tl.dot M).
 POOL_ROWS = tl.constexpr(16)
-
-
-@triton.jit
-def _causal_end(pid_m, Nq, Nk, BLOCK_M: tl.constexpr):
-    """One past the last key visible to any row of query block ``pid_m`` (causal, bottom-right)."""
-    return tl.maximum(tl.minimum(Nk, (pid_m + 1) * BLOCK_M + Nk - Nq), 0)
 
 
 @triton.jit
@@ -90,7 +81,7 @@ def pruned_scores(
     stride_pb, stride_pn,
     H, GROUPS, Nq, Nk, NQB, NKB, KB_PER_SPLIT, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, RAGGED_N: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
     STATS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Pass 1 of the exact mode: ``BLOCK_M`` rows of one (batch, head) against the key blocks
@@ -116,16 +107,13 @@ def pruned_scores(
 
     kb_lo = split * KB_PER_SPLIT
     kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, NKB)
-    # Key blocks [.., full_kb) are fully visible to every row of the block: no masking needed.
-    if CAUSAL:
-        kb_hi = tl.minimum(kb_hi, tl.cdiv(_causal_end(pid_m, Nq, Nk, BLOCK_M), BLOCK_N))
-        full_kb = tl.maximum(tl.minimum(Nk, pid_m * BLOCK_M + Nk - Nq + 1), 0) // BLOCK_N
-    else:
-        full_kb = NKB
-    if MASK_KIND != 0 or KPM_KIND != 0:
+    # Key blocks [.., full_kb) are fully visible to every row of the block and in range: no masking
+    # needed.
+    end, full_end = key_range(pid_m * BLOCK_M, Nq, Nk, BLOCK_M, CAUSAL)
+    kb_hi = tl.minimum(kb_hi, tl.cdiv(end, BLOCK_N))
+    full_kb = full_end // BLOCK_N
+    if MASK_KIND != NO_MASK or KPM_KIND != NO_MASK:
         full_kb = 0
-    if RAGGED_N:
-        full_kb = tl.minimum(full_kb, Nk // BLOCK_N)
     mid = tl.maximum(tl.minimum(full_kb, kb_hi), kb_lo)
 
     m = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
@@ -463,10 +451,8 @@ def pruned_attn(
         # rows only (tiles already seen add nothing to them: they were all masked there).
         lost = (l_all == 0.0) & row_mask
         if tl.max(lost.to(tl.int32), 0) > 0:
-            kb_end = tl.cdiv(Nk, BLOCK_N)
-            if CAUSAL:
-                kb_end = tl.cdiv(_causal_end(pid_m, Nq, Nk, BLOCK_M), BLOCK_N)
-            for kb in range(0, kb_end):
+            end, full_end = key_range(pid_m * BLOCK_M, Nq, Nk, BLOCK_M, CAUSAL)
+            for kb in range(0, tl.cdiv(end, BLOCK_N)):
                 acc, m, l, l_all, kept, kcnt = _attn_tile(
                     acc, m, l, l_all, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, lost,
                     stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk,
