@@ -12,7 +12,6 @@ and replaces its forward:
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from ._inputs import AttentionInputs, check_inputs
 from .functional import BACKENDS, attention_entropies
+from .pruned import _check_tau, pruned_attention
 from .range_entropy import DEFAULT_ALPHA, ball_cells, cell_entropy, init_anchors, sequence_positions
 from .regularizer import REGULARIZERS, attention_probs, head_mean, key_counts, map_rows, normalized_entropy
 
@@ -132,8 +132,7 @@ class EntropyAttention(nn.MultiheadAttention):
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if regularizer not in (*REGULARIZERS, "range"):
             raise ValueError(f"regularizer must be one of {sorted((*REGULARIZERS, 'range'))}, got {regularizer!r}")
-        if not (math.isfinite(tau) and tau >= 0):
-            raise ValueError(f"tau must be a finite number >= 0, got {tau}")
+        tau = _check_tau(tau)
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be None or a positive integer, got {top_k!r}")
         if backend not in BACKENDS:
@@ -142,7 +141,7 @@ class EntropyAttention(nn.MultiheadAttention):
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
         super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim,
                          batch_first, device, dtype)
-        self.regularizer, self.normalize, self.tau = regularizer, normalize, float(tau)
+        self.regularizer, self.normalize, self.tau = regularizer, normalize, tau
         self.prune_mode, self.top_k, self.backend = prune_mode, top_k, backend
         self.last_entropy = self.last_regularizer = self.last_prune_stats = None
         self._last_rows = None  # [H] valid rows behind last_entropy (the monitor's weights)
@@ -351,8 +350,6 @@ class EntropyAttention(nn.MultiheadAttention):
     def _pruned(self, inp: AttentionInputs, record: bool, cells: Tensor | None):
         """Eval with ``tau > 0``: ``(out, dense entropies)``; under a monitor, also the
         ``pruned_attention`` stats and the dense entropies (one extra dense pass)."""
-        from .pruned import pruned_attention
-
         result = pruned_attention(inp.q, inp.k, inp.v, tau=self.tau, causal=inp.causal, scale=inp.scale,
                                   attn_mask=inp.attn_mask, key_padding_mask=inp.key_padding_mask,
                                   mode=self.prune_mode, return_stats=record, backend=self.backend)

@@ -51,19 +51,20 @@ class AttentionMonitor:
         def hook(layer: EntropyAttention, args, output):
             if layer.last_entropy is None:
                 return
-            rows = layer._last_rows.detach().cpu()
+            # sums stay on the layer's device (no host sync per call); summary() moves them
+            rows = layer._last_rows.detach()
             values = {"entropy": layer.last_entropy}
             values.update({k: v for k, v in (layer.last_prune_stats or {}).items() if k in _STATS})
             sums, weights = self._sums.setdefault(name, {}), self._weights.setdefault(name, {})
             for key, v in values.items():
-                v = v.detach().float().cpu()
+                v = v.detach().float()
                 sums[key] = sums.get(key, 0) + v * rows
                 weights[key] = weights.get(key, 0) + rows
         return hook
 
     def summary(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per layer (in module order; layers never called are left out), per metric, ``[H]``."""
-        return {name: {k: s / self._weights[name][k].clamp_min(1.0) for k, s in sums.items()}
+        return {name: {k: (s / self._weights[name][k].clamp_min(1.0)).cpu() for k, s in sums.items()}
                 for name, sums in self._sums.items()}
 
     def table(self) -> str:

@@ -20,14 +20,14 @@ runs on any device and in float64, and is the ground truth of the tests.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 
 from ._inputs import AttentionInputs, check_inputs, score_bias
-from ._launch import LOG2E, _block, _input_precision, _mask_args, _on_device, _unit_stride, interpreting
+from ._launch import LOG2E, _block, _Config, _input_precision, _mask_args, _on_device, _unit_stride, interpreting
 from .functional import attention_with_lse, resolve_backend
+from .reference import _CHUNK_ELEMENTS, _compute_dtype, masked_softmax
 
 MODES = ("exact", "fast")
 #: The fast predictor visits a tile when its estimated share of some pooled row's mass is at least
@@ -39,30 +39,20 @@ FAST_SLACK = 1.0
 #: shortest query sequence that gets it (below, the sample would cost more than ~5% of the QK work).
 VERT_SAMPLES = 64
 VERT_MIN_NQ = 1024
-#: Score elements per chunk of the reference path (B * H * chunk * Nk).
-_CHUNK_ELEMENTS = 1 << 24
 #: Tile of the stats on the reference path when no block is given (the GPU prefill tile).
 REFERENCE_BLOCK = (128, 64)
 
 
-@dataclass(frozen=True)
-class _PrunedConfig:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def _config(nq: int, d: int, dv: int) -> _PrunedConfig:
+def _config(nq: int, d: int, dv: int) -> _Config:
     """Tiles of the Triton path; they are also the tiles of ``tile_sparsity``."""
     if interpreting():
-        return _PrunedConfig(16, 16, 1, 1)
+        return _Config(16, 16, 1, 1)
     width = max(_block(d), _block(dv))
     block_m = 16 if nq <= 16 else 64 if nq <= 64 else 128
     if width > 128:
-        return _PrunedConfig(min(block_m, 64), 32, 4, 2)
+        return _Config(min(block_m, 64), 32, 4, 2)
     warps = 8 if (block_m == 128 and width > 64) else 4
-    return _PrunedConfig(block_m, 64, warps, 3)
+    return _Config(block_m, 64, warps, 3)
 
 
 def _sm_count(device) -> int:
@@ -133,7 +123,7 @@ def reference_pruned(inp: AttentionInputs, tau: float, *, block=REFERENCE_BLOCK,
     q, k, v = inp.q, inp.k, inp.v
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = _compute_dtype(q.dtype)
     if inp.groups > 1:
         k = k.repeat_interleave(inp.groups, dim=1)
         v = v.repeat_interleave(inp.groups, dim=1)
@@ -157,12 +147,9 @@ def reference_pruned(inp: AttentionInputs, tau: float, *, block=REFERENCE_BLOCK,
             s = s + bias
         valid = s > float("-inf")
         empty = ~valid.any(-1)
-        s0 = s.masked_fill(empty[..., None], 0.0)
-        lse = torch.logsumexp(s0, -1)
-        m = s0.amax(-1)
-        thr = torch.minimum(lse + log_tau, m)
+        p, _, lse = masked_softmax(s)
+        thr = torch.minimum(lse + log_tau, s.amax(-1))  # -inf on empty rows, which keep nothing
         keep = valid & (s >= thr[..., None])
-        p = torch.exp(s0 - lse[..., None]).masked_fill(~valid, 0.0)
         pk = p * keep
         mass = pk.sum(-1)
         a = pk / torch.where(empty, 1.0, mass)[..., None]
@@ -333,9 +320,9 @@ def _vertical(inp, q, k, cfg, nkb):
 
 
 def _combine_exact(opart, lpart):
+    """The exact mode's splits: plain sums of the kept parts, normalized by the kept mass."""
     l = lpart.sum(0)
-    out = opart.sum(0) / torch.where(l > 0, l, 1.0)[..., None]
-    return out, l
+    return opart.sum(0) / torch.where(l > 0, l, 1.0)[..., None]
 
 
 def _combine_online(opart, mpart, lpart, lall, log2_tau):
@@ -425,7 +412,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
         )
         if split:
             if exact:
-                o, _ = _combine_exact(opart, lpart)
+                o = _combine_exact(opart, lpart)
             else:
                 o, wsplit = _combine_online(opart, mpart, lpart, lall, math.log2(tau))
             out = o.view(B, H, Nq, Dv).to(q.dtype)
@@ -533,8 +520,7 @@ def pruned_attention(
             out, _, _ = attention_with_lse(inp, entropy=False, backend=path)
             return (out, _zero_stats(H, q.device)) if return_stats else out
         if path == "reference":
-            block = REFERENCE_BLOCK
-            return reference_pruned(inp, tau, block=block, stats=return_stats)
+            return reference_pruned(inp, tau, stats=return_stats)
         return pruned_triton(inp, tau, mode, stats=return_stats, slack=fast_slack)
 
 

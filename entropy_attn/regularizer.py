@@ -17,10 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ._inputs import AttentionInputs, score_bias
-from .reference import masked_softmax
-
-#: Score elements per chunk (B * H * rows * Nk) in ``map_rows``: 16 Mi.
-_CHUNK_ELEMENTS = 1 << 24
+from .reference import _CHUNK_ELEMENTS, _compute_dtype, masked_softmax
 
 
 def attention_probs(inp: AttentionInputs, rows: slice | None = None):
@@ -30,7 +27,7 @@ def attention_probs(inp: AttentionInputs, rows: slice | None = None):
     and rows with no unmasked key are 0 in both (so ``-(P * log P).sum(-1)`` is the entropy).
     Differentiable in q, k and float masks.
     """
-    cdt = torch.float64 if inp.q.dtype == torch.float64 else torch.float32
+    cdt = _compute_dtype(inp.q.dtype)
     rows = rows or slice(0, inp.q.shape[2])
     q, k = inp.q[:, :, rows].to(cdt), inp.k.to(cdt)
     if inp.groups > 1:

@@ -189,10 +189,12 @@ def _time_is_up(start: float, limit: float, device: torch.device) -> bool:
     decides for every rank, so all ranks stop after the same step."""
     if not limit:
         return False
-    up = torch.tensor(float(time.perf_counter() - start > limit), device=device)
-    if torch_dist.is_initialized():
-        torch_dist.broadcast(up, src=0)
-    return bool(up)
+    up = time.perf_counter() - start > limit
+    if not torch_dist.is_initialized():
+        return up  # no device tensor, so no wait for the GPU on every step
+    flag = torch.tensor(float(up), device=device)
+    torch_dist.broadcast(flag, src=0)
+    return bool(flag)
 
 
 def fit(model: nn.Module, batches: Iterator, task_loss: Callable, args: argparse.Namespace, steps: int,
