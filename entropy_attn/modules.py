@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._inputs import AttentionInputs, check_inputs
-from .functional import BACKENDS, attention_entropies
+from .functional import BACKENDS, _range_cells, attention_entropies
 from .pruned import _check_tau, pruned_attention
-from .range_entropy import DEFAULT_ALPHA, ball_cells, cell_entropy, init_anchors, sequence_positions
+from .range_entropy import DEFAULT_ALPHA, cell_entropy, init_anchors, sequence_positions
 from .regularizer import REGULARIZERS, attention_probs, head_mean, key_counts, map_rows, normalized_entropy
 
 
@@ -329,7 +329,7 @@ class EntropyAttention(nn.MultiheadAttention):
         if pos.shape[0] != S:
             raise ValueError(f"key_positions has {pos.shape[0]} rows but the keys have length {S}")
         pos = torch.cat([pos, pos.new_full((n_extra, pos.shape[1]), float("nan"))])
-        return ball_cells(pos, self.anchors.float(), self.range_alpha).to(inp.v.dtype)
+        return _range_cells(inp, None, self.anchors.float(), pos, self.range_alpha)
 
     def _materialized(self, inp: AttentionInputs, pruning: bool, cells: Tensor | None):
         """``P`` in full: returns ``(out [B, H, L, D], {'shannon': entropy [B, H, L] of the
