@@ -6,7 +6,7 @@ from dataclasses import replace
 import torch
 
 from ._inputs import AttentionInputs, check_inputs
-from ._launch import MAX_HEAD_DIM, MAX_VALUE_DIM, TRITON_DTYPES, check_triton_inputs
+from ._launch import check_triton_inputs
 from .range_entropy import DEFAULT_ALPHA, ball_cells, cell_entropy, init_anchors, sequence_positions
 from .reference import reference_attention
 
@@ -14,17 +14,20 @@ BACKENDS = ("auto", "triton", "reference")
 ENTROPIES = ("shannon", "range")
 
 
+def _mask_needs_grad(inp: AttentionInputs) -> bool:
+    return any(m is not None and m.requires_grad for m in (inp.attn_mask, inp.key_padding_mask))
+
+
 def _triton_runs(inp: AttentionInputs) -> bool:
-    """Whether backend='auto' takes the Triton kernels: CUDA inputs the kernels support, and no
-    mask that needs a gradient (the reference path differentiates float masks)."""
-    mask_grad = any(m is not None and m.requires_grad for m in (inp.attn_mask, inp.key_padding_mask))
-    return (
-        inp.q.is_cuda
-        and inp.q.dtype in TRITON_DTYPES
-        and inp.q.shape[-1] <= MAX_HEAD_DIM
-        and inp.v.shape[-1] <= MAX_VALUE_DIM
-        and not mask_grad
-    )
+    """Whether backend='auto' takes the Triton kernels: CUDA inputs that ``check_triton_inputs``
+    accepts, and no mask that needs a gradient (the reference path differentiates float masks)."""
+    if not inp.q.is_cuda or _mask_needs_grad(inp):
+        return False
+    try:
+        check_triton_inputs(inp)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def resolve_backend(backend: str, inp: AttentionInputs) -> str:
@@ -35,7 +38,7 @@ def resolve_backend(backend: str, inp: AttentionInputs) -> str:
         return "triton" if _triton_runs(inp) else "reference"
     if backend == "triton":
         check_triton_inputs(inp)
-        if any(m is not None and m.requires_grad for m in (inp.attn_mask, inp.key_padding_mask)):
+        if _mask_needs_grad(inp):
             raise ValueError("backend='triton' does not differentiate masks; use backend='reference'")
     return backend
 
