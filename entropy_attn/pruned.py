@@ -8,8 +8,9 @@
 - ``mode='exact'``: a scores-only first pass (lse, row max and per-tile score maxima), a tile
   selection, and a second pass that loads and multiplies only the tiles that can hold a kept entry.
   Exact up to floating point.
-- ``mode='fast'``: predicts the tiles from pooled queries and keys (no full first pass) and prunes
-  within them in one online-softmax sweep; an approximation of the exact mode.
+- ``mode='fast'``: predicts the tiles from pooled queries and keys and, for long query sequences, a
+  sample of query rows against all keys (both computed by ``kernels/pruned_pool.py``; no full first
+  pass) and prunes within them in one online-softmax sweep; an approximation of the exact mode.
 
 Few queries (decoding, ``Nq <= 16``) use 16-row query blocks and split the key range (pass 1) or the
 tile list (pass 2) over several programs, flash-decoding style; the host combines the partials.
@@ -67,6 +68,15 @@ def _num_splits(programs: int, nkb: int, device, min_blocks: int = 4) -> int:
     if programs >= target // 2:
         return 1
     return max(1, min(triton.cdiv(target, programs), nkb // min_blocks, 64))
+
+
+def _predict_group(nqb: int, bh: int, device) -> int:
+    """Query blocks per predictor program (``QB``): up to 4 share each load of the pooled keys
+    (64 pooled rows: one tensor-core tile), fewer where the grid would no longer fill the GPU."""
+    qb = 4
+    while qb > 1 and triton.cdiv(nqb, qb) * bh < 2 * _sm_count(device):
+        qb //= 2
+    return qb
 
 
 def _check_tau(tau) -> float:
@@ -241,82 +251,78 @@ def _select(tile_max, thr, cfg, nqb, nkb, Nq):
 
 
 def _pool_inputs(inp, q, k, cfg, nqb, nkb):
-    """Pooled queries ``[B, H, NQB*16, D]``, pooled keys ``[B, Hkv, NKB, D]`` (q's dtype) and the
-    key-block bias ``[B or 1, NKB]`` (log2 of the unmasked key weight of each block)."""
+    """The fast predictor's pooled inputs (kernels ``pool_queries`` and ``pool_keys``):
+
+    - qp ``[B, H, NQB*16, D]`` (q's dtype): row r of query block m is the mean of the query rows
+      ``[m BLOCK_M + r G, m BLOCK_M + (r + 1) G)`` below Nq, ``G = BLOCK_M / 16`` (0 if none).
+    - kp ``[B, Hkv, NKB, D]`` (q's dtype): per key block the mean key weighted by the padding mask
+      (weight 0 for a padded key, ``exp(mask)`` for a float mask, 1 without one).
+    - ko ``[B, Hkv, NKB, D]`` (k's dtype): per key block the outlier key, the unmasked key farthest
+      from kp (0 where the block has none).
+    - kbias ``[B or 1, NKB]`` float32 (one row without a padding mask): log2 of the block's total key
+      weight (-inf if 0); kobias, same shape: log2 of the outlier key's weight alone, 0 where the
+      block has an unmasked key, else -inf (all -inf with a float padding mask).
+    """
     B, H, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    bm, bn = cfg.block_m, cfg.block_n
-    g = bm // 16
-    rows = nqb * bm
-    qq = q if rows == Nq else torch.nn.functional.pad(q, (0, 0, 0, rows - Nq))
-    qp = qq.reshape(B, H, nqb * 16, g, D).sum(3, dtype=torch.float32)
-    nrow = (Nq - torch.arange(nqb * 16, device=q.device) * g).clamp(0, g).clamp_min(1)
-    qp /= nrow[:, None].to(torch.float32)
-    keys = nkb * bn
-    kk = k if keys == Nk else torch.nn.functional.pad(k, (0, 0, 0, keys - Nk))
-    kpm = inp.key_padding_mask
-    if kpm is None:
-        kp = kk.reshape(B, Hkv, nkb, bn, D).sum(3, dtype=torch.float32)
-        nkey = (Nk - torch.arange(nkb, device=q.device) * bn).clamp(0, bn).to(torch.float32)
-        kp /= nkey[:, None]
-        kbias = torch.log2(nkey)[None, :]
-    else:
-        lw = torch.full((B, keys), float("-inf"), dtype=torch.float32, device=q.device)
-        lw[:, :Nk] = (~kpm).log() if kpm.dtype == torch.bool else kpm.float()
-        blk = lw.view(B, nkb, bn)
-        lse = torch.logsumexp(blk, -1)
-        w = torch.exp(blk - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
-        kp = torch.einsum("bnk,bhnkd->bhnd", w, kk.reshape(B, Hkv, nkb, bn, D).float())
-        kbias = lse * LOG2E
-    # The outlier key of each block: the (unmasked) key farthest from the block mean.
-    kb5 = kk.reshape(B, Hkv, nkb, bn, D)
-    # ||k - kbar||^2 up to the block constant ||kbar||^2, without a float32 copy of k.
-    dist = torch.linalg.vector_norm(kb5, dim=-1, dtype=torch.float32).square()
-    dist -= 2 * (kb5 @ kp.to(k.dtype)[..., None]).squeeze(-1).float()
-    valid_key = torch.arange(keys, device=q.device) < Nk
-    if kpm is not None:
-        valid_key = valid_key & torch.cat([lw[:, :Nk] > float("-inf"), lw.new_zeros(B, keys - Nk, dtype=torch.bool)], 1)
-        dist = dist.masked_fill(~valid_key.view(B, 1, nkb, bn), float("-inf"))
-    else:
-        dist = dist.masked_fill(~valid_key.view(1, 1, nkb, bn), float("-inf"))
-    far = dist.argmax(-1, keepdim=True)
-    ko = torch.gather(kb5, 3, far[..., None].expand(-1, -1, -1, -1, D)).squeeze(3)
-    # log2 weight of the outlier key alone: 0 (it is an unmasked key), -inf where the block has none;
-    # with a float padding mask the outlier term is left out (its weight differs per head).
-    if kpm is None or kpm.dtype == torch.bool:
-        kobias = torch.where(torch.isfinite(kbias), 0.0, float("-inf"))
-    else:
-        kobias = torch.full_like(kbias, float("-inf"))
-    return qp.to(q.dtype), kp.to(q.dtype), ko.contiguous(), kbias.contiguous(), kobias.contiguous()
+    Hkv = k.shape[1]
+    dev = q.device
+    _, (kpm, *pstr, pkind) = _mask_args(inp)
+    qp = torch.empty((B, H, nqb * 16, D), dtype=q.dtype, device=dev)
+    kp = torch.empty((B, Hkv, nkb, D), dtype=q.dtype, device=dev)
+    ko = torch.empty_like(kp)
+    kbias = torch.empty((B if pkind else 1, nkb), dtype=torch.float32, device=dev)
+    kobias = torch.empty_like(kbias)
+    from .kernels.pruned_pool import pool_keys, pool_queries
+
+    pool_queries[(nqb, B * H)](
+        q, qp, *q.stride(), *qp.stride(), H, Nq,
+        D=D, BLOCK_M=cfg.block_m, BLOCK_D=_block(D), num_warps=cfg.num_warps,
+    )
+    pool_keys[(nkb, B * Hkv)](
+        k, kp, ko, kbias, kobias, kpm, *k.stride(), *kp.stride(), *pstr, kbias.stride(0),
+        Hkv, k.shape[2],
+        D=D, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), KPM_KIND=pkind, num_warps=cfg.num_warps,
+    )
+    return qp, kp, ko, kbias, kobias
 
 
 def _vertical(inp, q, k, cfg, nkb):
     """``[B*H, NKB]`` float32: log2 of the largest softmax weight that ``VERT_SAMPLES`` query rows,
-    evenly spaced, give to a key of each key block (exact weights of those rows, all masks applied).
-    None for short query sequences (``Nq < VERT_MIN_NQ``), where the sample would cost too much."""
+    evenly spaced (row ``round(r (Nq - 1) / (VERT_SAMPLES - 1))``), give to a key of each key block
+    (exact weights of those rows over all keys, all masks applied; -inf where none of them sees a
+    key of the block). None for short query sequences (``Nq < VERT_MIN_NQ``), where the sample would
+    cost too much. Kernels ``vertical_sample`` (the key blocks split over programs) and
+    ``vertical_combine``."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     if Nq < VERT_MIN_NQ:
         return None
-    rows = torch.linspace(0, Nq - 1, VERT_SAMPLES, device=q.device).round().long()
-    kk = k.repeat_interleave(inp.groups, 1) if inp.groups > 1 else k
-    s = (q[:, :, rows] @ kk.transpose(-1, -2)).float() * inp.scale
-    i = rows[:, None]
-    if inp.causal:
-        s = s.masked_fill(torch.arange(Nk, device=q.device)[None, :] > i + (Nk - Nq), float("-inf"))
-    if inp.attn_mask is not None:
-        am = inp.attn_mask[:, :, rows]
-        s = s.masked_fill(~am, float("-inf")) if am.dtype == torch.bool else s + am.float()
-    if inp.key_padding_mask is not None:
-        kpm = inp.key_padding_mask[:, None, None, :]
-        s = s.masked_fill(kpm, float("-inf")) if kpm.dtype == torch.bool else s + kpm.float()
-    lse = torch.logsumexp(s, -1, keepdim=True)
-    keys = nkb * cfg.block_n
-    if keys != Nk:
-        s = torch.nn.functional.pad(s, (0, keys - Nk), value=float("-inf"))
-    bmax = s.view(B, H, VERT_SAMPLES, nkb, cfg.block_n).amax(-1)
-    vert = ((bmax - lse) * LOG2E).nan_to_num(nan=float("-inf")).amax(2)
-    return vert.reshape(B * H, nkb).contiguous()
+    BH = B * H
+    dev = q.device
+    block_s = max(16, triton.next_power_of_2(VERT_SAMPLES))
+    splits = _num_splits(BH, nkb, dev)
+    kb_per = triton.cdiv(nkb, splits)
+    splits = triton.cdiv(nkb, kb_per)
+    f32 = dict(dtype=torch.float32, device=dev)
+    block_max = torch.empty((BH, nkb, block_s), **f32)
+    mpart = torch.empty((splits, BH, block_s), **f32)
+    lpart = torch.empty_like(mpart)
+    vert = torch.empty((BH, nkb), **f32)
+    (mask, *mstr, mkind), (kpm, *pstr, pkind) = _mask_args(inp)
+    from .kernels.pruned_pool import vertical_combine, vertical_sample
+
+    vertical_sample[(BH, splits)](
+        q, k, block_max, mpart, lpart, mask, kpm,
+        *q.stride(), *k.stride(), *mstr, *pstr,
+        H, inp.groups, Nq, Nk, nkb, kb_per, VERT_SAMPLES, inp.scale * LOG2E,
+        D=D, BLOCK_S=block_s, BLOCK_N=cfg.block_n, BLOCK_D=_block(D),
+        CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, PRECISION=_input_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    vertical_combine[(BH,)](
+        block_max, mpart, lpart, vert, nkb, splits, BLOCK_S=block_s, CHUNK=16 if interpreting() else 64,
+    )
+    return vert
 
 
 def _combine_exact(opart, lpart):
@@ -368,13 +374,14 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
             idx = torch.empty((BH, nqb, nkb), dtype=torch.int32, device=dev)
             count = torch.empty((BH, nqb), dtype=torch.int32, device=dev)
             chunk = 16 if interpreting() else 64
-            pruned_predict[(nqb, BH)](
+            qb = _predict_group(nqb, BH, dev)
+            pruned_predict[(triton.cdiv(nqb, qb), BH)](
                 qp, kp, ko, kbias, kobias, vert if vert is not None else kbias, idx, count, *qp.stride(), *kp.stride(),
                 kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(1),
                 H, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, math.log2(tau * slack),
-                D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), CHUNK=chunk,
+                D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), QB=qb, CHUNK=chunk,
                 CAUSAL=inp.causal, VERT=vert is not None, PRECISION=_input_precision(q.dtype),
-                num_warps=8 if cfg.block_m >= 64 else 4, num_stages=1,
+                num_warps=8, num_stages=2,
             )
         # Splitting the fast mode needs every row covered by the predictor (no in-kernel fallback).
         can_split = exact or (inp.attn_mask is None and not (inp.causal and inp.key_padding_mask is not None))

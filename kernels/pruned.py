@@ -16,20 +16,22 @@ Exact mode, three launches:
    ``out_i = sum_j p_ij v_j / sum_j p_ij``. No online rescaling is needed (lse is known), and splits
    of the list combine by plain sums.
 
-Fast mode, two launches:
+Fast mode, two launches after the pooling kernels of ``pruned_pool.py`` (pooled queries and keys,
+each key block's outlier key, and for long query sequences the sampled vertical estimate):
 
 1. ``pruned_predict``: 16 pooled query rows per query block (means over ``BLOCK_M / 16`` rows) against
    pooled keys (a weighted mean per key block, with the log of the block's unmasked key weight as a
    bias). Per pooled row a softmax over key blocks estimates each tile's share of the row's mass; a
    tile is visited when its largest share over the pooled rows is ``>= log2 (tau * slack)``, and the
    best tile of every pooled row is always visited (so no row is dropped). Mean pooling dilutes a
-   single strong key (an attention sink, a vertical stripe), so for long query sequences the host
-   also computes, from a sample of real query rows against all keys, the largest weight each key
-   block gets, and key blocks reaching the same threshold are visited by every query block. The list
-   puts the block's most concentrated tile first, then the rest in key order.
+   single strong key (an attention sink, a vertical stripe), so for long query sequences a sample
+   of real query rows against all keys gives the largest weight each key block gets, and key blocks reaching the same threshold are visited by every query block. The list
+   puts the block's most concentrated tile first, then the rest in key order. One program predicts
+   ``QB`` query blocks, so that their pooled rows share each load of the pooled keys.
 2. ``pruned_attn`` without ``EXACT``: one sweep over the listed tiles with the online softmax. An
    entry is pruned when ``u_ij < min(lse2_lb_i + log2 tau, m_i)`` where ``lse2_lb_i`` is the running
-   log-sum over the entries seen so far: a lower bound of the true lse2, so every entry it prunes is
+   log-sum over the entries of the tiles seen before and the current tile's largest entry (or the
+   pooled bound, if larger): a lower bound of the true lse2, so every entry it prunes is
    also pruned by the exact definition (it may keep some that the exact mode prunes, and it misses the
    mass of tiles it does not visit). Rows that met no unmasked key in the listed tiles are recomputed
    over every key block (``FALLBACK``), so a row is dropped only if it has no unmasked key at all.
@@ -199,20 +201,21 @@ def pruned_predict(
     stride_bb, stride_bn,
     H, GROUPS, Nq, Nk, NQB, NKB, qk_scale, log2_thr,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CHUNK: tl.constexpr, CAUSAL: tl.constexpr, VERT: tl.constexpr, PRECISION: tl.constexpr,
+    QB: tl.constexpr, CHUNK: tl.constexpr, CAUSAL: tl.constexpr, VERT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Fast-mode tile prediction for query block ``pid_m`` of one (batch, head).
+    """Fast-mode tile prediction for the ``QB`` query blocks ``[pid QB, (pid + 1) QB)`` of one
+    (batch, head): their ``QB * 16`` pooled rows share every load of the pooled keys.
 
     Qp ``[B, H, NQB * 16, D]`` pooled queries (q's dtype) (row r of block m is the mean of query rows
     ``[m BLOCK_M + r G, m BLOCK_M + (r + 1) G)``, ``G = BLOCK_M / 16``); Kp ``[B, Hkv, NKB, D]``
-    pooled keys (q's dtype), Ko the same shape: each block's outlier key; Kbias ``[B, NKB]``
-    float32, log2 of each key block's unmasked weight (-inf: nothing visible), Kobias the same for
-    the outlier key alone. With ``VERT``, Vert ``[B*H, NKB]`` float32: log2 of the largest weight a
+    pooled keys (q's dtype), Ko the same shape: each block's outlier key (0 where none); Kbias
+    ``[B or 1, NKB]`` float32, log2 of each key block's unmasked weight (-inf: nothing visible),
+    Kobias the same for the outlier key alone. With ``VERT``, Vert ``[B*H, NKB]`` float32: log2 of the largest weight a
     sample of real query rows puts in each key block (vertical stripes, attention sinks:
     single strong keys that mean pooling dilutes); such blocks are visited by every query block
     (where the causal mask lets them). Writes Idx ``[B*H, NQB, NKB]`` int32 and Count ``[B*H, NQB]``.
     """
-    pid_m = tl.program_id(0)
+    pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -223,17 +226,20 @@ def pruned_predict(
     Kbias += b.to(tl.int64) * stride_bb
     Kobias += b.to(tl.int64) * stride_bb
     G: tl.constexpr = BLOCK_M // POOL_ROWS
-    offs_r = pid_m * POOL_ROWS + tl.arange(0, POOL_ROWS)
+    R: tl.constexpr = QB * POOL_ROWS
+    offs_r = pid * R + tl.arange(0, R)
     first_row = offs_r * G  # first query row of each pooled row
     row_ok = first_row < Nq
+    qb = pid * QB + tl.arange(0, QB)  # the program's query blocks
+    qb_ok = qb < NQB
     offs_d = tl.arange(0, BLOCK_D)
-    qp = load_tile(Qp, offs_r, offs_d, NQB * POOL_ROWS, D, stride_qm, stride_qd, False, BLOCK_D != D)
+    qp = load_tile(Qp, offs_r, offs_d, NQB * POOL_ROWS, D, stride_qm, stride_qd, True, BLOCK_D != D)
 
     # Sweep 1: per pooled row, log-sum (base 2) over key blocks of the estimated block mass, and the
     # best visible block.
-    m = tl.full([POOL_ROWS], M_INIT, dtype=tl.float32)
-    l = tl.zeros([POOL_ROWS], dtype=tl.float32)
-    best = tl.zeros([POOL_ROWS], dtype=tl.int32)
+    m = tl.full([R], M_INIT, dtype=tl.float32)
+    l = tl.zeros([R], dtype=tl.float32)
+    best = tl.zeros([R], dtype=tl.int32)
     for c in range(0, NKB, CHUNK):
         kb = c + tl.arange(0, CHUNK)
         est = _block_estimate(qp, Kp, Ko, Kbias, Kobias, kb, first_row, offs_d, NKB, Nq, Nk, qk_scale,
@@ -247,34 +253,36 @@ def pruned_predict(
         m = m_new
     live = l > 0.0
     lse = tl.where(live, m + tl.log2(tl.where(live, l, 1.0)), float("inf"))
-    # The block's first tile: the best block of its most concentrated pooled row.
-    conc = tl.where(live, m - lse, float("-inf"))
-    top = tl.max(conc, 0)
-    first = tl.max(tl.where(live & (conc == top), best, -1), 0)
+    # Each query block's first tile: the best block of its most concentrated pooled row.
+    conc = tl.reshape(tl.where(live, m - lse, float("-inf")), (QB, POOL_ROWS))
+    top = tl.max(conc, 1)
+    best_qb = tl.reshape(tl.where(live, best, -1), (QB, POOL_ROWS))
+    first = tl.max(tl.where(conc == top[:, None], best_qb, -1), 1)
 
-    base = (bh.to(tl.int64) * NQB + pid_m) * NKB
-    tl.store(Idx + base, first, mask=first >= 0)
+    base = (bh.to(tl.int64) * NQB + qb) * NKB
+    tl.store(Idx + base, first, mask=qb_ok & (first >= 0))
     n = (first >= 0).to(tl.int32)
-    # Sweep 2: visit a tile if some pooled row gives it a share >= tau * slack, or it is that
-    # row's best block.
+    # Sweep 2: visit a tile if some pooled row of the query block gives it a share >= tau * slack,
+    # or it is that row's best block.
     for c in range(0, NKB, CHUNK):
         kb = c + tl.arange(0, CHUNK)
         est = _block_estimate(qp, Kp, Ko, Kbias, Kobias, kb, first_row, offs_d, NKB, Nq, Nk, qk_scale,
                               stride_kn, stride_kd, stride_bn, D, BLOCK_N, BLOCK_D, CAUSAL, PRECISION)
         share = tl.where(live[:, None], est - lse[:, None], float("-inf"))
         hit = (share >= log2_thr) | ((kb[None, :] == best[:, None]) & live[:, None])
-        keep = (tl.max(hit.to(tl.int32), 0) > 0) & (kb < NKB) & (kb != first)
+        hit_qb = tl.max(tl.reshape(hit.to(tl.int32), (QB, POOL_ROWS, CHUNK)), 1) > 0
+        keep = hit_qb & (kb[None, :] < NKB) & (kb[None, :] != first[:, None])
         if VERT:
             vert = tl.load(Vert + bh.to(tl.int64) * NKB + kb, mask=kb < NKB, other=float("-inf"))
-            vis = (vert >= log2_thr) & (kb < NKB) & (kb != first)
+            vis = (vert[None, :] >= log2_thr) & (kb[None, :] < NKB) & (kb[None, :] != first[:, None])
             if CAUSAL:
-                vis = vis & (kb * BLOCK_N <= pid_m * BLOCK_M + BLOCK_M - 1 + (Nk - Nq))
+                vis = vis & (kb[None, :] * BLOCK_N <= qb[:, None] * BLOCK_M + BLOCK_M - 1 + (Nk - Nq))
             keep = keep | vis
         ki = keep.to(tl.int32)
-        pos = n + tl.cumsum(ki, 0) - 1
-        tl.store(Idx + base + pos, kb, mask=keep)
-        n += tl.sum(ki, 0)
-    tl.store(Count + bh * NQB + pid_m, n)
+        pos = n[:, None] + tl.cumsum(ki, 1) - 1
+        tl.store(Idx + base[:, None] + pos, kb[None, :], mask=keep & qb_ok[:, None])
+        n += tl.sum(ki, 1)
+    tl.store(Count + bh * NQB + qb, n, mask=qb_ok)
 
 
 @triton.jit
@@ -342,15 +350,21 @@ def _attn_tile(
         if STATS:
             kcnt += tl.sum(keep.to(tl.int32), 1)
     else:
-        m_new = tl.maximum(m, tl.max(u, 1))
+        u_max = tl.max(u, 1)
+        m_new = tl.maximum(m, u_max)
         alpha = tl.exp2(m - m_new)
-        pa = tl.exp2(tl.maximum(u - m_new[:, None], MIN_EXP2))
-        l_all = l_all * alpha + tl.sum(pa, 1)
-        # log2 l_all >= 0 once the row has an unmasked entry (its max contributes 1); before that
-        # every entry is -inf and pa is 0 whatever the threshold.
-        thr_run = tl.minimum(tl.maximum(m_new + tl.log2(l_all), lse_lb) + log2_tau, m_new)
+        # The running lse bound: the log-sum of every entry seen before this tile and of this tile's
+        # largest one (known before the tile's sum, so the threshold does not wait for it). -inf
+        # while the row has met only masked entries, whose pa is 0 whatever the threshold.
+        lse_run = m_new + tl.log2(l_all * alpha + tl.exp2(u_max - m_new))
+        thr_run = tl.minimum(tl.maximum(lse_run, lse_lb) + log2_tau, m_new)
+        x = u - m_new[:, None]
+        if MASKED:
+            x = tl.maximum(x, MIN_EXP2)
+        pa = tl.exp2(x)
         keep = u >= thr_run[:, None]
         p = tl.where(keep, pa, 0.0)
+        l_all = l_all * alpha + tl.sum(pa, 1)
         # Every entry kept so far is <= the old max m: if the threshold passed m, all of them are
         # pruned after all, so drop them (this makes tau > 1 keep only the row max).
         stale = thr_run > m

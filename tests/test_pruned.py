@@ -336,6 +336,25 @@ def test_fast_random_no_nan_no_empty_rows():
     assert ((st["pruned_mass"].double().cpu() - st_ref["pruned_mass"]).abs() < 0.1).all()
 
 
+@triton_ok
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_predictor_query_block_groups(monkeypatch, causal):
+    """The predictor's programs take QB query blocks each (sharing the pooled-key loads): any QB,
+    including a ragged last group, lists the same tiles and gives the same output as QB = 1."""
+    import entropy_attn.pruned as pr
+
+    bm, bn = kernel_tiles(80, 16)
+    q, k, v = clustered(1, 2, 1, 5 * bm - 3, 7 * bn, 16, block=bn, seed=21)
+    results = {}
+    for qb in (1, 2, 4):
+        monkeypatch.setattr(pr, "_predict_group", lambda nqb, bh, device, qb=qb: qb)
+        results[qb] = run(q, k, v, tau=0.01, causal=causal, mode="fast", return_stats=True)
+    for qb in (2, 4):
+        assert torch.equal(results[qb][0], results[1][0])
+        for name, val in results[qb][1].items():
+            assert torch.equal(val, results[1][1][name]), name
+
+
 def stripes(B, H, N, D, n_hot, *, block=16, seed=0, strength=None):
     """Vertical stripes (attention sinks): every query puts most of its mass on the same ``n_hot``
     keys, one per distinct ``block``-key block; the rest is near-uniform background. (The
@@ -434,3 +453,159 @@ def test_gpu_exact_vs_reference(causal, nq):
             assert err < 0.05, (err, bad, st)
         else:  # measured on the H100: max error 0.07 - 0.16 (rows keep a few extra entries near tau)
             assert err < 0.25 and (out.abs().amax(-1) > 0).all(), (err, bad, st)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fast predictor inputs (kernels/pruned_pool.py) against float64 evaluations of their definitions
+# ------------------------------------------------------------------------------------------------
+
+
+def padding_mask(kind, B, Nk, bn, seed):
+    """None, or a bool / float ``key_padding_mask [B, Nk]`` padding ~30% of the keys and all of key
+    block 1 of batch 0 (a float mask: -inf there, random finite values elsewhere)."""
+    if kind is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    pad = torch.rand(B, Nk, generator=g) < 0.3
+    pad[0, bn:2 * bn] = True
+    if kind == "bool":
+        return pad
+    return torch.randn(B, Nk, generator=g).masked_fill(pad, -math.inf)
+
+
+def pooled_definition(q, k, kpm, bm, bn):
+    """float64 ``(qp, kp, kbias, kobias, w)``: the pooled queries and keys, log2 of each key block's
+    total weight and of the outlier key's weight (as ``_pool_inputs`` documents), and the key
+    weights ``w [B, Nk]`` (0: padded)."""
+    q, k = q.double(), k.double()
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    g = bm // 16
+    nqb, nkb = -(-Nq // bm), -(-Nk // bn)
+    qp = torch.zeros(B, H, nqb * 16, D, dtype=torch.float64)
+    for r in range(nqb * 16):
+        if r * g < Nq:
+            qp[:, :, r] = q[:, :, r * g:(r + 1) * g].mean(2)
+    if kpm is None:
+        w = torch.ones(B, Nk, dtype=torch.float64)
+    else:
+        w = (~kpm).double() if kpm.dtype == torch.bool else kpm.double().exp()
+    W = torch.stack([w[:, j * bn:(j + 1) * bn].sum(-1) for j in range(nkb)], 1)
+    kp = torch.stack([torch.einsum("bn,bhnd->bhd", w[:, j * bn:(j + 1) * bn], k[:, :, j * bn:(j + 1) * bn])
+                      for j in range(nkb)], 2) / W.clamp_min(1e-300)[:, None, :, None]
+    kbias = torch.log2(W)
+    kobias = torch.where((W > 0) & (kpm is None or kpm.dtype == torch.bool), 0.0, -math.inf)
+    if kpm is None:
+        kbias, kobias = kbias[:1], kobias[:1]
+    return qp, kp, kbias, kobias, w
+
+
+@triton_ok
+@pytest.mark.parametrize("kpm_kind", [None, "bool", "float"])
+@pytest.mark.parametrize("dtype,tiles", [(torch.float32, "kernel"), (torch.bfloat16, (128, 64))])
+def test_pool_inputs_match_definition(dtype, tiles, kpm_kind):
+    """Pooled queries (partial and empty row groups past Nq), pooled keys weighted by the padding
+    mask (a ragged last block, a fully padded block), the block biases and the outlier keys, GQA."""
+    from entropy_attn._launch import _Config
+    from entropy_attn.pruned import _pool_inputs
+
+    cfg = _config(64, 24, 24) if tiles == "kernel" else _Config(*tiles, 4, 1)
+    bm, bn = cfg.block_m, cfg.block_n
+    B, H, Hkv, Nq, Nk, D = 2, 4, 2, bm + 22, 2 * bn + 22, 24
+    nqb, nkb = -(-Nq // bm), -(-Nk // bn)
+    q, k, _ = random_qkv(B, H, Hkv, Nq, Nk, D, dtype, seed=31)
+    kpm = padding_mask(kpm_kind, B, Nk, bn, seed=32)
+    inp = check_inputs(q.to(DEV), k.to(DEV), k.to(DEV), key_padding_mask=None if kpm is None else kpm.to(DEV))
+    qp, kp, ko, kbias, kobias = (t.cpu() for t in _pool_inputs(inp, inp.q, inp.k, cfg, nqb, nkb))
+    qp_ref, kp_ref, kbias_ref, kobias_ref, w = pooled_definition(q, k, kpm, bm, bn)
+
+    assert qp.shape == (B, H, nqb * 16, D) and qp.dtype == dtype
+    assert kp.shape == ko.shape == (B, Hkv, nkb, D) and kp.dtype == ko.dtype == dtype
+    assert kbias.shape == kobias.shape == kbias_ref.shape and kbias.dtype == kobias.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: the rounding of the means
+    assert torch.allclose(qp.double(), qp_ref, atol=tol, rtol=tol)
+    assert torch.allclose(kp.double(), kp_ref, atol=tol, rtol=tol)
+    assert torch.equal(kbias.isinf(), kbias_ref.isinf()) and torch.equal(kobias, kobias_ref.float())
+    fin = kbias_ref.isfinite()
+    assert torch.allclose(kbias.double()[fin], kbias_ref[fin], atol=1e-5)
+    assert (kbias_ref[0, 1] == -math.inf) == (kpm is not None)  # the fully padded block
+    # The outlier key: an unmasked key of its block at the largest distance from (rounded) kp.
+    kd = k.double()
+    for j in range(nkb):
+        keys = kd[:, :, j * bn:(j + 1) * bn]
+        live = (w[:, j * bn:(j + 1) * bn] > 0)[:, None, :].expand(-1, Hkv, -1)
+        dist = (keys - kp.double()[:, :, j, None]).square().sum(-1).masked_fill(~live, -math.inf)
+        out = ko.double()[:, :, j]
+        has = live.any(-1)
+        assert (out[~has] == 0).all()
+        is_key = ((keys == out[:, :, None]).all(-1) & live).any(-1)
+        d_out = (out - kp.double()[:, :, j]).square().sum(-1)
+        assert is_key[has].all()
+        assert (d_out[has] >= dist.amax(-1)[has] * (1 - 1e-5) - 1e-6).all()
+
+
+def vertical_definition(q, k, samples, bn, *, scale, causal=False, attn_mask=None, key_padding_mask=None):
+    """float64 ``[B*H, NKB]``: log2 of the largest softmax weight (all masks) that the sampled query
+    rows ``round(r (Nq - 1) / (samples - 1))`` (halves up) give to a key of each key block."""
+    q, k = q.double(), k.double()
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    rows = torch.tensor([(r * (Nq - 1) + (samples - 1) // 2) // (samples - 1) for r in range(samples)])
+    s = scale * q[:, :, rows] @ k.repeat_interleave(H // Hkv, 1).transpose(-1, -2)
+    if causal:
+        s = s.masked_fill(torch.arange(Nk)[None, :] > rows[:, None] + Nk - Nq, -math.inf)
+    if attn_mask is not None:
+        am = attn_mask.expand(B, H, Nq, Nk)[:, :, rows]
+        s = s + (torch.where(am, 0.0, -math.inf) if am.dtype == torch.bool else am.double())
+    if key_padding_mask is not None:
+        pm = key_padding_mask[:, None, None, :]
+        s = s + (torch.where(pm, -math.inf, 0.0) if pm.dtype == torch.bool else pm.double())
+    valid = s > -math.inf
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    logp = torch.where(valid, s - lse.nan_to_num(neginf=0.0), -math.inf) / math.log(2)
+    nkb = -(-Nk // bn)
+    logp = torch.nn.functional.pad(logp, (0, nkb * bn - Nk), value=-math.inf)
+    return logp.view(B, H, samples, nkb, bn).amax((2, 4)).reshape(B * H, nkb)
+
+
+@triton_ok
+@pytest.mark.parametrize("case", [
+    # GQA, causal with Nq < Nk, key blocks split over 2 programs (interpreter tiles)
+    dict(B=1, H=2, Hkv=1, Nq=150, Nk=170, causal=True, samples=64),
+    # Nq > Nk (causal: the first rows, sample 0 included, see no key), bool padding with a fully
+    # padded block, 12 samples in a 16-row tile
+    dict(B=2, H=4, Hkv=2, Nq=170, Nk=100, causal=True, kpm="bool", samples=12),
+    dict(B=2, H=2, Hkv=2, Nq=77, Nk=70, mask="bool", kpm="float", samples=64),
+    dict(B=1, H=4, Hkv=1, Nq=77, Nk=150, causal=True, mask="float", kpm="bool", samples=12, tiles=(128, 64),
+         dtype=torch.bfloat16),
+])
+def test_vertical_matches_definition(monkeypatch, case):
+    """The sampled vertical estimate: every mask kind, empty sampled rows, ragged key blocks."""
+    import entropy_attn.pruned as pr
+    from entropy_attn._launch import _Config
+
+    c = {"causal": False, "kpm": None, "mask": None, "tiles": None, "dtype": torch.float32, **case}
+    B, H, Hkv, Nq, Nk, D = c["B"], c["H"], c["Hkv"], c["Nq"], c["Nk"], 24
+    monkeypatch.setattr(pr, "VERT_MIN_NQ", 1)
+    monkeypatch.setattr(pr, "VERT_SAMPLES", c["samples"])
+    cfg = _config(Nq, D, D) if c["tiles"] is None else _Config(*c["tiles"], 4, 1)
+    nkb = -(-Nk // cfg.block_n)
+    q, k, _ = random_qkv(B, H, Hkv, Nq, Nk, D, c["dtype"], seed=33)
+    g = torch.Generator().manual_seed(34)
+    kpm = padding_mask(c["kpm"], B, Nk, cfg.block_n, seed=35)
+    mask = None
+    if c["mask"] is not None:
+        keep = torch.rand(B, 1, Nq, Nk, generator=g) > 0.3
+        keep[..., 0, :] = False  # sampled row 0 sees no key
+        mask = keep if c["mask"] == "bool" else torch.randn(B, 1, Nq, Nk, generator=g).masked_fill(~keep, -math.inf)
+    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    inp = check_inputs(dev(q), dev(k), dev(k), causal=c["causal"], attn_mask=dev(mask), key_padding_mask=dev(kpm))
+    vert = pr._vertical(inp, inp.q, inp.k, cfg, nkb).cpu()
+    ref = vertical_definition(q, k, c["samples"], cfg.block_n, scale=inp.scale, causal=c["causal"],
+                              attn_mask=mask, key_padding_mask=kpm)
+    assert vert.shape == (B * H, nkb) and vert.dtype == torch.float32
+    assert not vert.isnan().any()
+    assert torch.equal(vert.isinf(), ref.isinf()), (vert, ref)
+    assert ref.isfinite().any()
+    fin = ref.isfinite()
+    assert torch.allclose(vert.double()[fin], ref[fin], atol=1e-4), (vert - ref)[fin].abs().max()

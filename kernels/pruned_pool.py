@@ -1,0 +1,199 @@
+"""Inputs of the fast mode's tile predictor (``pruned.pruned_predict``): summaries of q and k.
+
+Scores are in base 2 (``u = s * log2 e``), as in every kernel here.
+
+- ``pool_queries``: per query block, ``POOL_ROWS`` pooled rows, each the mean of ``G = BLOCK_M /
+  POOL_ROWS`` consecutive query rows.
+- ``pool_keys``: per key block, the weighted mean key (weights from ``key_padding_mask``), the log2
+  of the block's total weight, and its outlier key (the unmasked key farthest from the mean).
+- ``vertical_sample`` and ``vertical_combine``: the exact softmax of a few evenly spaced query rows
+  over all keys, reduced to the largest weight each key block gets from any of them. The first
+  splits the key blocks over programs and stores per (sampled row, key block) the score maximum and
+  per row partial softmax sums; the second combines the sums into each row's lse and takes
+  ``max_r (blockmax_r - lse_r)`` per key block.
+"""
+import triton
+import triton.language as tl
+
+from .attention_fwd import load_tile
+from .masks import FLOAT_MASK, M_INIT, MIN_EXP2, NO_MASK, apply_masks, dot
+from .pruned import POOL_ROWS
+
+
+@triton.jit
+def pool_queries(
+    Q, Qp,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_pb, stride_ph, stride_pm, stride_pd,
+    H, Nq,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Pooled rows of query block ``pid_m`` of one (batch, head).
+
+    Q ``[B, H, Nq, D]``; Qp ``[B, H, NQB * POOL_ROWS, D]`` (any dtype, computed in float32): row r
+    of block m is the mean of the query rows ``[m BLOCK_M + r G, m BLOCK_M + (r + 1) G)`` that exist
+    (``< Nq``), 0 where none does.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    Qp += b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
+    G: tl.constexpr = BLOCK_M // POOL_ROWS
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_tile(Q, offs_m, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D).to(tl.float32)
+    offs_r = pid_m * POOL_ROWS + tl.arange(0, POOL_ROWS)
+    n_rows = tl.minimum(tl.maximum(Nq - offs_r * G, 0), G)  # query rows < Nq in each group
+    qp = tl.sum(tl.reshape(q, [POOL_ROWS, G, BLOCK_D]), 1) / tl.maximum(n_rows, 1).to(tl.float32)[:, None]
+    ptrs = Qp + offs_r[:, None] * stride_pm + offs_d[None, :] * stride_pd
+    tl.store(ptrs, qp.to(Qp.dtype.element_ty), mask=offs_d[None, :] < D)
+
+
+@triton.jit
+def pool_keys(
+    K, Kp, Ko, Kbias, Kobias, Kpm,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_pb, stride_pn, stride_bb,
+    HKV, Nk,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KPM_KIND: tl.constexpr,
+):
+    """Summary of key block ``kb`` of one (batch, kv head).
+
+    With ``w_j`` the weight of key j (1; 0 for a key padded by a boolean ``Kpm`` ``[B, Nk]`` or past
+    Nk; ``exp(Kpm[b, j])`` for a float ``Kpm``):
+
+    - Kp ``[B, HKV, NKB, D]``: the weighted mean key ``kbar = sum_j w_j k_j / W``, ``W = sum_j w_j``
+      (0 where W = 0), rounded to Kp's dtype.
+    - Ko (same shape and strides, K's dtype): the outlier key, the key with ``w_j > 0`` farthest
+      (Euclidean, float32) from the rounded kbar; 0 where the block has none.
+    - Kbias, Kobias ``[B or 1, NKB]`` float32 (row stride ``stride_bb``, one row when there is no
+      Kpm; written by the programs of kv head 0): ``log2 W`` (-inf where W = 0), and the log2 weight
+      of the outlier key alone: 0 where the block has a key with ``w_j > 0``, else -inf (always -inf
+      for a float Kpm, whose weights differ per key).
+    """
+    kb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hk = bh % HKV
+    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    Kp += b.to(tl.int64) * stride_ob + hk.to(tl.int64) * stride_oh + kb * stride_on
+    Ko += b.to(tl.int64) * stride_ob + hk.to(tl.int64) * stride_oh + kb * stride_on
+
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, True, BLOCK_D != D).to(tl.float32)
+    # log2 w_j: the score bias the padding mask gives key j (0, -inf or the float mask), -inf past Nk.
+    log2_w = apply_masks(tl.zeros([BLOCK_N], dtype=tl.float32), 0, offs_n, b, 0, 1, Nk,
+                         Kpm, 0, 0, 0, 0, Kpm, stride_pb, stride_pn, False, NO_MASK, KPM_KIND)
+    top = tl.max(log2_w, 0)
+    has_key = top > float("-inf")
+    w = tl.exp2(log2_w - tl.where(has_key, top, 0.0))  # w_j / max_j w_j
+    w_sum = tl.sum(w, 0)
+    kbar = tl.sum(w[:, None] * k, 0) / tl.where(has_key, w_sum, 1.0)
+    kbar = kbar.to(Kp.dtype.element_ty)
+    tl.store(Kp + offs_d * stride_od, kbar, mask=offs_d < D)
+
+    diff = k - kbar.to(tl.float32)[None, :]
+    dist = tl.where(log2_w > float("-inf"), tl.sum(diff * diff, 1), float("-inf"))
+    far = kb * BLOCK_N + tl.argmax(dist, 0)
+    ko = tl.load(K + far * stride_kn + offs_d * stride_kd, mask=offs_d < D, other=0.0)
+    tl.store(Ko + offs_d * stride_od, tl.where(has_key, ko, 0.0), mask=offs_d < D)
+
+    if KPM_KIND == NO_MASK:
+        owner = bh == 0
+    else:
+        owner = hk == 0
+    if owner:
+        bias = tl.where(has_key, top + tl.log2(tl.where(has_key, w_sum, 1.0)), float("-inf"))
+        tl.store(Kbias + b.to(tl.int64) * stride_bb + kb, bias)
+        obias = tl.where(has_key & (KPM_KIND != FLOAT_MASK), 0.0, float("-inf"))
+        tl.store(Kobias + b.to(tl.int64) * stride_bb + kb, obias)
+
+
+@triton.jit
+def vertical_sample(
+    Q, K, BlockMax, Mpart, Lpart, Mask, Kpm,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_pb, stride_pn,
+    H, GROUPS, Nq, Nk, NKB, KB_PER_SPLIT, SAMPLES, qk_scale,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The sampled query rows of one (batch, head) against the key blocks
+    ``[split * KB_PER_SPLIT, (split + 1) * KB_PER_SPLIT)``, every mask applied.
+
+    Sample ``r < SAMPLES`` (``2 <= SAMPLES <= BLOCK_S``) is query row ``round(r (Nq - 1) /
+    (SAMPLES - 1))`` (halves up); rows ``r >= SAMPLES`` of the tile see no key. Writes BlockMax
+    ``[B*H, NKB, BLOCK_S]`` float32 (the maximum base-2 score of each sampled row in each key block,
+    -inf where all its keys are masked) and Mpart, Lpart ``[splits, B*H, BLOCK_S]`` float32 (the
+    row's running max and sum over the split's keys, ``lse2 = m + log2 l``).
+    """
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUPS
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+
+    offs_s = tl.arange(0, BLOCK_S)
+    n_gaps = tl.maximum(SAMPLES - 1, 1)
+    rows = tl.where(offs_s < SAMPLES, (offs_s * (Nq - 1) + n_gaps // 2) // n_gaps, Nq)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_tile(Q, rows, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D)
+
+    m = tl.full([BLOCK_S], M_INIT, dtype=tl.float32)
+    l = tl.zeros([BLOCK_S], dtype=tl.float32)
+    kb_lo = split * KB_PER_SPLIT
+    kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, NKB)
+    for kb in range(kb_lo, kb_hi):
+        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, True, BLOCK_D != D)
+        u = dot(q, tl.trans(k), PRECISION) * qk_scale
+        u = apply_masks(u, rows[:, None], offs_n[None, :], b, h, Nq, Nk,
+                        Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+                        CAUSAL, MASK_KIND, KPM_KIND)
+        row_max = tl.max(u, 1)
+        tl.store(BlockMax + (bh.to(tl.int64) * NKB + kb) * BLOCK_S + offs_s, row_max)
+        m_new = tl.maximum(m, row_max)
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(tl.maximum(u - m_new[:, None], MIN_EXP2)), 1)
+        m = m_new
+
+    part = (split * tl.num_programs(0) + bh).to(tl.int64) * BLOCK_S + offs_s
+    tl.store(Mpart + part, m)
+    tl.store(Lpart + part, l)
+
+
+@triton.jit
+def vertical_combine(
+    BlockMax, Mpart, Lpart, Vert, NKB, SPLITS,
+    BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Per (batch, head) ``bh``: each sampled row's lse2 from the splits' partial sums (+inf for a
+    row that sees no key), then Vert ``[B*H, NKB]`` float32 = ``max_r (BlockMax[bh, kb, r] - lse2_r)``,
+    the log2 of the largest softmax weight a sampled row gives a key of block kb (-inf if none).
+    Inputs as written by ``vertical_sample``."""
+    bh = tl.program_id(0)
+    offs_s = tl.arange(0, BLOCK_S)
+    m = tl.full([BLOCK_S], M_INIT, dtype=tl.float32)
+    l = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for split in range(0, SPLITS):
+        part = (split * tl.num_programs(0) + bh).to(tl.int64) * BLOCK_S + offs_s
+        mp = tl.load(Mpart + part)
+        m_new = tl.maximum(m, mp)
+        l = l * tl.exp2(m - m_new) + tl.load(Lpart + part) * tl.exp2(mp - m_new)
+        m = m_new
+    live = l > 0.0
+    lse = tl.where(live, m + tl.log2(tl.where(live, l, 1.0)), float("inf"))
+
+    for c in range(0, NKB, CHUNK):
+        kb = c + tl.arange(0, CHUNK)
+        ptrs = BlockMax + (bh.to(tl.int64) * NKB + kb[:, None]) * BLOCK_S + offs_s[None, :]
+        bmax = tl.load(ptrs, mask=kb[:, None] < NKB, other=float("-inf"))
+        tl.store(Vert + bh.to(tl.int64) * NKB + kb, tl.max(bmax - lse[None, :], 1), mask=kb < NKB)
