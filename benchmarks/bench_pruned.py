@@ -43,7 +43,7 @@ def stripes(b, h, hkv, nq, nk, d, s, seed=0):
     return q.bfloat16(), k.bfloat16(), v.bfloat16(), tau
 
 
-def sdpa(kind):
+def sdpa(kind, causal=False):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[kind]
@@ -51,34 +51,46 @@ def sdpa(kind):
     def run(q, k, v):
         gqa = q.shape[1] != k.shape[1]
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
 
     return run
 
 
-DENSE = {
-    "ours_dense": lambda q, k, v: entropy_attention(q, k, v, return_entropy=False, backend="triton"),
-    "sdpa_flash": sdpa("flash"),
-    "sdpa_cudnn": sdpa("cudnn"),
-}
+def dense_impls(causal=False):
+    """The dense competitors, name -> ``fn(q, k, v)``: our kernel without entropy, SDPA flash, cuDNN."""
+    return {
+        "ours_dense": lambda q, k, v: entropy_attention(q, k, v, causal=causal, return_entropy=False, backend="triton"),
+        "sdpa_flash": sdpa("flash", causal),
+        "sdpa_cudnn": sdpa("cudnn", causal),
+    }
+
+
+DENSE = dense_impls()
 
 _LABELS = {}
 
 
+def prune_labels(q, k, v, tau, causal=False):
+    """Measured sparsity and the fast mode's deviation: the exact mode's tile sparsity ``s`` and
+    ideal speed-up ``1/(1-s)``, the fast mode's ``fast_s``, ``fast_err`` = max |fast - exact| and
+    both modes' mean pruned mass (``pruned_attention``'s stats, means over heads)."""
+    with torch.no_grad():
+        ex, st = pruned_attention(q, k, v, tau=tau, causal=causal, mode="exact", return_stats=True)
+        fa, stf = pruned_attention(q, k, v, tau=tau, causal=causal, mode="fast", return_stats=True)
+    s = st["tile_sparsity"].mean().item()
+    return dict(
+        tau=round(tau, 5), s=round(s, 3), ideal=round(1 / max(1 - s, 1e-9), 1),
+        fast_s=round(stf["tile_sparsity"].mean().item(), 3),
+        fast_err=float(f"{(fa.float() - ex.float()).abs().max().item():.3g}"),
+        mass_exact=round(st["pruned_mass"].mean().item(), 4), mass_fast=round(stf["pruned_mass"].mean().item(), 4),
+    )
+
+
 def sparse_labels(q, k, v, tau):
-    """Measured sparsity and the fast mode's deviation (cached per input)."""
+    """``prune_labels`` of a non-causal input, cached per input."""
     key = (q.data_ptr(), tuple(q.shape), tuple(k.shape), tau)
     if key not in _LABELS:
-        with torch.no_grad():
-            ex, st = pruned_attention(q, k, v, tau=tau, mode="exact", return_stats=True)
-            fa, stf = pruned_attention(q, k, v, tau=tau, mode="fast", return_stats=True)
-        s = st["tile_sparsity"].mean().item()
-        _LABELS[key] = dict(
-            tau=round(tau, 5), s=round(s, 3), ideal=round(1 / max(1 - s, 1e-9), 1),
-            fast_s=round(stf["tile_sparsity"].mean().item(), 3),
-            fast_err=float(f"{(fa.float() - ex.float()).abs().max().item():.3g}"),
-            mass_exact=round(st["pruned_mass"].mean().item(), 4), mass_fast=round(stf["pruned_mass"].mean().item(), 4),
-        )
+        _LABELS[key] = prune_labels(q, k, v, tau)
     return _LABELS[key]
 
 

@@ -20,6 +20,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from entropy_attn import AttentionMonitor, EntropyAttention, entropy_loss
+from entropy_attn._inputs import AttentionInputs
 
 try:  # optional: progress bars
     from tqdm.auto import tqdm
@@ -295,6 +296,35 @@ def monitor_means(monitor: AttentionMonitor) -> dict:
         vals = [float(torch.as_tensor(layer[key]).float().mean()) for layer in summary.values() if key in layer]
         out[key] = sum(vals) / len(vals) if vals else 0.0
     return out
+
+
+@torch.no_grad()
+def capture_attention_inputs(model: nn.Module, *inputs, **kwargs) -> list[AttentionInputs]:
+    """Run ``model(*inputs, **kwargs)`` once and return the ``AttentionInputs`` each
+    ``EntropyAttention`` layer built in that forward (``layer._inputs``: q ``[B, H, L, D]``, k and v
+    ``[B, H, S, D]`` after the in-projection, in the dtype the forward computed them, plus
+    ``causal``, ``scale`` and the masks in ``entropy_attention``'s conventions), in the order the
+    layers first ran (a layer called twice keeps its last call; one never called is left out)."""
+    captured: dict[EntropyAttention, AttentionInputs] = {}
+
+    def recording(layer: EntropyAttention):
+        build = layer._inputs
+
+        def _inputs(*args, **kw):
+            inp, n_extra = build(*args, **kw)
+            captured[layer] = inp
+            return inp, n_extra
+        return _inputs
+
+    layers = attention_layers(model)
+    for layer in layers:
+        layer._inputs = recording(layer)  # an instance attribute shadows the method
+    try:
+        model(*inputs, **kwargs)
+    finally:
+        for layer in layers:
+            del layer._inputs
+    return list(captured.values())
 
 
 # ---------------------------------------------------------------------------- outputs

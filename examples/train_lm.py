@@ -45,6 +45,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def validation_windows(val_data: torch.Tensor, args: argparse.Namespace) -> list:
+    """The fixed validation batches: ``args.eval_batches`` pairs ``(x, y)``, both
+    ``[args.batch_size, args.block_size]`` int64, drawn from ``val_data`` ``[V]`` uint8 with a fixed seed."""
+    gen = torch.Generator().manual_seed(1234)
+    return [lm_batch(val_data, args.batch_size, args.block_size, gen) for _ in range(args.eval_batches)]
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, argparse.Namespace]:
+    """The ``GPT`` of a ``checkpoint.pt`` written by ``main`` (built from the run's arguments, in
+    ``eval()`` on ``device``, tau = 0) and those arguments."""
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    args = argparse.Namespace(**ckpt["args"])
+    model = GPT(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                **attention_options(args, args.block_size))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), args
+
+
 @torch.no_grad()
 def evaluate(model: GPT, windows: list, device: torch.device, amp: bool) -> dict:
     """``{"loss" (nats/byte), "ppl", "bpb"}`` over fixed validation ``windows`` of ``(x, y)``."""
@@ -106,8 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not info.is_main:
         return {}
 
-    val_gen = torch.Generator().manual_seed(1234)
-    windows = [lm_batch(val_data, args.batch_size, args.block_size, val_gen) for _ in range(args.eval_batches)]
+    windows = validation_windows(val_data, args)
     keep = topk_keep_fraction(args.block_size, attn.get("top_k"), causal=True)
     sweep = tau_sweep(model, args.taus, lambda m: evaluate(m, windows, info.device, args.amp), base_keep=keep,
                       show=not args.no_progress)

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from entropy_attn import entropy_attention
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples import common, quickstart, study, train_lm, train_vit  # noqa: E402
+from examples import common, data, quickstart, study, train_lm, train_vit  # noqa: E402
 from examples.models import GPT, ViT  # noqa: E402
 
 TINY_VIT = ["--device", "cpu", "--threads", "1", "--no-progress", "--dim", "16", "--depth", "1", "--heads", "2",
@@ -133,3 +135,30 @@ def test_torchrun_ddp_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 3 and m["world_size"] == 2 and (out / "checkpoint.pt").exists()
+
+
+def test_lm_checkpoint_reload_and_attention_capture(tmp_path):
+    """What benchmarks/bench_pruned_trained.py builds on: the reloaded checkpoint reproduces the run's
+    validation perplexity on the same windows, and the captured q, k, v of each layer reproduce
+    that layer's output."""
+    out = tmp_path / "lm"
+    m = train_lm.main([*TINY_LM, "--n-layer", "2", "--steps", "2", "--taus", "0", "--no-plots", "--out", str(out)])
+    model, args = train_lm.load_model(out / "checkpoint.pt")
+    windows = train_lm.validation_windows(data.stdlib_text(args.max_bytes)[1], args)
+    assert math.isclose(train_lm.evaluate(model, windows, torch.device("cpu"), False)["ppl"], m["dense"]["ppl"],
+                        rel_tol=1e-5)
+
+    x = windows[0][0]
+    layers = common.attention_layers(model)
+    outputs = []
+    hooks = [layer.register_forward_hook(lambda mod, a, o: outputs.append(o[0])) for layer in layers]
+    inputs = common.capture_attention_inputs(model, x)
+    for h in hooks:
+        h.remove()
+    assert len(inputs) == len(layers) == 2 and not any("_inputs" in vars(layer) for layer in layers)
+    B, N, E = *x.shape, args.n_embd
+    for layer, inp, o in zip(layers, inputs, outputs):
+        assert inp.causal and inp.attn_mask is None and inp.key_padding_mask is None
+        assert inp.q.shape == inp.k.shape == inp.v.shape == (B, args.n_head, N, E // args.n_head)
+        a = entropy_attention(inp.q, inp.k, inp.v, causal=True, return_entropy=False, backend="reference")
+        torch.testing.assert_close(layer.out_proj(a.transpose(1, 2).reshape(B, N, E)), o)
