@@ -30,8 +30,9 @@ each key block's outlier key, and for long query sequences the sampled vertical 
    ``QB`` query blocks, so that their pooled rows share each load of the pooled keys.
 2. ``pruned_attn`` without ``EXACT``: one sweep over the listed tiles with the online softmax. An
    entry is pruned when ``u_ij < min(lse2_lb_i + log2 tau, m_i)`` where ``lse2_lb_i`` is the running
-   log-sum over the entries of the tiles seen before and the current tile's largest entry (or the
-   pooled bound, if larger): a lower bound of the true lse2, so every entry it prunes is
+   log-sum over the entries of the tiles seen before and the current tile's largest entry (or, if
+   larger, the exact log-sum of the first listed tile, computed before the sweep, or the pooled
+   bound): a lower bound of the true lse2, so every entry it prunes is
    also pruned by the exact definition (it may keep some that the exact mode prunes, and it misses the
    mass of tiles it does not visit). Rows that met no unmasked key in the listed tiles are recomputed
    over every key block (``FALLBACK``), so a row is dropped only if it has no unmasked key at all.
@@ -51,8 +52,11 @@ def _scores_blocks(
     Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_kb, stride_kpn,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
-    STATS: tl.constexpr, PRECISION: tl.constexpr,
+    STATS: tl.constexpr, TILE_MAX: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Fold the scores of key blocks ``[kb_lo, kb_hi)`` into the running max ``m`` and sum ``l``
+    (base 2) of each row, and with ``STATS`` its unmasked count ``cnt``; with ``TILE_MAX`` store each
+    tile's score maximum at ``TileMax + kb``."""
     for kb in range(kb_lo, kb_hi):
         offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, MASKED, BLOCK_D != D)
@@ -62,7 +66,8 @@ def _scores_blocks(
                             Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_kb, stride_kpn,
                             CAUSAL, MASK_KIND, KPM_KIND)
         row_max = tl.max(u, 1)
-        tl.store(TileMax + kb, tl.max(row_max, 0))
+        if TILE_MAX:
+            tl.store(TileMax + kb, tl.max(row_max, 0))
         m_new = tl.maximum(m, row_max)
         x = u - m_new[:, None]
         if MASKED:
@@ -124,11 +129,11 @@ def pruned_scores(
     m, l, cnt = _scores_blocks(
         m, l, cnt, q, K, TileMax, stride_kn, stride_kd, offs_m, offs_d, kb_lo, mid, b, h, Nq, Nk, qk_scale,
         Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
-        D, BLOCK_N, BLOCK_D, False, CAUSAL, MASK_KIND, KPM_KIND, STATS, PRECISION)
+        D, BLOCK_N, BLOCK_D, False, CAUSAL, MASK_KIND, KPM_KIND, STATS, True, PRECISION)
     m, l, cnt = _scores_blocks(
         m, l, cnt, q, K, TileMax, stride_kn, stride_kd, offs_m, offs_d, mid, kb_hi, b, h, Nq, Nk, qk_scale,
         Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
-        D, BLOCK_N, BLOCK_D, True, CAUSAL, MASK_KIND, KPM_KIND, STATS, PRECISION)
+        D, BLOCK_N, BLOCK_D, True, CAUSAL, MASK_KIND, KPM_KIND, STATS, True, PRECISION)
 
     rows = (split * tl.num_programs(1) + bh).to(tl.int64) * Nq + offs_m
     row_mask = offs_m < Nq
@@ -436,11 +441,24 @@ def pruned_attn(
         lse2 = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     count = tl.load(Count + bh * NQB + pid_m)
+    lo = (split * count) // n_split
+    hi = ((split + 1) * count) // n_split
     lse_lb = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     if LSE_BOUND:
         lse_lb = _pooled_lse_bound(q, Kp, Ko, Kbias, Kobias, Idx, count, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
                                    stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_bb, stride_bn,
                                    D, BLOCK_M, BLOCK_N, BLOCK_D, CHUNK, CAUSAL, PRECISION)
+    if not EXACT:
+        # The exact log-sum of the first listed tile (the most concentrated one): a lower bound of
+        # lse2 that prunes that tile's own entries too.
+        kb0 = tl.load(Idx + lo, mask=lo < hi, other=0)
+        kb1 = tl.where(lo < hi, kb0 + 1, kb0)
+        m0, l0, _ = _scores_blocks(
+            tl.full([BLOCK_M], M_INIT, dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32),
+            tl.zeros([BLOCK_M], dtype=tl.int32), q, K, Lpart, stride_kn, stride_kd, offs_m, offs_d, kb0, kb1,
+            b, h, Nq, Nk, qk_scale, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+            D, BLOCK_N, BLOCK_D, MASKED, CAUSAL, MASK_KIND, KPM_KIND, False, False, PRECISION)
+        lse_lb = tl.maximum(lse_lb, tl.where(l0 > 0.0, m0 + tl.log2(tl.where(l0 > 0.0, l0, 1.0)), float("-inf")))
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
@@ -449,8 +467,6 @@ def pruned_attn(
     kept = tl.zeros([BLOCK_M], dtype=tl.float32)
     kcnt = tl.zeros([BLOCK_M], dtype=tl.int32)
 
-    lo = (split * count) // n_split
-    hi = ((split + 1) * count) // n_split
     for t in range(lo, hi):
         kb = tl.load(Idx + t)
         acc, m, l, l_all, kept, kcnt = _attn_tile(
