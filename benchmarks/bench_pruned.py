@@ -70,18 +70,21 @@ DENSE = dense_impls()
 _LABELS = {}
 
 
-def prune_labels(q, k, v, tau, causal=False):
+def prune_labels(q, k, v, tau, causal=False, slack=1.0):
     """Measured sparsity and the fast mode's deviation: the exact mode's tile sparsity ``s`` and
-    ideal speed-up ``1/(1-s)``, the fast mode's ``fast_s``, ``fast_err`` = max |fast - exact| and
-    both modes' mean pruned mass (``pruned_attention``'s stats, means over heads)."""
+    ideal speed-up ``1/(1-s)``, the fast mode's (``fast_slack=slack``) ``fast_s``, ``fast_err`` =
+    max |fast - exact|, ``fast_rel`` = ||fast - exact|| / ||exact|| (Frobenius) and both modes' mean
+    pruned mass (``pruned_attention``'s stats, means over heads)."""
     with torch.no_grad():
         ex, st = pruned_attention(q, k, v, tau=tau, causal=causal, mode="exact", return_stats=True)
-        fa, stf = pruned_attention(q, k, v, tau=tau, causal=causal, mode="fast", return_stats=True)
+        fa, stf = pruned_attention(q, k, v, tau=tau, causal=causal, mode="fast", return_stats=True, fast_slack=slack)
     s = st["tile_sparsity"].mean().item()
+    diff = fa.float() - ex.float()
     return dict(
         tau=round(tau, 5), s=round(s, 3), ideal=round(1 / max(1 - s, 1e-9), 1),
         fast_s=round(stf["tile_sparsity"].mean().item(), 3),
-        fast_err=float(f"{(fa.float() - ex.float()).abs().max().item():.3g}"),
+        fast_err=float(f"{diff.abs().max().item():.3g}"),
+        fast_rel=float(f"{(diff.norm() / ex.float().norm()).item():.3g}"),
         mass_exact=round(st["pruned_mass"].mean().item(), 4), mass_fast=round(stf["pruned_mass"].mean().item(), 4),
     )
 

@@ -11,10 +11,11 @@ checkpoint in a pytest tmp dir (never under the script's $OUT). The run's own ta
 captures every layer's q, k, v ``[4, 4, 8192, 64]`` (bf16, made contiguous). Each input is timed
 causal: per layer (B = 4; a dense call of ~0.4 ms on an H100, where launch and the pruned modes'
 fixed passes weigh), and all layers concatenated along the batch (``layer = all``, B = 16, ~1.5 ms
-dense: the size at which the pruned modes' speed is meaningful).
+dense: the size at which the pruned modes' speed is meaningful); the stacked layers also with the
+fast mode's ``fast_slack`` lowered to each of ``SLACKS`` (more tiles visited, smaller error).
 Labels as in ``bench_pruned.py``: the exact mode's measured tile sparsity ``s`` and ideal speed-up
-``1/(1-s)``, the fast mode's ``fast_s`` and ``fast_err`` (max |fast - exact|), both modes' mean
-pruned mass, and the model's ``gamma``, training ``steps``, ``ppl`` and ``ppl_tau``. FLOPs: the
+``1/(1-s)``, the fast mode's ``fast_s``, ``fast_err`` (max |fast - exact|) and ``fast_rel``
+(relative Frobenius error), both modes' mean pruned mass, and the model's ``gamma``, training ``steps``, ``ppl`` and ``ppl_tau``. FLOPs: the
 causal dense count of ``entropy_attn.flops.attention_flops``.
 
     pytest benchmarks/bench_pruned_trained.py --benchmark-enable --benchmark-json=out.json  # ~4 min, H100
@@ -47,7 +48,10 @@ TRAIN = ["--block-size", str(BLOCK), "--batch-size", "4", "--n-layer", str(N_LAY
          "--n-embd", str(N_EMBD), "--reg", "shannon", "--amp", "--max-bytes", "8000000", "--eval-batches", "1",
          "--taus", "0", str(TAU), "--steps", "1000000", "--no-plots", "--no-progress"]
 DENSE = dense_impls(causal=True)
+#: Smaller ``fast_slack`` values timed on the stacked layers (the fast mode visits more tiles).
+SLACKS = (0.1, 0.01)
 CASES = [(layer, impl) for layer in (*range(N_LAYER), "all") for impl in (*DENSE, "pruned_exact", "pruned_fast")]
+CASES += [("all", f"pruned_fast_slack{slack}") for slack in SLACKS]
 GROUP = (f"pruned attention of a trained byte-level GPT (bf16, causal, N = {BLOCK}, H = {N_HEAD}, "
          f"D = {N_EMBD // N_HEAD})")
 
@@ -96,10 +100,11 @@ def test_trained(measure, trained, layer, impl):
         def fn():
             return DENSE[impl](q, k, v)
     else:
-        labels.update(pruned[layer])
-        mode = impl.split("_")[1]
+        mode, _, slack = impl.removeprefix("pruned_").partition("_slack")
+        slack = float(slack or 1.0)
+        labels.update(pruned[layer] if slack == 1.0 else prune_labels(q, k, v, TAU, causal=True, slack=slack))
 
         def fn():
-            return pruned_attention(q, k, v, tau=TAU, causal=True, mode=mode)
+            return pruned_attention(q, k, v, tau=TAU, causal=True, mode=mode, fast_slack=slack)
     with torch.no_grad():
         measure(fn, flops=attention_flops(b, h, n, n, d, causal=True), **labels)
