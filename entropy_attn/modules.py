@@ -195,7 +195,7 @@ class EntropyAttention(nn.MultiheadAttention):
             key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
         elif not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
-        B, L, S = query.shape[0], query.shape[1], key.shape[1]
+        B, L = query.shape[0], query.shape[1]
         inp, n_extra = self._inputs(query, key, value, self_attention, key_padding_mask, attn_mask, is_causal)
         if self.top_k is not None:
             inp = _top_k_inputs(inp, self.top_k)

@@ -484,13 +484,17 @@ def pruned_attention(
             tile of each pooled row always is) and entries are pruned within them against a running
             lower bound of lse. It misses the mass of tiles it does not visit and may keep entries
             the exact mode prunes; it never returns NaN and never empties a row that has an
-            unmasked key. It pays off for long prefill (measured on an H100, bf16, D = 128, faster
-            than the dense kernel at tile sparsity 0.9 / 0.95: 3.3x / 4.4x at N = 32k, 4.5x / 6.6x at
-            64k, below 1.8x at 16k and slower at 8k; max |fast - exact| 0.05 - 0.1 on sink-key
-            inputs; benchmarks/RESULTS.md). For decoding (Nq <= 16) it re-pools the whole key cache
-            on every call and is slower than ``'exact'``: use ``'exact'`` there. Rows whose weights
-            are all near tau (diffuse rows) are its weak case: it may keep a few entries that the
-            exact mode prunes. The reference backend evaluates the exact definition in both modes.
+            unmasked key. It pays off for long prefill on attention with block structure (sinks,
+            vertical stripes, clustered keys; measured on an H100, bf16, D = 128, against the dense
+            kernel at tile sparsity 0.9 / 0.95: 3.8x / 5.3x at N = 16k, 5.4x / 8.3x at 32k,
+            6.0x / 10.0x at 64k, below 1.8x at 8k; max |fast - exact| 0.05 - 0.1 on sink-key
+            inputs). On the attention of the example LMs (8k tokens) its prediction misses tiles
+            (relative error 3-9 %) or visits nearly all of them, and it is not faster than dense
+            (benchmarks/RESULTS.md): check its error on your model (``return_stats``, or against
+            ``'exact'``) before serving with it. For decoding (Nq <= 16) it re-pools the whole key
+            cache on every call: prefer ``'exact'`` there. Rows whose weights are all near tau
+            (diffuse rows) are its weak case: it may keep entries that the exact mode prunes.
+            The reference backend evaluates the exact definition in both modes.
         return_stats: also return the stats dict below.
         backend: ``'triton'``, ``'reference'`` or ``'auto'`` (Triton for CUDA inputs), as in
             ``entropy_attention``.

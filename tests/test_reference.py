@@ -1,5 +1,4 @@
 """The PyTorch reference path: float64 gradcheck, chunking, mask gradients, auto dispatch."""
-import pytest
 import torch
 
 from entropy_attn import entropy_attention

@@ -1,7 +1,6 @@
 """Hard range-partition entropy: exact search vs brute force, bounds, and the estimator study."""
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
