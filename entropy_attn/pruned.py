@@ -28,7 +28,7 @@ import triton
 from ._inputs import AttentionInputs, check_inputs, score_bias
 from ._launch import LOG2E, _block, _Config, _input_precision, _mask_args, _on_device, _unit_stride, interpreting
 from .functional import attention_with_lse, resolve_backend
-from .reference import _CHUNK_ELEMENTS, _compute_dtype, masked_softmax
+from .reference import _CHUNK_ELEMENTS, dense_operands, masked_softmax
 
 MODES = ("exact", "fast")
 #: The fast predictor visits a tile when its estimated share of some pooled row's mass is at least
@@ -130,14 +130,11 @@ def reference_pruned(inp: AttentionInputs, tau: float, *, block=REFERENCE_BLOCK,
 
     Returns ``out [B, H, Nq, Dv]`` in q's dtype, or ``(out, stats)``.
     """
-    q, k, v = inp.q, inp.k, inp.v
+    q = inp.q
     B, H, Nq, _ = q.shape
-    Nk = k.shape[2]
-    cdt = _compute_dtype(q.dtype)
-    if inp.groups > 1:
-        k = k.repeat_interleave(inp.groups, dim=1)
-        v = v.repeat_interleave(inp.groups, dim=1)
-    qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
+    Nk = inp.k.shape[2]
+    qc, kc, vc = dense_operands(inp)
+    cdt = qc.dtype
     bm, bn = block
     log_tau = math.log(tau) if tau > 0 else -math.inf
     if chunk_size is None:

@@ -21,6 +21,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def dense_operands(inp: AttentionInputs):
+    """``(q, k, v)`` of checked inputs in the compute dtype (float32, float64 for float64 inputs),
+    k and v repeated to q's heads (grouped-query attention): ``[B, H, N, D]`` each."""
+    cdt = _compute_dtype(inp.q.dtype)
+    k, v = inp.k, inp.v
+    if inp.groups > 1:
+        k = k.repeat_interleave(inp.groups, dim=1)
+        v = v.repeat_interleave(inp.groups, dim=1)
+    return inp.q.to(cdt), k.to(cdt), v.to(cdt)
+
+
 def masked_softmax(s: torch.Tensor):
     """``(P, log P, lse)`` of scores ``s [..., Nk]`` whose masked entries are -inf.
 
@@ -63,11 +74,8 @@ def reference_attention(inp: AttentionInputs, chunk_size: int | None = None):
     q, k, v = inp.q, inp.k, inp.v
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
-    cdt = _compute_dtype(q.dtype)
-    if inp.groups > 1:
-        k = k.repeat_interleave(inp.groups, dim=1)
-        v = v.repeat_interleave(inp.groups, dim=1)
-    qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
+    qc, kc, vc = dense_operands(inp)
+    cdt = qc.dtype
     if chunk_size is None:
         chunk_size = max(1, _CHUNK_ELEMENTS // (B * H * Nk))
     needs_grad = torch.is_grad_enabled() and any(

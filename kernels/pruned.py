@@ -25,8 +25,9 @@ each key block's outlier key, and for long query sequences the sampled vertical 
    tile is visited when its largest share over the pooled rows is ``>= log2 (tau * slack)``, and the
    best tile of every pooled row is always visited (so no row is dropped). Mean pooling dilutes a
    single strong key (an attention sink, a vertical stripe), so for long query sequences a sample
-   of real query rows against all keys gives the largest weight each key block gets, and key blocks reaching the same threshold are visited by every query block. The list
-   puts the block's most concentrated tile first, then the rest in key order. One program predicts
+   of real query rows against all keys gives the largest weight each key block gets, and key blocks
+   reaching the same threshold are visited by every query block. The list puts the block's most
+   concentrated tile first, then the rest in key order. One program predicts
    ``QB`` query blocks, so that their pooled rows share each load of the pooled keys.
 2. ``pruned_attn`` without ``EXACT``: one sweep over the listed tiles with the online softmax. An
    entry is pruned when ``u_ij < min(lse2_lb_i + log2 tau, m_i)`` where ``lse2_lb_i`` is the running
@@ -215,10 +216,10 @@ def pruned_predict(
     ``[m BLOCK_M + r G, m BLOCK_M + (r + 1) G)``, ``G = BLOCK_M / 16``); Kp ``[B, Hkv, NKB, D]``
     pooled keys (q's dtype), Ko the same shape: each block's outlier key (0 where none); Kbias
     ``[B or 1, NKB]`` float32, log2 of each key block's unmasked weight (-inf: nothing visible),
-    Kobias the same for the outlier key alone. With ``VERT``, Vert ``[B*H, NKB]`` float32: log2 of the largest weight a
-    sample of real query rows puts in each key block (vertical stripes, attention sinks:
-    single strong keys that mean pooling dilutes); such blocks are visited by every query block
-    (where the causal mask lets them). Writes Idx ``[B*H, NQB, NKB]`` int32 and Count ``[B*H, NQB]``.
+    Kobias the same for the outlier key alone. With ``VERT``, Vert ``[B*H, NKB]`` float32: log2
+    of the largest weight a sample of real query rows puts in each key block (vertical stripes,
+    attention sinks: single strong keys that mean pooling dilutes); such blocks are visited by
+    every query block (where the causal mask lets them). Writes Idx ``[B*H, NQB, NKB]`` int32 and Count ``[B*H, NQB]``.
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -299,8 +300,9 @@ def _pooled_lse_bound(
 ):
     """A lower bound of each row's lse2 from the pooled keys: by Jensen,
     ``sum_{j in block} w_j 2^(u_ij) >= W 2^(q_i . kbar)`` with kbar the w-weighted mean key and W the
-    block weight (``Kbias = log2 W``), and it is also >= the outlier key's own term. Causal rows count only the blocks they see entirely. (The
-    pooled keys are rounded to q's dtype for the tensor cores, so the bound holds to that rounding.)
+    block weight (``Kbias = log2 W``), and it is also >= the outlier key's own term. Causal rows
+    count only the blocks they see entirely. (The pooled keys are rounded to q's dtype for the tensor
+    cores, so the bound holds to that rounding.)
     Only the ``count`` listed key blocks ``Idx[:count]`` are summed (fewer terms: still a lower
     bound), which costs one small product per 64 listed blocks instead of one per 64 key blocks."""
     Kp += b.to(tl.int64) * stride_pkb + hk.to(tl.int64) * stride_pkh
