@@ -53,11 +53,12 @@ def _scores_blocks(
     Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_kb, stride_kpn,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
-    STATS: tl.constexpr, TILE_MAX: tl.constexpr, PRECISION: tl.constexpr,
+    STATS: tl.constexpr, MAX_STORE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Fold the scores of key blocks ``[kb_lo, kb_hi)`` into the running max ``m`` and sum ``l``
-    (base 2) of each row, and with ``STATS`` its unmasked count ``cnt``; with ``TILE_MAX`` store each
-    tile's score maximum at ``TileMax + kb``."""
+    (base 2) of each row, and with ``STATS`` its unmasked count ``cnt``. ``MAX_STORE``: ``'tile'``
+    stores each tile's score maximum at ``TileMax + kb``, ``'rows'`` each row's maximum in the block
+    at ``TileMax + kb * BLOCK_M + r`` (``BLOCK_M`` = the number of rows), ``'none'`` nothing."""
     for kb in range(kb_lo, kb_hi):
         offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, MASKED, BLOCK_D != D)
@@ -67,8 +68,10 @@ def _scores_blocks(
                             Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_kb, stride_kpn,
                             CAUSAL, MASK_KIND, KPM_KIND)
         row_max = tl.max(u, 1)
-        if TILE_MAX:
+        if MAX_STORE == "tile":
             tl.store(TileMax + kb, tl.max(row_max, 0))
+        elif MAX_STORE == "rows":
+            tl.store(TileMax + kb * row_max.shape[0] + tl.arange(0, row_max.shape[0]), row_max)
         m_new = tl.maximum(m, row_max)
         x = u - m_new[:, None]
         if MASKED:
@@ -130,11 +133,11 @@ def pruned_scores(
     m, l, cnt = _scores_blocks(
         m, l, cnt, q, K, TileMax, stride_kn, stride_kd, offs_m, offs_d, kb_lo, mid, b, h, Nq, Nk, qk_scale,
         Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
-        D, BLOCK_N, BLOCK_D, False, CAUSAL, MASK_KIND, KPM_KIND, STATS, True, PRECISION)
+        D, BLOCK_N, BLOCK_D, False, CAUSAL, MASK_KIND, KPM_KIND, STATS, "tile", PRECISION)
     m, l, cnt = _scores_blocks(
         m, l, cnt, q, K, TileMax, stride_kn, stride_kd, offs_m, offs_d, mid, kb_hi, b, h, Nq, Nk, qk_scale,
         Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
-        D, BLOCK_N, BLOCK_D, True, CAUSAL, MASK_KIND, KPM_KIND, STATS, True, PRECISION)
+        D, BLOCK_N, BLOCK_D, True, CAUSAL, MASK_KIND, KPM_KIND, STATS, "tile", PRECISION)
 
     rows = (split * tl.num_programs(1) + bh).to(tl.int64) * Nq + offs_m
     row_mask = offs_m < Nq
@@ -219,7 +222,8 @@ def pruned_predict(
     Kobias the same for the outlier key alone. With ``VERT``, Vert ``[B*H, NKB]`` float32: log2
     of the largest weight a sample of real query rows puts in each key block (vertical stripes,
     attention sinks: single strong keys that mean pooling dilutes); such blocks are visited by
-    every query block (where the causal mask lets them). Writes Idx ``[B*H, NQB, NKB]`` int32 and Count ``[B*H, NQB]``.
+    every query block (where the causal mask lets them). Writes Idx ``[B*H, NQB, NKB]`` int32 and
+    Count ``[B*H, NQB]``.
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -459,7 +463,7 @@ def pruned_attn(
             tl.full([BLOCK_M], M_INIT, dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32),
             tl.zeros([BLOCK_M], dtype=tl.int32), q, K, Lpart, stride_kn, stride_kd, offs_m, offs_d, kb0, kb1,
             b, h, Nq, Nk, qk_scale, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
-            D, BLOCK_N, BLOCK_D, MASKED, CAUSAL, MASK_KIND, KPM_KIND, False, False, PRECISION)
+            D, BLOCK_N, BLOCK_D, MASKED, CAUSAL, MASK_KIND, KPM_KIND, False, "none", PRECISION)
         lse_lb = tl.maximum(lse_lb, tl.where(l0 > 0.0, m0 + tl.log2(tl.where(l0 > 0.0, l0, 1.0)), float("-inf")))
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import load_tile
-from .masks import FLOAT_MASK, M_INIT, MIN_EXP2, NO_MASK, apply_masks, dot
-from .pruned import POOL_ROWS
+from .masks import FLOAT_MASK, M_INIT, NO_MASK, apply_masks
+from .pruned import POOL_ROWS, _scores_blocks
 
 
 @triton.jit
@@ -148,22 +148,14 @@ def vertical_sample(
     offs_d = tl.arange(0, BLOCK_D)
     q = load_tile(Q, rows, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D)
 
-    m = tl.full([BLOCK_S], M_INIT, dtype=tl.float32)
-    l = tl.zeros([BLOCK_S], dtype=tl.float32)
     kb_lo = split * KB_PER_SPLIT
     kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, NKB)
-    for kb in range(kb_lo, kb_hi):
-        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, True, BLOCK_D != D)
-        u = dot(q, tl.trans(k), PRECISION) * qk_scale
-        u = apply_masks(u, rows[:, None], offs_n[None, :], b, h, Nq, Nk,
-                        Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
-                        CAUSAL, MASK_KIND, KPM_KIND)
-        row_max = tl.max(u, 1)
-        tl.store(BlockMax + (bh.to(tl.int64) * NKB + kb) * BLOCK_S + offs_s, row_max)
-        m_new = tl.maximum(m, row_max)
-        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(tl.maximum(u - m_new[:, None], MIN_EXP2)), 1)
-        m = m_new
+    m, l, _ = _scores_blocks(
+        tl.full([BLOCK_S], M_INIT, dtype=tl.float32), tl.zeros([BLOCK_S], dtype=tl.float32),
+        tl.zeros([BLOCK_S], dtype=tl.int32), q, K, BlockMax + bh.to(tl.int64) * NKB * BLOCK_S,
+        stride_kn, stride_kd, rows, offs_d, kb_lo, kb_hi, b, h, Nq, Nk, qk_scale,
+        Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+        D, BLOCK_N, BLOCK_D, True, CAUSAL, MASK_KIND, KPM_KIND, False, "rows", PRECISION)
 
     part = (split * tl.num_programs(0) + bh).to(tl.int64) * BLOCK_S + offs_s
     tl.store(Mpart + part, m)
