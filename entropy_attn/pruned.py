@@ -70,6 +70,15 @@ def _num_splits(programs: int, nkb: int, device, min_blocks: int = 4) -> int:
     return max(1, min(triton.cdiv(target, programs), nkb // min_blocks, 64))
 
 
+def _key_splits(programs: int, nkb: int, device, splits: int | None = None) -> tuple[int, int]:
+    """``(splits, key blocks per split)`` of a key-range split (``splits`` forced, or from
+    ``_num_splits``), with no empty split."""
+    if splits is None:
+        splits = _num_splits(programs, nkb, device)
+    kb_per = triton.cdiv(nkb, splits)
+    return triton.cdiv(nkb, kb_per), kb_per
+
+
 def _predict_group(nqb: int, bh: int, device) -> int:
     """Query blocks per predictor program (``QB``): up to 4 share each load of the pooled keys
     (64 pooled rows: one tensor-core tile), fewer where the grid would no longer fill the GPU."""
@@ -196,10 +205,7 @@ def _exact_first_pass(inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_ar
     BH = B * H
     dev = q.device
     (mask, *mstr, mkind), (kpm, *pstr, pkind) = mask_args, kpm_args
-    if splits is None:
-        splits = _num_splits(nqb * BH, nkb, dev)
-    kb_per = triton.cdiv(nkb, splits)
-    splits = triton.cdiv(nkb, kb_per)
+    splits, kb_per = _key_splits(nqb * BH, nkb, dev, splits)
     tile_max = torch.full((BH, nqb, nkb), float("-inf"), dtype=torch.float32, device=dev)
     mpart = torch.empty((splits, BH, Nq), dtype=torch.float32, device=dev)
     lpart = torch.empty_like(mpart)
@@ -297,9 +303,7 @@ def _vertical(inp, q, k, cfg, nkb):
     BH = B * H
     dev = q.device
     block_s = max(16, triton.next_power_of_2(VERT_SAMPLES))
-    splits = _num_splits(BH, nkb, dev)
-    kb_per = triton.cdiv(nkb, splits)
-    splits = triton.cdiv(nkb, kb_per)
+    splits, kb_per = _key_splits(BH, nkb, dev)
     f32 = dict(dtype=torch.float32, device=dev)
     block_max = torch.empty((BH, nkb, block_s), **f32)
     mpart = torch.empty((splits, BH, block_s), **f32)
