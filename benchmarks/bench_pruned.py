@@ -6,7 +6,8 @@ block (vertical stripes), the rest on a near-uniform background. Each row can ke
 entries, so tau = min(0.01, 0.45 / n_hot) (recorded). Labels: the measured tile sparsity of the
 exact mode (``s``), the ideal speed-up ``1/(1-s)``, and for the fast mode its deviation from the
 exact output (``fast_err``: max |fast - exact|) and its pruned mass next to the exact one.
-Decoding: Nq = 1 and 16 queries against Nk = 32k and 128k keys (B = 4, 32 query heads, 8 kv heads).
+Decoding: Nq = 1 and 16 queries against Nk = 32k and 128k keys (B = 4, 32 query heads, 8 kv heads),
+each called directly and replayed from a CUDA graph (``graph``: no host launch overhead).
 
     pytest benchmarks/bench_pruned.py --benchmark-enable --benchmark-json=out.json   # ~3 min, H100
     pytest benchmarks/bench_pruned.py -m slow ...                                  # adds N = 64k
@@ -154,10 +155,27 @@ def decode_cases(nks):
     for nk in nks:
         for nq in (1, 16):
             for impl in (*DENSE, "pruned_exact", "pruned_fast"):
-                yield impl, nq, nk
+                for graph in (False, True):
+                    yield impl, nq, nk, graph
 
 
-def _decode(measure, impl, nq, nk):
+def cuda_graph(fn):
+    """``fn`` captured in a CUDA graph (after warm-up calls on a side stream, as PyTorch's docs
+    do); returns its replay. Serving engines run decoding steps this way, which removes the host's
+    launch overhead from every competitor alike."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _decode(measure, impl, nq, nk, graph):
     b, h, hkv, d, s = 4, 32, 8, 128, 0.9
     key = ("dec", nq, nk)
     if key not in _INPUTS:
@@ -165,7 +183,7 @@ def _decode(measure, impl, nq, nk):
         _LABELS.clear()
         _INPUTS[key] = stripes(b, h, hkv, nq, nk, d, s, seed=1)
     q, k, v, tau = _INPUTS[key]
-    labels = dict(group="pruned decoding (bf16, B=4, H=32, Hkv=8, D=128)", impl=impl, Nq=nq, Nk=nk)
+    labels = dict(group="pruned decoding (bf16, B=4, H=32, Hkv=8, D=128)", impl=impl, Nq=nq, Nk=nk, graph=graph)
     if impl in DENSE:
         def fn():
             return DENSE[impl](q, k, v)
@@ -178,12 +196,14 @@ def _decode(measure, impl, nq, nk):
     try:
         with torch.no_grad():
             fn()
+            if graph:
+                fn = cuda_graph(fn)
     except RuntimeError as e:  # e.g. a cuDNN build without this shape
         pytest.skip(f"{impl}: {str(e).splitlines()[0][:120]}")
     with torch.no_grad():
         measure(fn, flops=attention_flops(b, h, nq, nk, d), rounds=10, warmup=3, **labels)
 
 
-@pytest.mark.parametrize("impl,nq,nk", list(decode_cases((32768, 131072))), ids=str)
-def test_decode(measure, impl, nq, nk):
-    _decode(measure, impl, nq, nk)
+@pytest.mark.parametrize("impl,nq,nk,graph", list(decode_cases((32768, 131072))), ids=str)
+def test_decode(measure, impl, nq, nk, graph):
+    _decode(measure, impl, nq, nk, graph)

@@ -1,11 +1,14 @@
 """Where the time of ``pruned_attention`` goes, kernel by kernel (GPU): ``python benchmarks/profile_pruned.py``.
 
-For each case (bf16, B = 1, H = 2048 / D, the sink-key inputs of ``bench_pruned.py``) it prints the
-dense kernel's time, then for each mode the CUDA time per call of every kernel the call launches
-(torch.profiler, summed over 5 calls) and the tiles listed by each mode. Used to decide what to
-optimize; the speed numbers of record come from ``bench_pruned.py``.
+For each case (bf16, the sink-key inputs of ``bench_pruned.py``: prefill with B = 1, H = 2048 / D,
+and decoding with B = 4, 32 query heads on 8 kv heads, D = 128) it prints the dense kernel's time,
+then for each mode the time per call (``do_bench``), the CUDA time per call of every kernel the call
+launches (torch.profiler, averaged over 5 calls) and their sum: where the call takes longer than its
+kernels, the GPU waits for the host. Used to decide what to optimize; the speed numbers of record
+come from ``bench_pruned.py``.
 """
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -14,12 +17,20 @@ import triton
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pruned import WIDTH, stripes  # noqa: E402
+from bench_pruned import stripes  # noqa: E402
 
 from entropy_attn import entropy_attention  # noqa: E402
 from entropy_attn.pruned import pruned_attention  # noqa: E402
 
-CASES = [(16384, 128, 0.9), (32768, 128, 0.95), (65536, 128, 0.95), (65536, 64, 0.9)]
+#: (B, H, Hkv, Nq, Nk, D, s)
+CASES = [
+    (1, 16, 16, 8192, 8192, 128, 0.95),
+    (1, 16, 16, 16384, 16384, 128, 0.9),
+    (1, 16, 16, 65536, 65536, 128, 0.95),
+    (1, 32, 32, 65536, 65536, 64, 0.9),
+    (4, 32, 8, 1, 131072, 128, 0.9),
+    (4, 32, 8, 16, 32768, 128, 0.9),
+]
 CALLS = 5
 
 
@@ -38,17 +49,30 @@ def kernel_times(fn) -> dict:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
+def host_time(fn, calls: int = 20) -> float:
+    """Host time per call (ms) of ``fn`` launched back to back without synchronizing: the floor of
+    its time per call when its kernels are shorter than their launches."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t = (time.perf_counter() - t0) / calls * 1e3
+    torch.cuda.synchronize()
+    return t
+
+
 def main():
-    for n, d, s in CASES:
-        q, k, v, tau = stripes(1, WIDTH // d, WIDTH // d, n, n, d, s)
+    for b, h, hkv, nq, nk, d, s in CASES:
+        q, k, v, tau = stripes(b, h, hkv, nq, nk, d, s)
         with torch.no_grad():
             dense = triton.testing.do_bench(lambda: entropy_attention(q, k, v, return_entropy=False))
-            print(f"\n=== N={n} D={d} s={s} tau={tau:.4g}: dense {dense:.2f} ms")
+            print(f"\n=== B={b} H={h} Hkv={hkv} Nq={nq} Nk={nk} D={d} s={s} tau={tau:.4g}: dense {dense:.3f} ms")
             for mode in ("exact", "fast"):
                 _, st = pruned_attention(q, k, v, tau=tau, mode=mode, return_stats=True)
                 ms = triton.testing.do_bench(lambda: pruned_attention(q, k, v, tau=tau, mode=mode))
-                print(f"--- {mode}: {ms:.2f} ms ({dense / ms:.2f}x dense), tile sparsity "
+                print(f"--- {mode}: {ms:.3f} ms ({dense / ms:.2f}x dense), tile sparsity "
                       f"{st['tile_sparsity'].mean().item():.3f}, pruned mass {st['pruned_mass'].mean().item():.4f}")
+                print(f"    host {host_time(lambda: pruned_attention(q, k, v, tau=tau, mode=mode)):.3f} ms per call")
                 times = kernel_times(lambda: pruned_attention(q, k, v, tau=tau, mode=mode))
                 for name, t in times.items():
                     print(f"    {t:8.3f} ms  {name}")

@@ -7,10 +7,10 @@ Exact mode, three launches:
 1. ``pruned_scores``: Q K^T only (no P V). Per row the running max ``m`` and sum ``l`` (so
    ``lse2 = m + log2 l``), per tile (BLOCK_M x BLOCK_N) the masked score maximum. Programs may split
    the key range (``program_id(2)``, flash-decoding style for few queries); the host combines.
-2. ``pruned_select``: per query block, ``thr_min = min_i thr_i`` with
-   ``thr_i = min(lse2_i + log2 tau, m_i)`` (the row max is always kept), and the compacted list of
-   key blocks whose tile maximum is ``>= thr_min`` (and not fully masked). Every other tile holds no
-   kept entry: skipping it is exact.
+2. ``pruned_select``: per row ``lse2`` and ``thr_i = min(lse2_i + log2 tau, m_i)`` (the row max is
+   always kept) from the split partials; per query block ``thr_min = min_i thr_i`` and the compacted
+   list of key blocks whose tile maximum is ``>= thr_min`` (and not fully masked). Every other tile
+   holds no kept entry: skipping it is exact.
 3. ``pruned_attn`` with ``EXACT``: only the listed tiles are loaded and multiplied;
    ``p_ij = 2^(u_ij - lse2_i)`` where ``u_ij >= thr_i``, else 0, so ``sum_j p_ij`` is the kept mass and
    ``out_i = sum_j p_ij v_j / sum_j p_ij``. No online rescaling is needed (lse is known), and splits
@@ -149,33 +149,52 @@ def pruned_scores(
 
 @triton.jit
 def pruned_select(
-    TileMax, Thr, Idx, Count, NValid, Nq, NQB, NKB,
+    TileMax, Mpart, Lpart, Lse2, Thr, Idx, Count, NValid, Nq, NQB, NKB, SPLITS, log2_tau,
     BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """The exact tile skip test: list the key blocks of query block ``pid_m`` whose tile maximum
-    reaches ``min_i thr_i`` (Thr ``[B*H, Nq]`` float32, base 2, +inf on empty rows).
+    """The exact tile skip test of query block ``pid_m``: each row's lse2 and threshold from the
+    first pass's split partials, then the list of key blocks whose tile maximum reaches
+    ``thr_min = min_i thr_i``.
 
-    Idx ``[B*H, NQB, NKB]`` int32 (first Count entries valid, in key order); Count and NValid
+    Mpart, Lpart ``[SPLITS, B*H, Nq]`` float32: per split the row max and sum (base 2). Writes Lse2
+    and Thr ``[B*H, Nq]`` float32 (``thr_i = min(lse2_i + log2 tau, m_i)``, with m_i lowered by ~1e-6
+    relative so that the recomputed row maximum is always kept; both +inf on empty rows), Idx
+    ``[B*H, NQB, NKB]`` int32 (first Count entries valid, in key order), Count and NValid
     ``[B*H, NQB]`` int32: listed tiles and tiles with at least one unmasked entry.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    thr = tl.load(Thr + bh.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
-    thr_min = tl.min(thr, 0)
+    row_mask = offs_m < Nq
+    rows = bh.to(tl.int64) * Nq + offs_m
+    m = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for sp in range(0, SPLITS):
+        srows = (sp * tl.num_programs(1)).to(tl.int64) * Nq + rows
+        m_s = tl.load(Mpart + srows, mask=row_mask, other=M_INIT)
+        l_s = tl.load(Lpart + srows, mask=row_mask, other=0.0)
+        m_new = tl.maximum(m, m_s)
+        l = l * tl.exp2(m - m_new) + l_s * tl.exp2(m_s - m_new)
+        m = m_new
+    live = l > 0.0
+    lse2 = tl.where(live, m + tl.log2(tl.where(live, l, 1.0)), float("inf"))
+    thr = tl.where(live, tl.minimum(lse2 + log2_tau, m - 1e-6 * (1.0 + tl.abs(m))), float("inf"))
+    tl.store(Lse2 + rows, lse2, mask=row_mask)
+    tl.store(Thr + rows, thr, mask=row_mask)
+    thr_min = tl.min(tl.where(row_mask, thr, float("inf")), 0)
     base = (bh.to(tl.int64) * NQB + pid_m) * NKB
     n = 0
     n_valid = 0
     for c in range(0, NKB, CHUNK):
         kb = c + tl.arange(0, CHUNK)
         tm = tl.load(TileMax + base + kb, mask=kb < NKB, other=float("-inf"))
-        live = tm > float("-inf")
-        keep = live & (tm >= thr_min)
+        live_t = tm > float("-inf")
+        keep = live_t & (tm >= thr_min)
         ki = keep.to(tl.int32)
         pos = n + tl.cumsum(ki, 0) - 1
         tl.store(Idx + base + pos, kb, mask=keep)
         n += tl.sum(ki, 0)
-        n_valid += tl.sum(live.to(tl.int32), 0)
+        n_valid += tl.sum(live_t.to(tl.int32), 0)
     tl.store(Count + bh * NQB + pid_m, n)
     tl.store(NValid + bh * NQB + pid_m, n_valid)
 

@@ -287,6 +287,42 @@ def test_decoding_splits(mode):
 
 
 @triton_ok
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("nq,causal,padded", [(1, True, True), (3, False, False), (16, False, True)])
+def test_gqa_decoding_packs_query_heads(mode, nq, causal, padded):
+    """Grouped-query decoding runs the 4 query heads of a kv head as the rows of one tile: the output
+    and the per-head entry stats are the definition's, the tile stats those of the packed tiles
+    (the union of the group's heads), shared by the group's heads."""
+    B, H, Hkv, Nk, D = 2, 8, 2, 150, 16
+    qf, k, v = clustered(B, H, Hkv, 16 * H, Nk, D, block=10, seed=16)
+    q = torch.stack([qf[:, h, 16 * h:16 * h + nq] for h in range(H)], 1)  # heads point at different keys
+    if nq == 3:  # stored [B, Nq, H, D] (packing copies it)
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    kpm = None
+    if padded:
+        kpm = torch.zeros(B, Nk, dtype=torch.bool)
+        kpm[1, 100:] = True
+    ref, st_ref, amb = definition(q, k, v, 0.01, causal=causal, key_padding_mask=kpm)
+    packed = q.reshape(B, Hkv, 4 * nq, D)  # the packed rows, non-causal (a single query's causal mask is empty)
+    _, st_packed, _ = definition(packed, k, v, 0.01, key_padding_mask=kpm)
+    _, st_heads, _ = definition(q, k, v, 0.01, causal=causal, key_padding_mask=kpm, block=kernel_tiles(4 * nq, D))
+    out, st = run(q, k, v, tau=0.01, causal=causal, key_padding_mask=kpm, mode=mode, return_stats=True)
+    assert out.shape == (B, H, nq, D) and torch.isfinite(out).all()
+    tiles = st["tile_sparsity"].double().cpu()
+    assert (tiles.view(Hkv, 4) == tiles.view(Hkv, 4)[:, :1]).all()  # one tile list per group
+    if mode == "exact":
+        check_close(out, ref, amb, torch.float32)
+        for key in ("entry_sparsity", "pruned_mass"):
+            assert torch.allclose(st[key].double().cpu(), st_ref[key], atol=2e-3), (key, st[key], st_ref[key])
+        assert torch.allclose(tiles, st_packed["tile_sparsity"].repeat_interleave(4), atol=2e-3), (tiles, st_packed)
+        assert (tiles < st_heads["tile_sparsity"] - 0.05).any()  # the union of the heads' tiles, not each head's
+    else:
+        err = (out.double().cpu() - ref).abs().amax(-1)
+        assert (err <= fast_error_bound(st_ref, v) + 1e-3).all(), err.max()
+        assert (out.abs().amax(-1) > 0).all()
+
+
+@triton_ok
 def test_fast_splits_keep_the_row_max_rule():
     """Diffuse rows split over several programs: each split keeps its own maximum, the combine must
     drop the splits below the row threshold (else it averages the splits' maxima)."""
