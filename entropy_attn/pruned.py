@@ -512,10 +512,10 @@ def pruned_attention(
             the exact mode prunes; it never returns NaN and never empties a row that has an
             unmasked key. It pays off for long prefill on attention with block structure (sinks,
             vertical stripes, clustered keys; measured on an H100, bf16, D = 128, against the dense
-            kernel at tile sparsity 0.9 / 0.95: 3.8x / 5.3x at N = 16k, 5.4x / 8.3x at 32k,
-            6.0x / 10.0x at 64k, below 1.8x at 8k; max |fast - exact| 0.05 - 0.1 on sink-key
+            kernel at tile sparsity 0.9 / 0.95: 4.2x / 5.6x at N = 16k, 5.6x / 8.4x at 32k,
+            6.0x / 9.7x at 64k, 2.0x / 2.6x at 8k; max |fast - exact| 0.05 - 0.1 on sink-key
             inputs). On the attention of the example LMs (8k tokens) its prediction misses tiles
-            (relative error 3-9 %) or visits nearly all of them, and it is not faster than dense
+            (relative error 2-8 %) or visits nearly all of them, and it is not faster than dense
             (benchmarks/RESULTS.md): check its error on your model (``return_stats``, or against
             ``'exact'``) before serving with it. For decoding (Nq <= 16) it re-pools the whole key
             cache on every call: prefer ``'exact'`` there. Rows whose weights are all near tau
