@@ -379,6 +379,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
     mask_args, kpm_args = _mask_args(inp)
     (mask, *mstr, mkind), (kpm, *pstr, pkind) = mask_args, kpm_args
     exact = mode == "exact"
+    chunk = 16 if interpreting() else 64  # key blocks per step of the loops over key-block lists
     from .kernels.pruned import pruned_attn, pruned_predict
 
     with _on_device(q):
@@ -392,7 +393,6 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
             vert = _vertical(inp, q, k, cfg, nkb)
             idx = torch.empty((BH, nqb, nkb), dtype=torch.int32, device=dev)
             count = torch.empty((BH, nqb), dtype=torch.int32, device=dev)
-            chunk = 16 if interpreting() else 64
             qb = _predict_group(nqb, BH, dev)
             pruned_predict[(triton.cdiv(nqb, qb), BH)](
                 qp, kp, ko, kbias, kobias, vert if vert is not None else kbias, idx, count, *qp.stride(), *kp.stride(),
@@ -432,7 +432,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
             D=D, DV=Dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), BLOCK_DV=_block(Dv),
             CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, MASKED=masked,
             EXACT=exact, SPLIT=split, FALLBACK=not exact and not split, STATS=stats,
-            LSE_BOUND=bound, CHUNK=16 if interpreting() else 64, PRECISION=_input_precision(q.dtype),
+            LSE_BOUND=bound, CHUNK=chunk, PRECISION=_input_precision(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if split:

@@ -148,6 +148,23 @@ def pruned_scores(
 
 
 @triton.jit
+def split_lse(Mpart, Lpart, offs, mask, SPLITS, split_stride):
+    """Fold the partial row maxima and sums (base 2) of ``SPLITS`` key-range splits, split ``s`` at
+    ``Mpart / Lpart + s * split_stride + offs``, into each row's max ``m`` and
+    ``lse2 = m + log2 l`` (+inf for a row that saw no key). Returns ``(m, lse2)``."""
+    m = tl.full(offs.shape, M_INIT, dtype=tl.float32)
+    l = tl.zeros(offs.shape, dtype=tl.float32)
+    for s in range(0, SPLITS):
+        part = s * split_stride + offs
+        m_s = tl.load(Mpart + part, mask=mask, other=M_INIT)
+        m_new = tl.maximum(m, m_s)
+        l = l * tl.exp2(m - m_new) + tl.load(Lpart + part, mask=mask, other=0.0) * tl.exp2(m_s - m_new)
+        m = m_new
+    live = l > 0.0
+    return m, tl.where(live, m + tl.log2(tl.where(live, l, 1.0)), float("inf"))
+
+
+@triton.jit
 def pruned_select(
     TileMax, Mpart, Lpart, Lse2, Thr, Idx, Count, NValid, Nq, NQB, NKB, SPLITS, log2_tau,
     BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
@@ -167,18 +184,8 @@ def pruned_select(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = offs_m < Nq
     rows = bh.to(tl.int64) * Nq + offs_m
-    m = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
-    l = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for sp in range(0, SPLITS):
-        srows = (sp * tl.num_programs(1)).to(tl.int64) * Nq + rows
-        m_s = tl.load(Mpart + srows, mask=row_mask, other=M_INIT)
-        l_s = tl.load(Lpart + srows, mask=row_mask, other=0.0)
-        m_new = tl.maximum(m, m_s)
-        l = l * tl.exp2(m - m_new) + l_s * tl.exp2(m_s - m_new)
-        m = m_new
-    live = l > 0.0
-    lse2 = tl.where(live, m + tl.log2(tl.where(live, l, 1.0)), float("inf"))
-    thr = tl.where(live, tl.minimum(lse2 + log2_tau, m - 1e-6 * (1.0 + tl.abs(m))), float("inf"))
+    m, lse2 = split_lse(Mpart, Lpart, rows, row_mask, SPLITS, tl.num_programs(1).to(tl.int64) * Nq)
+    thr = tl.where(lse2 < float("inf"), tl.minimum(lse2 + log2_tau, m - 1e-6 * (1.0 + tl.abs(m))), float("inf"))
     tl.store(Lse2 + rows, lse2, mask=row_mask)
     tl.store(Thr + rows, thr, mask=row_mask)
     thr_min = tl.min(tl.where(row_mask, thr, float("inf")), 0)

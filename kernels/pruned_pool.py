@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .attention_fwd import load_tile
 from .masks import FLOAT_MASK, M_INIT, NO_MASK, apply_masks
-from .pruned import POOL_ROWS, _scores_blocks
+from .pruned import POOL_ROWS, _scores_blocks, split_lse
 
 
 @triton.jit
@@ -173,16 +173,8 @@ def vertical_combine(
     Inputs as written by ``vertical_sample``."""
     bh = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
-    m = tl.full([BLOCK_S], M_INIT, dtype=tl.float32)
-    l = tl.zeros([BLOCK_S], dtype=tl.float32)
-    for split in range(0, SPLITS):
-        part = (split * tl.num_programs(0) + bh).to(tl.int64) * BLOCK_S + offs_s
-        mp = tl.load(Mpart + part)
-        m_new = tl.maximum(m, mp)
-        l = l * tl.exp2(m - m_new) + tl.load(Lpart + part) * tl.exp2(mp - m_new)
-        m = m_new
-    live = l > 0.0
-    lse = tl.where(live, m + tl.log2(tl.where(live, l, 1.0)), float("inf"))
+    _, lse = split_lse(Mpart, Lpart, bh.to(tl.int64) * BLOCK_S + offs_s, offs_s < BLOCK_S, SPLITS,
+                       tl.num_programs(0).to(tl.int64) * BLOCK_S)
 
     for c in range(0, NKB, CHUNK):
         kb = c + tl.arange(0, CHUNK)
