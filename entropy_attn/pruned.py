@@ -282,7 +282,7 @@ def _pool_inputs(inp, q, k, cfg, nqb, nkb):
 
     pool_queries[(nqb, B * H)](
         q, qp, *q.stride(), *qp.stride(), H, Nq,
-        D=D, BLOCK_M=cfg.block_m, BLOCK_D=_block(D), num_warps=cfg.num_warps,
+        D=D, BLOCK_M=cfg.block_m, BLOCK_D=_block(D), num_warps=4,
     )
     pool_keys[(nkb, B * Hkv)](
         k, kp, ko, kbias, kobias, kpm, *k.stride(), *kp.stride(), *pstr, kbias.stride(0),

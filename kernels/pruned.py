@@ -31,12 +31,13 @@ each key block's outlier key, and for long query sequences the sampled vertical 
    ``QB`` query blocks, so that their pooled rows share each load of the pooled keys.
 2. ``pruned_attn`` without ``EXACT``: one sweep over the listed tiles with the online softmax. An
    entry is pruned when ``u_ij < min(lse2_lb_i + log2 tau, m_i)`` where ``lse2_lb_i`` is the running
-   log-sum over the entries of the tiles seen before and the current tile's largest entry (or, if
-   larger, the exact log-sum of the first listed tile, computed before the sweep, or the pooled
-   bound): a lower bound of the true lse2, so every entry it prunes is
-   also pruned by the exact definition (it may keep some that the exact mode prunes, and it misses the
-   mass of tiles it does not visit). Rows that met no unmasked key in the listed tiles are recomputed
-   over every key block (``FALLBACK``), so a row is dropped only if it has no unmasked key at all.
+   log-sum over the entries of the tiles seen before and the current tile's largest entry (the
+   predictor lists the most concentrated tile first) or, if larger, a bound from the pooled keys of
+   every listed tile, computed before the sweep: a lower bound of the true lse2, so every entry it
+   prunes is also pruned by the exact definition (it may keep some that the exact mode prunes, and
+   it misses the mass of tiles it does not visit). Rows that met no unmasked key in the listed
+   tiles are recomputed over every key block (``FALLBACK``), so a row is dropped only if it has no
+   unmasked key at all.
 """
 import triton
 import triton.language as tl
@@ -58,7 +59,7 @@ def _scores_blocks(
     """Fold the scores of key blocks ``[kb_lo, kb_hi)`` into the running max ``m`` and sum ``l``
     (base 2) of each row, and with ``STATS`` its unmasked count ``cnt``. ``MAX_STORE``: ``'tile'``
     stores each tile's score maximum at ``TileMax + kb``, ``'rows'`` each row's maximum in the block
-    at ``TileMax + kb * BLOCK_M + r`` (``BLOCK_M`` = the number of rows), ``'none'`` nothing."""
+    at ``TileMax + kb * BLOCK_M + r`` (``BLOCK_M`` = the number of rows)."""
     for kb in range(kb_lo, kb_hi):
         offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, MASKED, BLOCK_D != D)
@@ -211,18 +212,16 @@ def _block_estimate(qp, Kp, Ko, Kbias, Kobias, kb, first_row, offs_d, NKB, Nq, N
                     stride_kn, stride_kd, stride_bn, D: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """Estimated log2 mass ``[POOL_ROWS, CHUNK]`` of key blocks ``kb`` for the pooled rows whose
-    first query rows are ``first_row``: the block's weight times 2^(q . mean key), plus its outlier
-    key (the farthest from the mean) on its own, which catches a single strong key (an attention
-    sink) that the mean dilutes; -inf where the block is invisible (masked, causal, past NKB)."""
+    first query rows are ``first_row``: the larger of the block's weight times 2^(q . mean key) and
+    its outlier key (the farthest from the mean) on its own, which catches a single strong key (an
+    attention sink) that the mean dilutes (the larger term, not their sum: within a factor 2 of it,
+    and no exp2/log2 per entry); -inf where the block is invisible (masked, causal, past NKB)."""
     kp = load_tile(Kp, kb, offs_d, NKB, D, stride_kn, stride_kd, True, BLOCK_D != D)
     ko = load_tile(Ko, kb, offs_d, NKB, D, stride_kn, stride_kd, True, BLOCK_D != D)
     bias = tl.load(Kbias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
     obias = tl.load(Kobias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
-    e_mean = dot(qp, tl.trans(kp), PRECISION) * qk_scale + bias[None, :]
-    e_out = dot(qp, tl.trans(ko), PRECISION) * qk_scale + obias[None, :]
-    hi = tl.maximum(e_mean, e_out)
-    lo = tl.minimum(e_mean, e_out)
-    est = tl.where(hi > float("-inf"), hi + tl.log2(1.0 + tl.exp2(lo - hi)), float("-inf"))
+    est = tl.maximum(dot(qp, tl.trans(kp), PRECISION) * qk_scale + bias[None, :],
+                     dot(qp, tl.trans(ko), PRECISION) * qk_scale + obias[None, :])
     if CAUSAL:
         est = tl.where(kb[None, :] * BLOCK_N <= first_row[:, None] + (Nk - Nq), est, float("-inf"))
     return est
@@ -390,16 +389,18 @@ def _attn_tile(
         u_max = tl.max(u, 1)
         m_new = tl.maximum(m, u_max)
         alpha = tl.exp2(m - m_new)
-        # The running lse bound: the log-sum of every entry seen before this tile and of this tile's
-        # largest one (known before the tile's sum, so the threshold does not wait for it). -inf
-        # while the row has met only masked entries, whose pa is 0 whatever the threshold.
-        lse_run = m_new + tl.log2(l_all * alpha + tl.exp2(u_max - m_new))
-        thr_run = tl.minimum(tl.maximum(lse_run, lse_lb) + log2_tau, m_new)
         x = u - m_new[:, None]
         if MASKED:
             x = tl.maximum(x, MIN_EXP2)
         pa = tl.exp2(x)
-        keep = u >= thr_run[:, None]
+        # The running lse bound: the log-sum of every entry of the tiles seen before and of this
+        # tile's largest one (known before the tile's sum, so the threshold does not wait for it), or
+        # the pooled bound if larger. -inf while the row has met only masked entries, whose pa is 0
+        # whatever the threshold.
+        lse_run = m_new + tl.log2(l_all * alpha + tl.exp2(u_max - m_new))
+        thr_run = tl.minimum(tl.maximum(lse_run, lse_lb) + log2_tau, m_new)
+        # u_ij >= thr_run_i, tested on pa (exp2 is monotonic) so that u need not stay live.
+        keep = pa >= tl.exp2(thr_run - m_new)[:, None]
         p = tl.where(keep, pa, 0.0)
         l_all = l_all * alpha + tl.sum(pa, 1)
         # Every entry kept so far is <= the old max m: if the threshold passed m, all of them are
@@ -480,17 +481,6 @@ def pruned_attn(
         lse_lb = _pooled_lse_bound(q, Kp, Ko, Kbias, Kobias, Idx, count, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
                                    stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_bb, stride_bn,
                                    D, BLOCK_M, BLOCK_N, BLOCK_D, CHUNK, CAUSAL, PRECISION)
-    if not EXACT:
-        # The exact log-sum of the first listed tile (the most concentrated one): a lower bound of
-        # lse2 that prunes that tile's own entries too.
-        kb0 = tl.load(Idx + lo, mask=lo < hi, other=0)
-        kb1 = tl.where(lo < hi, kb0 + 1, kb0)
-        m0, l0, _ = _scores_blocks(
-            tl.full([BLOCK_M], M_INIT, dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32),
-            tl.zeros([BLOCK_M], dtype=tl.int32), q, K, Lpart, stride_kn, stride_kd, offs_m, offs_d, kb0, kb1,
-            b, h, Nq, Nk, qk_scale, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
-            D, BLOCK_N, BLOCK_D, MASKED, CAUSAL, MASK_KIND, KPM_KIND, False, "none", PRECISION)
-        lse_lb = tl.maximum(lse_lb, tl.where(l0 > 0.0, m0 + tl.log2(tl.where(l0 > 0.0, l0, 1.0)), float("-inf")))
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)

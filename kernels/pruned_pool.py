@@ -42,12 +42,14 @@ def pool_queries(
     Qp += b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
     G: tl.constexpr = BLOCK_M // POOL_ROWS
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_tile(Q, offs_m, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D).to(tl.float32)
     offs_r = pid_m * POOL_ROWS + tl.arange(0, POOL_ROWS)
+    # Row g of every group at once: G loads of POOL_ROWS rows (no reshape of a [BLOCK_M, D] tile).
+    qp = tl.zeros([POOL_ROWS, BLOCK_D], dtype=tl.float32)
+    for g in tl.static_range(G):
+        qp += load_tile(Q, offs_r * G + g, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D).to(tl.float32)
     n_rows = tl.minimum(tl.maximum(Nq - offs_r * G, 0), G)  # query rows < Nq in each group
-    qp = tl.sum(tl.reshape(q, [POOL_ROWS, G, BLOCK_D]), 1) / tl.maximum(n_rows, 1).to(tl.float32)[:, None]
+    qp = qp / tl.maximum(n_rows, 1).to(tl.float32)[:, None]
     ptrs = Qp + offs_r[:, None] * stride_pm + offs_d[None, :] * stride_pd
     tl.store(ptrs, qp.to(Qp.dtype.element_ty), mask=offs_d[None, :] < D)
 
