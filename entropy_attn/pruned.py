@@ -287,7 +287,7 @@ def _pool_inputs(inp, q, k, cfg, nqb, nkb):
     pool_keys[(nkb, B * Hkv)](
         k, kp, ko, kbias, kobias, kpm, *k.stride(), *kp.stride(), *pstr, kbias.stride(0),
         Hkv, k.shape[2],
-        D=D, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), KPM_KIND=pkind, num_warps=cfg.num_warps,
+        D=D, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), KPM_KIND=pkind, num_warps=4,
     )
     return qp, kp, ko, kbias, kobias
 
@@ -400,7 +400,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
                 Hq, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, math.log2(tau * slack),
                 D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), QB=qb, CHUNK=chunk,
                 CAUSAL=inp.causal, VERT=vert is not None, PRECISION=_input_precision(q.dtype),
-                num_warps=8, num_stages=2,
+                num_warps=4, num_stages=2,  # H100, 64k, D = 128: 0.54 ms, 0.67 with 8 warps
             )
         # Splitting the fast mode needs every row covered by the predictor (no in-kernel fallback).
         can_split = exact or (inp.attn_mask is None and not (inp.causal and inp.key_padding_mask is not None))
