@@ -31,8 +31,8 @@ each key block's outlier key, and for long query sequences the sampled vertical 
    ``QB`` query blocks, so that their pooled rows share each load of the pooled keys.
 2. ``pruned_attn`` without ``EXACT``: one sweep over the listed tiles with the online softmax. An
    entry is pruned when ``u_ij < min(lse2_lb_i + log2 tau, m_i)`` where ``lse2_lb_i`` is the running
-   log-sum over the entries of the tiles seen before and the current tile's largest entry (the
-   predictor lists the most concentrated tile first) or, if larger, a bound from the pooled keys of
+   log-sum over the entries of the tiles seen before and the current tile's largest entry (over the
+   whole first tile, which the predictor picks as the most concentrated one) or, if larger, a bound from the pooled keys of
    every listed tile, computed before the sweep: a lower bound of the true lse2, so every entry it
    prunes is also pruned by the exact definition (it may keep some that the exact mode prunes, and
    it misses the mass of tiles it does not visit). Rows that met no unmasked key in the listed
@@ -365,9 +365,10 @@ def _attn_tile(
     Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
-    EXACT: tl.constexpr, ROWSEL: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
+    EXACT: tl.constexpr, ROWSEL: tl.constexpr, FIRST: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Fold key block ``kb`` into the accumulators (see the module docstring)."""
+    """Fold key block ``kb`` into the accumulators (see the module docstring). ``FIRST`` (fast mode):
+    the first listed tile, whose whole sum enters the lse bound before its own entries are tested."""
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, MASKED, BLOCK_D != D)
     u = dot(q, tl.trans(k), PRECISION) * qk_scale
@@ -394,15 +395,20 @@ def _attn_tile(
             x = tl.maximum(x, MIN_EXP2)
         pa = tl.exp2(x)
         # The running lse bound: the log-sum of every entry of the tiles seen before and of this
-        # tile's largest one (known before the tile's sum, so the threshold does not wait for it), or
-        # the pooled bound if larger. -inf while the row has met only masked entries, whose pa is 0
-        # whatever the threshold.
-        lse_run = m_new + tl.log2(l_all * alpha + tl.exp2(u_max - m_new))
+        # tile's largest one (known before the tile's sum, so the threshold does not wait for it; the
+        # first tile waits: its sum is the whole bound), or the pooled bound if larger. -inf while
+        # the row has met only masked entries, whose pa is 0 whatever the threshold.
+        if FIRST:
+            l_all = tl.sum(pa, 1)
+            lse_run = m_new + tl.log2(l_all)
+        else:
+            lse_run = m_new + tl.log2(l_all * alpha + tl.exp2(u_max - m_new))
         thr_run = tl.minimum(tl.maximum(lse_run, lse_lb) + log2_tau, m_new)
         # u_ij >= thr_run_i, tested on pa (exp2 is monotonic) so that u need not stay live.
         keep = pa >= tl.exp2(thr_run - m_new)[:, None]
         p = tl.where(keep, pa, 0.0)
-        l_all = l_all * alpha + tl.sum(pa, 1)
+        if not FIRST:
+            l_all = l_all * alpha + tl.sum(pa, 1)
         # Every entry kept so far is <= the old max m: if the threshold passed m, all of them are
         # pruned after all, so drop them (this makes tau > 1 keep only the row max).
         stale = thr_run > m
@@ -489,14 +495,24 @@ def pruned_attn(
     kept = tl.zeros([BLOCK_M], dtype=tl.float32)
     kcnt = tl.zeros([BLOCK_M], dtype=tl.int32)
 
-    for t in range(lo, hi):
+    start = lo
+    if not EXACT:
+        if lo < hi:
+            acc, m, l, l_all, kept, kcnt = _attn_tile(
+                acc, m, l, l_all, kept, kcnt, q, K, V, tl.load(Idx + lo), thr, lse2, lse_lb, row_mask,
+                stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk, qk_scale,
+                log2_tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+                D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, MASKED, CAUSAL, MASK_KIND, KPM_KIND,
+                EXACT, False, True, STATS, PRECISION)
+            start = lo + 1
+    for t in range(start, hi):
         kb = tl.load(Idx + t)
         acc, m, l, l_all, kept, kcnt = _attn_tile(
             acc, m, l, l_all, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, row_mask,
             stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk, qk_scale, log2_tau,
             Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
             D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, MASKED, CAUSAL, MASK_KIND, KPM_KIND,
-            EXACT, False, STATS, PRECISION)
+            EXACT, False, False, STATS, PRECISION)
 
     if FALLBACK:
         # Rows that met no unmasked key in the listed tiles: fold in every key block, for those
@@ -511,7 +527,7 @@ def pruned_attn(
                     qk_scale, log2_tau,
                     Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
                     D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, MASK_KIND, KPM_KIND,
-                    EXACT, True, STATS, PRECISION)
+                    EXACT, True, False, STATS, PRECISION)
 
     srows = (split * tl.num_programs(1) + bh).to(tl.int64) * Nq + offs_m
     if SPLIT:
