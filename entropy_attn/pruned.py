@@ -518,8 +518,9 @@ def pruned_attention(
             prediction misses tiles (relative error 1.5-8 %) or visits nearly all of them, and it is
             at most 1.2x faster than dense (benchmarks/RESULTS.md): check its error on your model
             (``return_stats``, or against ``'exact'``) before serving with it. For decoding
-            (Nq <= 16) it re-pools the whole key cache on every call: prefer ``'exact'`` there. Rows whose weights are all near tau
-            (diffuse rows) are its weak case: it may keep entries that the exact mode prunes.
+            (Nq <= 16) it re-pools the whole key cache on every call: prefer ``'exact'`` there.
+            Rows whose weights are all near tau (diffuse rows) are its weak case: it may keep
+            entries that the exact mode prunes.
             The reference backend evaluates the exact definition in both modes.
         return_stats: also return the stats dict below.
         backend: ``'triton'``, ``'reference'`` or ``'auto'`` (Triton for CUDA inputs), as in
