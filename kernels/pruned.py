@@ -32,12 +32,12 @@ each key block's outlier key, and for long query sequences the sampled vertical 
 2. ``pruned_attn`` without ``EXACT``: one sweep over the listed tiles with the online softmax. An
    entry is pruned when ``u_ij < min(lse2_lb_i + log2 tau, m_i)`` where ``lse2_lb_i`` is the running
    log-sum over the entries of the tiles seen before and the current tile's largest entry (over the
-   whole first tile, which the predictor picks as the most concentrated one) or, if larger, a bound from the pooled keys of
-   every listed tile, computed before the sweep: a lower bound of the true lse2, so every entry it
-   prunes is also pruned by the exact definition (it may keep some that the exact mode prunes, and
-   it misses the mass of tiles it does not visit). Rows that met no unmasked key in the listed
-   tiles are recomputed over every key block (``FALLBACK``), so a row is dropped only if it has no
-   unmasked key at all.
+   whole first tile, which the predictor picks as the most concentrated one) or, if larger, a bound
+   from the pooled keys of every listed tile, computed before the sweep: a lower bound of the true
+   lse2, so every entry it prunes is also pruned by the exact definition (it may keep some that the
+   exact mode prunes, and it misses the mass of tiles it does not visit). Rows that met no unmasked
+   key in the listed tiles are recomputed over every key block (``FALLBACK``), so a row is dropped
+   only if it has no unmasked key at all.
 """
 import triton
 import triton.language as tl
@@ -519,7 +519,7 @@ def pruned_attn(
         # rows only (tiles already seen add nothing to them: they were all masked there).
         lost = (l_all == 0.0) & row_mask
         if tl.max(lost.to(tl.int32), 0) > 0:
-            end, full_end = key_range(pid_m * BLOCK_M, Nq, Nk, BLOCK_M, CAUSAL)
+            end, _ = key_range(pid_m * BLOCK_M, Nq, Nk, BLOCK_M, CAUSAL)
             for kb in range(0, tl.cdiv(end, BLOCK_N)):
                 acc, m, l, l_all, kept, kcnt = _attn_tile(
                     acc, m, l, l_all, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, lost,
