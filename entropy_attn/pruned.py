@@ -9,8 +9,8 @@
   selection, and a second pass that loads and multiplies only the tiles that can hold a kept entry.
   Exact up to floating point.
 - ``mode='fast'``: predicts the tiles from pooled queries and keys and, for long query sequences, a
-  sample of query rows against all keys (both computed by ``kernels/pruned_pool.py``; no full first
-  pass) and prunes within them in one online-softmax sweep; an approximation of the exact mode.
+  sample of query rows against all keys (``kernels/pruned_pool.py`` computes the latter two; no full
+  first pass) and prunes within them in one online-softmax sweep; an approximation of the exact mode.
 
 Few queries (decoding, ``Nq <= 16``) split the key range (pass 1) or the tile list (pass 2) over
 several programs, flash-decoding style; the host combines the partials. With grouped-query attention
@@ -256,12 +256,10 @@ def _select(tile_max, mpart, lpart, tau, cfg, nqb, nkb, Nq):
     return idx, count, nvalid, lse2, thr
 
 
-def _pool_inputs(inp, q, k, cfg, nqb, nkb):
-    """The fast predictor's pooled inputs (kernels ``pool_queries`` and ``pool_keys``):
+def _pool_keys(inp, k, cfg, nkb):
+    """The fast predictor's pooled keys (kernel ``pool_keys``; the predictor pools the queries itself):
 
-    - qp ``[B, H, NQB*16, D]`` (q's dtype): row r of query block m is the mean of the query rows
-      ``[m BLOCK_M + r G, m BLOCK_M + (r + 1) G)`` below Nq, ``G = BLOCK_M / 16`` (0 if none).
-    - kp ``[B, Hkv, NKB, D]`` (q's dtype): per key block the mean key weighted by the padding mask
+    - kp ``[B, Hkv, NKB, D]`` (k's dtype): per key block the mean key weighted by the padding mask
       (weight 0 for a padded key, ``exp(mask)`` for a float mask, 1 without one).
     - ko ``[B, Hkv, NKB, D]`` (k's dtype): per key block the outlier key, the unmasked key farthest
       from kp (0 where the block has none).
@@ -269,27 +267,21 @@ def _pool_inputs(inp, q, k, cfg, nqb, nkb):
       weight (-inf if 0); kobias, same shape: log2 of the outlier key's weight alone, 0 where the
       block has an unmasked key, else -inf (all -inf with a float padding mask).
     """
-    B, H, Nq, D = q.shape
-    Hkv = k.shape[1]
-    dev = q.device
+    B, Hkv, Nk, D = k.shape
+    dev = k.device
     _, (kpm, *pstr, pkind) = _mask_args(inp)
-    qp = torch.empty((B, H, nqb * 16, D), dtype=q.dtype, device=dev)
-    kp = torch.empty((B, Hkv, nkb, D), dtype=q.dtype, device=dev)
+    kp = torch.empty((B, Hkv, nkb, D), dtype=k.dtype, device=dev)
     ko = torch.empty_like(kp)
     kbias = torch.empty((B if pkind else 1, nkb), dtype=torch.float32, device=dev)
     kobias = torch.empty_like(kbias)
-    from .kernels.pruned_pool import pool_keys, pool_queries
+    from .kernels.pruned_pool import pool_keys
 
-    pool_queries[(nqb, B * H)](
-        q, qp, *q.stride(), *qp.stride(), H, Nq,
-        D=D, BLOCK_M=cfg.block_m, BLOCK_D=_block(D), num_warps=4,
-    )
     pool_keys[(nkb, B * Hkv)](
         k, kp, ko, kbias, kobias, kpm, *k.stride(), *kp.stride(), *pstr, kbias.stride(0),
-        Hkv, k.shape[2],
+        Hkv, Nk,
         D=D, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), KPM_KIND=pkind, num_warps=4,
     )
-    return qp, kp, ko, kbias, kobias
+    return kp, ko, kbias, kobias
 
 
 def _vertical(inp, q, k, cfg, nkb):
@@ -338,7 +330,7 @@ def _combine_exact(opart, lpart):
 def _combine_online(opart, mpart, lpart, lall, log2_tau):
     """Combine the fast mode's splits. Each split kept at least its own maximum; as in the kernel,
     a split whose maximum is below the combined threshold ``min(lse2_lb + log2 tau, m)`` (lse2_lb
-    from every entry the splits saw) holds no kept entry after all and is dropped, so the row
+    from the splits' seen sums, each a lower bound of the sum over its entries) holds no kept entry after all and is dropped, so the row
     maximum rule holds for the whole row. Returns (out, the split weights)."""
     m = mpart.amax(0)
     w = torch.exp2(mpart - m)
@@ -389,13 +381,13 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
                 inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_args)
             idx, count, nvalid, lse2, thr = _select(tile_max, mpart1, lpart1, tau, cfg, nqb, nkb, Nq)
         if not exact:
-            qp, kp, ko, kbias, kobias = _pool_inputs(inp, q, k, cfg, nqb, nkb)
+            kp, ko, kbias, kobias = _pool_keys(inp, k, cfg, nkb)
             vert = _vertical(inp, q, k, cfg, nkb)
             idx = torch.empty((BH, nqb, nkb), dtype=torch.int32, device=dev)
             count = torch.empty((BH, nqb), dtype=torch.int32, device=dev)
             qb = _predict_group(nqb, BH, dev)
             pruned_predict[(triton.cdiv(nqb, qb), BH)](
-                qp, kp, ko, kbias, kobias, vert if vert is not None else kbias, idx, count, *qp.stride(), *kp.stride(),
+                q, kp, ko, kbias, kobias, vert if vert is not None else kbias, idx, count, *q.stride(), *kp.stride(),
                 kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(1),
                 Hq, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, math.log2(tau * slack),
                 D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), QB=qb, CHUNK=chunk,
@@ -428,7 +420,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
             q, k, v, out, idx, count, thr if thr is not None else lpart, lse2 if lse2 is not None else lpart,
             opart, mpart, lpart, lall, kept, kcnt, mask, kpm, kp, ko, kbias, kobias,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr, *pstr, *kp_str, *kb_str,
-            Hq, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, math.log2(tau),
+            Hq, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, tau,
             D=D, DV=Dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), BLOCK_DV=_block(Dv),
             CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, MASKED=masked,
             EXACT=exact, SPLIT=split, FALLBACK=not exact and not split, STATS=stats,

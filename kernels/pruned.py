@@ -16,28 +16,31 @@ Exact mode, three launches:
    ``out_i = sum_j p_ij v_j / sum_j p_ij``. No online rescaling is needed (lse is known), and splits
    of the list combine by plain sums.
 
-Fast mode, two launches after the pooling kernels of ``pruned_pool.py`` (pooled queries and keys,
-each key block's outlier key, and for long query sequences the sampled vertical estimate):
+Fast mode, two launches after the kernels of ``pruned_pool.py`` (pooled keys, each key block's
+outlier key, and for long query sequences the sampled vertical estimate):
 
-1. ``pruned_predict``: 16 pooled query rows per query block (means over ``BLOCK_M / 16`` rows) against
-   pooled keys (a weighted mean per key block, with the log of the block's unmasked key weight as a
-   bias). Per pooled row a softmax over key blocks estimates each tile's share of the row's mass; a
-   tile is visited when its largest share over the pooled rows is ``>= log2 (tau * slack)``, and the
-   best tile of every pooled row is always visited (so no row is dropped). Mean pooling dilutes a
-   single strong key (an attention sink, a vertical stripe), so for long query sequences a sample
-   of real query rows against all keys gives the largest weight each key block gets, and key blocks
-   reaching the same threshold are visited by every query block. The list puts the block's most
-   concentrated tile first, then the rest in key order. One program predicts
-   ``QB`` query blocks, so that their pooled rows share each load of the pooled keys.
+1. ``pruned_predict``: 16 pooled query rows per query block (means over ``BLOCK_M / 16`` rows,
+   pooled by the predictor as it loads them) against pooled keys (a weighted mean per key block,
+   with the log of the block's unmasked key weight as a bias). Per pooled row a softmax over key
+   blocks estimates each tile's share of the row's mass; a tile is visited when its largest share
+   over the pooled rows is ``>= log2 (tau * slack)``, and the best tile of every pooled row is
+   always visited (so no row is dropped). Mean pooling dilutes a single strong key (an attention
+   sink, a vertical stripe), so for long query sequences a sample of real query rows against all
+   keys gives the largest weight each key block gets, and key blocks reaching the same threshold are
+   visited by every query block. The list puts the block's most concentrated tile first, then the
+   rest in key order. One program predicts ``QB`` query blocks, so that their pooled rows share each
+   load of the pooled keys.
 2. ``pruned_attn`` without ``EXACT``: one sweep over the listed tiles with the online softmax. An
-   entry is pruned when ``u_ij < min(lse2_lb_i + log2 tau, m_i)`` where ``lse2_lb_i`` is the running
-   log-sum over the entries of the tiles seen before and the current tile's largest entry (over the
-   whole first tile, which the predictor picks as the most concentrated one) or, if larger, a bound
-   from the pooled keys of every listed tile, computed before the sweep: a lower bound of the true
-   lse2, so every entry it prunes is also pruned by the exact definition (it may keep some that the
-   exact mode prunes, and it misses the mass of tiles it does not visit). Rows that met no unmasked
-   key in the listed tiles are recomputed over every key block (``FALLBACK``), so a row is dropped
-   only if it has no unmasked key at all.
+   entry is pruned when ``u_ij < min(lse2_lb_i + log2 tau, m_i)`` where ``lse2_lb_i`` is the log-sum
+   of a subset of the row's entries seen so far (every entry of the first tile, which the predictor
+   picks as the most concentrated one, and the kept entries of the later tiles) and the current
+   tile's largest entry or, if larger, a bound from the pooled keys of every listed tile, computed
+   before the sweep: a lower bound of the true lse2, so every entry it prunes is also pruned by the
+   exact definition (it may keep some that the exact mode prunes, and it misses the mass of tiles it
+   does not visit). The test runs on ``2^(u_ij - m_i)``, which the softmax computes anyway, against
+   ``min(tau 2^(lse2_lb_i - m_i), 1)``: no log2 in the loop. Rows that met no unmasked key in the
+   listed tiles are recomputed over every key block (``FALLBACK``), so a row is dropped only if it
+   has no unmasked key at all.
 """
 import triton
 import triton.language as tl
@@ -46,6 +49,27 @@ from .attention_fwd import load_tile
 from .masks import M_INIT, MIN_EXP2, NO_MASK, apply_masks, dot, key_range
 #: Pooled query rows per query block in the fast predictor (the smallest tl.dot M).
 POOL_ROWS = tl.constexpr(16)
+
+
+@triton.jit
+def _base2_scores(
+    q, k, offs_m, offs_n, b, h, Nq, Nk, qk_scale,
+    Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``(qk, unit)``: the tile's base-2 scores are ``u = qk * unit``. Unmasked tiles return the raw
+    product and ``unit = qk_scale``, so that a row max is taken on qk and scaled once per row
+    (qk_scale > 0) and the scale fuses into the exponent (one multiply per entry less); masked
+    tiles return the masked base-2 scores (``unit = 1``)."""
+    qk = dot(q, tl.trans(k), PRECISION)
+    unit = qk_scale
+    if MASKED:
+        qk = apply_masks(qk * qk_scale, offs_m[:, None], offs_n[None, :], b, h, Nq, Nk,
+                         Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+                         CAUSAL, MASK_KIND, KPM_KIND)
+        unit = 1.0
+    return qk, unit
 
 
 @triton.jit
@@ -63,24 +87,22 @@ def _scores_blocks(
     for kb in range(kb_lo, kb_hi):
         offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, MASKED, BLOCK_D != D)
-        u = dot(q, tl.trans(k), PRECISION) * qk_scale
-        if MASKED:
-            u = apply_masks(u, offs_m[:, None], offs_n[None, :], b, h, Nq, Nk,
-                            Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_kb, stride_kpn,
-                            CAUSAL, MASK_KIND, KPM_KIND)
-        row_max = tl.max(u, 1)
+        qk, unit = _base2_scores(q, k, offs_m, offs_n, b, h, Nq, Nk, qk_scale,
+                                 Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_kb, stride_kpn,
+                                 MASKED, CAUSAL, MASK_KIND, KPM_KIND, PRECISION)
+        row_max = tl.max(qk, 1) * unit
         if MAX_STORE == "tile":
             tl.store(TileMax + kb, tl.max(row_max, 0))
         elif MAX_STORE == "rows":
             tl.store(TileMax + kb * row_max.shape[0] + tl.arange(0, row_max.shape[0]), row_max)
         m_new = tl.maximum(m, row_max)
-        x = u - m_new[:, None]
+        x = qk * unit - m_new[:, None]
         if MASKED:
             x = tl.maximum(x, MIN_EXP2)
         l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(x), 1)
         m = m_new
         if STATS:
-            cnt += tl.sum((u > float("-inf")).to(tl.int32), 1)
+            cnt += tl.sum((qk > float("-inf")).to(tl.int32), 1)
     return m, l, cnt
 
 
@@ -208,6 +230,23 @@ def pruned_select(
 
 
 @triton.jit
+def pooled_queries(Q, offs_r, offs_d, Nq, stride_qm, stride_qd,
+                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The pooled query rows ``offs_r`` ``[R, BLOCK_D]`` of one (batch, head) (``Q`` points at its
+    ``[Nq, D]`` rows), in Q's dtype, summed in float32: pooled row r (row ``r % 16`` of query block
+    ``r // 16``) is the mean of the query rows ``[r G, (r + 1) G)`` below Nq, ``G = BLOCK_M / 16``
+    (0 where none is). Row g of every group at once: G loads of R rows (no reshape of a tile), one
+    after the other (unrolled, the loads in flight spilled registers in the predictor at D = 128)."""
+    G: tl.constexpr = BLOCK_M // POOL_ROWS
+    qp = tl.zeros([offs_r.shape[0], BLOCK_D], dtype=tl.float32)
+    for g in range(G):
+        qp += load_tile(Q, offs_r * G + g, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D).to(tl.float32)
+    n_rows = tl.minimum(tl.maximum(Nq - offs_r * G, 0), G)  # query rows < Nq in each group
+    qp = qp / tl.maximum(n_rows, 1).to(tl.float32)[:, None]
+    return qp.to(Q.dtype.element_ty)
+
+
+@triton.jit
 def _block_estimate(qp, Kp, Ko, Kbias, Kobias, kb, first_row, offs_d, NKB, Nq, Nk, qk_scale,
                     stride_kn, stride_kd, stride_bn, D: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
@@ -229,7 +268,7 @@ def _block_estimate(qp, Kp, Ko, Kbias, Kobias, kb, first_row, offs_d, NKB, Nq, N
 
 @triton.jit
 def pruned_predict(
-    Qp, Kp, Ko, Kbias, Kobias, Vert, Idx, Count,
+    Q, Kp, Ko, Kbias, Kobias, Vert, Idx, Count,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_bb, stride_bn,
@@ -240,8 +279,7 @@ def pruned_predict(
     """Fast-mode tile prediction for the ``QB`` query blocks ``[pid QB, (pid + 1) QB)`` of one
     (batch, head): their ``QB * 16`` pooled rows share every load of the pooled keys.
 
-    Qp ``[B, H, NQB * 16, D]`` pooled queries (q's dtype) (row r of block m is the mean of query rows
-    ``[m BLOCK_M + r G, m BLOCK_M + (r + 1) G)``, ``G = BLOCK_M / 16``); Kp ``[B, Hkv, NKB, D]``
+    Q ``[B, H, Nq, D]``, pooled here (``pooled_queries``: 16 rows per query block); Kp ``[B, Hkv, NKB, D]``
     pooled keys (q's dtype), Ko the same shape: each block's outlier key (0 where none); Kbias
     ``[B or 1, NKB]`` float32, log2 of each key block's unmasked weight (-inf: nothing visible),
     Kobias the same for the outlier key alone. With ``VERT``, Vert ``[B*H, NKB]`` float32: log2
@@ -255,7 +293,7 @@ def pruned_predict(
     b = bh // H
     h = bh % H
     hk = h // GROUPS
-    Qp += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     Kp += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     Ko += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     Kbias += b.to(tl.int64) * stride_bb
@@ -268,7 +306,7 @@ def pruned_predict(
     qb = pid * QB + tl.arange(0, QB)  # the program's query blocks
     qb_ok = qb < NQB
     offs_d = tl.arange(0, BLOCK_D)
-    qp = load_tile(Qp, offs_r, offs_d, NQB * POOL_ROWS, D, stride_qm, stride_qd, True, BLOCK_D != D)
+    qp = pooled_queries(Q, offs_r, offs_d, Nq, stride_qm, stride_qd, D, BLOCK_M, BLOCK_D)
 
     # Sweep 1: per pooled row, log-sum (base 2) over key blocks of the estimated block mass, and the
     # best visible block.
@@ -360,26 +398,28 @@ def _pooled_lse_bound(
 
 @triton.jit
 def _attn_tile(
-    acc, m, l, l_all, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, rowsel,
-    stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk, qk_scale, log2_tau,
+    acc, m, l, l_seen, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, rowsel,
+    stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk, qk_scale, tau,
     Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
-    EXACT: tl.constexpr, ROWSEL: tl.constexpr, FIRST: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
+    EXACT: tl.constexpr, ROWSEL: tl.constexpr, FIRST: tl.constexpr, SEEN_ALL: tl.constexpr, STATS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """Fold key block ``kb`` into the accumulators (see the module docstring). ``FIRST`` (fast mode):
-    the first listed tile, whose whole sum enters the lse bound before its own entries are tested."""
+    """Fold key block ``kb`` into the accumulators (see the module docstring). Fast mode: ``FIRST``,
+    the first listed tile, whose whole sum enters the lse bound before its own entries are tested;
+    ``SEEN_ALL``, every entry (not only the kept ones) of the later tiles enters the seen sum too
+    (split programs: the host's combine bounds lse by their seen sums alone, with no pooled bound)."""
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, MASKED, BLOCK_D != D)
-    u = dot(q, tl.trans(k), PRECISION) * qk_scale
-    if MASKED:
-        u = apply_masks(u, offs_m[:, None], offs_n[None, :], b, h, Nq, Nk,
-                        Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
-                        CAUSAL, MASK_KIND, KPM_KIND)
+    qk, unit = _base2_scores(q, k, offs_m, offs_n, b, h, Nq, Nk, qk_scale,
+                             Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+                             MASKED, CAUSAL, MASK_KIND, KPM_KIND, PRECISION)
     if ROWSEL:
-        u = tl.where(rowsel[:, None], u, float("-inf"))
+        qk = tl.where(rowsel[:, None], qk, float("-inf"))
     v = load_tile(V, offs_n, offs_dv, Nk, DV, stride_vn, stride_vd, MASKED, BLOCK_DV != DV)
     if EXACT:
+        u = qk * unit
         keep = u >= thr[:, None]
         p = tl.where(keep, tl.exp2(u - lse2[:, None]), 0.0)
         l += tl.sum(p, 1)
@@ -387,42 +427,52 @@ def _attn_tile(
         if STATS:
             kcnt += tl.sum(keep.to(tl.int32), 1)
     else:
-        u_max = tl.max(u, 1)
+        u_max = tl.max(qk, 1) * unit
         m_new = tl.maximum(m, u_max)
         alpha = tl.exp2(m - m_new)
-        x = u - m_new[:, None]
+        x = qk * unit - m_new[:, None]
         if MASKED:
             x = tl.maximum(x, MIN_EXP2)
         pa = tl.exp2(x)
-        # The running lse bound: the log-sum of every entry of the tiles seen before and of this
-        # tile's largest one (known before the tile's sum, so the threshold does not wait for it; the
-        # first tile waits: its sum is the whole bound), or the pooled bound if larger. -inf while
-        # the row has met only masked entries, whose pa is 0 whatever the threshold.
+        # The lse bound relative to m_new, 2^(bound - m_new): the larger of the pooled bound and the
+        # seen sum l_seen (every entry of the first tile and the kept entries of the later ones, or
+        # with SEEN_ALL all of them: a subset of the row) plus this tile's largest entry (known
+        # before the tile's sum, so the test does not wait for it; the first tile waits: its sum is
+        # the whole bound).
         if FIRST:
-            l_all = tl.sum(pa, 1)
-            lse_run = m_new + tl.log2(l_all)
+            l_seen = tl.sum(pa, 1)
+            seen = l_seen
         else:
-            lse_run = m_new + tl.log2(l_all * alpha + tl.exp2(u_max - m_new))
-        thr_run = tl.minimum(tl.maximum(lse_run, lse_lb) + log2_tau, m_new)
-        # u_ij >= thr_run_i, tested on pa (exp2 is monotonic) so that u need not stay live.
-        keep = pa >= tl.exp2(thr_run - m_new)[:, None]
+            seen = l_seen * alpha + tl.exp2(u_max - m_new)
+        # keep_ij: u_ij >= min(bound_i + log2 tau, m_new_i), that is pa_ij >= cut_i, with no log2.
+        # The cap just below 1 keeps the row max whatever the rounding of its x (a fused multiply-add
+        # of the raw product: within 2^-24 |m_new| of 0, not exactly 0); entries tied with it to
+        # that relative precision are kept too.
+        cap = tl.exp2(-(1.0 + tl.abs(m_new)) * 1.9073486328125e-06)  # 2^-19 (1 + |m_new|)
+        cut = tl.minimum(tau * tl.maximum(seen, tl.exp2(lse_lb - m_new)), cap)
+        keep = pa >= cut[:, None]
         p = tl.where(keep, pa, 0.0)
+        p_sum = tl.sum(p, 1)
         if not FIRST:
-            l_all = l_all * alpha + tl.sum(pa, 1)
-        # Every entry kept so far is <= the old max m: if the threshold passed m, all of them are
-        # pruned after all, so drop them (this makes tau > 1 keep only the row max).
-        stale = thr_run > m
+            if SEEN_ALL:
+                l_seen = l_seen * alpha + tl.sum(pa, 1)
+            else:
+                l_seen = l_seen * alpha + p_sum
+        # Every entry kept so far is <= the old max m: if the threshold passed m (cut > 2^(m - m_new)),
+        # all of them are pruned after all, so drop them (this makes tau > 1 keep only the row max).
+        stale = cut > alpha
         alpha = tl.where(stale, 0.0, alpha)
-        l = l * alpha + tl.sum(p, 1)
+        l = l * alpha + p_sum
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION)
         m = m_new
         if STATS:
+            u = qk * unit
             kept = tl.where(stale, 0.0, kept)
             kcnt = tl.where(stale, 0, kcnt)
             live = keep & (u > float("-inf"))
             kept += tl.sum(tl.where(live, tl.exp2(u - lse2[:, None]), 0.0), 1)
             kcnt += tl.sum(live.to(tl.int32), 1)
-    return acc, m, l, l_all, kept, kcnt
+    return acc, m, l, l_seen, kept, kcnt
 
 
 @triton.jit
@@ -435,7 +485,7 @@ def pruned_attn(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_pb, stride_pn,
     stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_bb, stride_bn,
-    H, GROUPS, Nq, Nk, NQB, NKB, qk_scale, log2_tau,
+    H, GROUPS, Nq, Nk, NQB, NKB, qk_scale, tau,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, MASKED: tl.constexpr,
@@ -448,8 +498,9 @@ def pruned_attn(
     Thr, Lse2 ``[B*H, Nq]`` float32 base 2 (exact: the thresholds and lse, +inf on empty rows; fast:
     Lse2 is the exact lse, read only with ``STATS``). Without ``SPLIT`` writes Out ``[B, H, Nq, DV]``
     (input dtype) and Lpart[0] (kept mass, exact; kept sum, fast); with ``SPLIT`` writes the
-    unnormalized Opart ``[S, B*H, Nq, DV]`` and Mpart, Lpart (and Lall, fast: the sum over every
-    entry seen) ``[S, B*H, Nq]`` float32 for the host.
+    unnormalized Opart ``[S, B*H, Nq, DV]`` and Mpart, Lpart (and Lall, fast: the seen sum
+    ``l_seen``, here the sum over every entry seen) ``[S, B*H, Nq]`` float32 for the host.
+    ``tau`` is the threshold itself (fast mode; the exact mode reads Thr).
     ``STATS``: Kept (true kept mass, fast only) and Kcnt (kept entries) ``[S, B*H, Nq]``.
     """
     pid_m = tl.program_id(0)
@@ -491,43 +542,43 @@ def pruned_attn(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
-    l_all = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_seen = tl.zeros([BLOCK_M], dtype=tl.float32)
     kept = tl.zeros([BLOCK_M], dtype=tl.float32)
     kcnt = tl.zeros([BLOCK_M], dtype=tl.int32)
 
     start = lo
     if not EXACT:
         if lo < hi:
-            acc, m, l, l_all, kept, kcnt = _attn_tile(
-                acc, m, l, l_all, kept, kcnt, q, K, V, tl.load(Idx + lo), thr, lse2, lse_lb, row_mask,
+            acc, m, l, l_seen, kept, kcnt = _attn_tile(
+                acc, m, l, l_seen, kept, kcnt, q, K, V, tl.load(Idx + lo), thr, lse2, lse_lb, row_mask,
                 stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk, qk_scale,
-                log2_tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+                tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
                 D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, MASKED, CAUSAL, MASK_KIND, KPM_KIND,
-                EXACT, False, True, STATS, PRECISION)
+                EXACT, False, True, SPLIT, STATS, PRECISION)
             start = lo + 1
     for t in range(start, hi):
         kb = tl.load(Idx + t)
-        acc, m, l, l_all, kept, kcnt = _attn_tile(
-            acc, m, l, l_all, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, row_mask,
-            stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk, qk_scale, log2_tau,
+        acc, m, l, l_seen, kept, kcnt = _attn_tile(
+            acc, m, l, l_seen, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, row_mask,
+            stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk, qk_scale, tau,
             Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
             D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, MASKED, CAUSAL, MASK_KIND, KPM_KIND,
-            EXACT, False, False, STATS, PRECISION)
+            EXACT, False, False, SPLIT, STATS, PRECISION)
 
     if FALLBACK:
         # Rows that met no unmasked key in the listed tiles: fold in every key block, for those
         # rows only (tiles already seen add nothing to them: they were all masked there).
-        lost = (l_all == 0.0) & row_mask
+        lost = (l_seen == 0.0) & row_mask
         if tl.max(lost.to(tl.int32), 0) > 0:
             end, _ = key_range(pid_m * BLOCK_M, Nq, Nk, BLOCK_M, CAUSAL)
             for kb in range(0, tl.cdiv(end, BLOCK_N)):
-                acc, m, l, l_all, kept, kcnt = _attn_tile(
-                    acc, m, l, l_all, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, lost,
+                acc, m, l, l_seen, kept, kcnt = _attn_tile(
+                    acc, m, l, l_seen, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, lost,
                     stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk,
-                    qk_scale, log2_tau,
+                    qk_scale, tau,
                     Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
                     D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, MASK_KIND, KPM_KIND,
-                    EXACT, True, False, STATS, PRECISION)
+                    EXACT, True, False, False, STATS, PRECISION)
 
     srows = (split * tl.num_programs(1) + bh).to(tl.int64) * Nq + offs_m
     if SPLIT:
@@ -535,7 +586,7 @@ def pruned_attn(
         tl.store(o_ptrs, acc, mask=row_mask[:, None] & (offs_dv[None, :] < DV))
         tl.store(Mpart + srows, m, mask=row_mask)
         if not EXACT:
-            tl.store(Lall + srows, l_all, mask=row_mask)
+            tl.store(Lall + srows, l_seen, mask=row_mask)
     else:
         l_safe = tl.where(l > 0.0, l, 1.0)
         out = acc / l_safe[:, None]

@@ -1,9 +1,8 @@
-"""Inputs of the fast mode's tile predictor (``pruned.pruned_predict``): summaries of q and k.
+"""Inputs of the fast mode's tile predictor (``pruned.pruned_predict``, which pools its query rows
+itself): summaries of k, and a sample of exact attention rows.
 
 Scores are in base 2 (``u = s * log2 e``), as in every kernel here.
 
-- ``pool_queries``: per query block, ``POOL_ROWS`` pooled rows, each the mean of ``G = BLOCK_M /
-  POOL_ROWS`` consecutive query rows.
 - ``pool_keys``: per key block, the weighted mean key (weights from ``key_padding_mask``), the log2
   of the block's total weight, and its outlier key (the unmasked key farthest from the mean).
 - ``vertical_sample`` and ``vertical_combine``: the exact softmax of a few evenly spaced query rows
@@ -17,41 +16,7 @@ import triton.language as tl
 
 from .attention_fwd import load_tile
 from .masks import FLOAT_MASK, M_INIT, NO_MASK, apply_masks
-from .pruned import POOL_ROWS, _scores_blocks, split_lse
-
-
-@triton.jit
-def pool_queries(
-    Q, Qp,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_pb, stride_ph, stride_pm, stride_pd,
-    H, Nq,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Pooled rows of query block ``pid_m`` of one (batch, head).
-
-    Q ``[B, H, Nq, D]``; Qp ``[B, H, NQB * POOL_ROWS, D]`` (any dtype, computed in float32): row r
-    of block m is the mean of the query rows ``[m BLOCK_M + r G, m BLOCK_M + (r + 1) G)`` that exist
-    (``< Nq``), 0 where none does.
-    """
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    Qp += b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
-    G: tl.constexpr = BLOCK_M // POOL_ROWS
-
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_r = pid_m * POOL_ROWS + tl.arange(0, POOL_ROWS)
-    # Row g of every group at once: G loads of POOL_ROWS rows (no reshape of a [BLOCK_M, D] tile).
-    qp = tl.zeros([POOL_ROWS, BLOCK_D], dtype=tl.float32)
-    for g in tl.static_range(G):
-        qp += load_tile(Q, offs_r * G + g, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D).to(tl.float32)
-    n_rows = tl.minimum(tl.maximum(Nq - offs_r * G, 0), G)  # query rows < Nq in each group
-    qp = qp / tl.maximum(n_rows, 1).to(tl.float32)[:, None]
-    ptrs = Qp + offs_r[:, None] * stride_pm + offs_d[None, :] * stride_pd
-    tl.store(ptrs, qp.to(Qp.dtype.element_ty), mask=offs_d[None, :] < D)
+from .pruned import _scores_blocks, split_lse
 
 
 @triton.jit

@@ -8,10 +8,13 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from entropy_attn import entropy_attention
 from entropy_attn._inputs import check_inputs
 from entropy_attn._launch import interpreting
+from entropy_attn.kernels.pruned import POOL_ROWS, pooled_queries
 from entropy_attn.pruned import _config, pruned_attention, pruned_triton, reference_pruned
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -244,8 +247,9 @@ def test_tau_zero_is_dense():
 
 @triton_ok
 @pytest.mark.parametrize("mode", ["exact", "fast"])
-def test_tau_above_one_keeps_row_max(mode):
-    q, k, v = random_qkv(1, 2, 2, 18, 40, 16, seed=9)
+@pytest.mark.parametrize("nk", [40, 128])  # 128: whole key blocks, the unmasked tiles' code path
+def test_tau_above_one_keeps_row_max(mode, nk):
+    q, k, v = random_qkv(1, 2, 2, 18, nk, 16, seed=9)
     s = q.double() @ k.double().transpose(-1, -2)
     expect = torch.gather(v.double(), 2, s.argmax(-1, keepdim=True).expand(-1, -1, -1, 16))
     out = run(q, k, v, tau=1.5, mode=mode).double().cpu()
@@ -509,19 +513,39 @@ def padding_mask(kind, B, Nk, bn, seed):
     return torch.randn(B, Nk, generator=g).masked_fill(pad, -math.inf)
 
 
-def pooled_definition(q, k, kpm, bm, bn):
-    """float64 ``(qp, kp, kbias, kobias, w)``: the pooled queries and keys, log2 of each key block's
-    total weight and of the outlier key's weight (as ``_pool_inputs`` documents), and the key
-    weights ``w [B, Nk]`` (0: padded)."""
-    q, k = q.double(), k.double()
-    B, H, Nq, D = q.shape
-    Nk = k.shape[2]
+@triton.jit
+def _pooled_queries_kernel(Q, Qp, Nq, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Qp ``[NQB * 16, D]`` = the predictor's pooled rows of a contiguous ``Q [Nq, D]``."""
+    offs_r = tl.program_id(0) * POOL_ROWS + tl.arange(0, POOL_ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    qp = pooled_queries(Q, offs_r, offs_d, Nq, D, 1, D, BLOCK_M, BLOCK_D)
+    tl.store(Qp + offs_r[:, None] * D + offs_d[None, :], qp, mask=offs_d[None, :] < D)
+
+
+@triton_ok
+@pytest.mark.parametrize("dtype,bm", [(torch.float32, None), (torch.bfloat16, 128)])
+def test_pooled_queries_match_definition(dtype, bm):
+    """The predictor's pooled query rows, with partial and empty row groups past Nq."""
+    bm = bm or _config(64, 24, 24).block_m
+    Nq, D = bm + 22, 24
+    nqb = -(-Nq // bm)
+    q = randn(Nq, D, dtype=dtype, gen=torch.Generator().manual_seed(30)).to(DEV)
+    qp = torch.empty((nqb * 16, D), dtype=dtype, device=DEV)
+    _pooled_queries_kernel[(nqb,)](q, qp, Nq, D=D, BLOCK_M=bm, BLOCK_D=32)
     g = bm // 16
-    nqb, nkb = -(-Nq // bm), -(-Nk // bn)
-    qp = torch.zeros(B, H, nqb * 16, D, dtype=torch.float64)
-    for r in range(nqb * 16):
-        if r * g < Nq:
-            qp[:, :, r] = q[:, :, r * g:(r + 1) * g].mean(2)
+    ref = torch.stack([q[r * g:(r + 1) * g].double().mean(0) if r * g < Nq else torch.zeros(D, dtype=torch.float64)
+                       for r in range(nqb * 16)]).cpu()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: the rounding of the means
+    assert torch.allclose(qp.cpu().double(), ref, atol=tol, rtol=tol)  # empty groups: exactly 0
+
+
+def pooled_keys_definition(k, kpm, bn):
+    """float64 ``(kp, kbias, kobias, w)``: the pooled keys, log2 of each key block's total weight and
+    of the outlier key's weight (as ``_pool_keys`` documents), and the key weights ``w [B, Nk]``
+    (0: padded)."""
+    k = k.double()
+    B, _, Nk, _ = k.shape
+    nkb = -(-Nk // bn)
     if kpm is None:
         w = torch.ones(B, Nk, dtype=torch.float64)
     else:
@@ -533,33 +557,31 @@ def pooled_definition(q, k, kpm, bm, bn):
     kobias = torch.where((W > 0) & (kpm is None or kpm.dtype == torch.bool), 0.0, -math.inf)
     if kpm is None:
         kbias, kobias = kbias[:1], kobias[:1]
-    return qp, kp, kbias, kobias, w
+    return kp, kbias, kobias, w
 
 
 @triton_ok
 @pytest.mark.parametrize("kpm_kind", [None, "bool", "float"])
 @pytest.mark.parametrize("dtype,tiles", [(torch.float32, "kernel"), (torch.bfloat16, (128, 64))])
-def test_pool_inputs_match_definition(dtype, tiles, kpm_kind):
-    """Pooled queries (partial and empty row groups past Nq), pooled keys weighted by the padding
-    mask (a ragged last block, a fully padded block), the block biases and the outlier keys, GQA."""
+def test_pooled_keys_match_definition(dtype, tiles, kpm_kind):
+    """Pooled keys weighted by the padding mask (a ragged last block, a fully padded block), the
+    block biases and the outlier keys, GQA."""
     from entropy_attn._launch import _Config
-    from entropy_attn.pruned import _pool_inputs
+    from entropy_attn.pruned import _pool_keys
 
     cfg = _config(64, 24, 24) if tiles == "kernel" else _Config(*tiles, 4, 1)
-    bm, bn = cfg.block_m, cfg.block_n
-    B, H, Hkv, Nq, Nk, D = 2, 4, 2, bm + 22, 2 * bn + 22, 24
-    nqb, nkb = -(-Nq // bm), -(-Nk // bn)
-    q, k, _ = random_qkv(B, H, Hkv, Nq, Nk, D, dtype, seed=31)
+    bn = cfg.block_n
+    B, H, Hkv, Nk, D = 2, 4, 2, 2 * bn + 22, 24
+    nkb = -(-Nk // bn)
+    q, k, _ = random_qkv(B, H, Hkv, 8, Nk, D, dtype, seed=31)
     kpm = padding_mask(kpm_kind, B, Nk, bn, seed=32)
     inp = check_inputs(q.to(DEV), k.to(DEV), k.to(DEV), key_padding_mask=None if kpm is None else kpm.to(DEV))
-    qp, kp, ko, kbias, kobias = (t.cpu() for t in _pool_inputs(inp, inp.q, inp.k, cfg, nqb, nkb))
-    qp_ref, kp_ref, kbias_ref, kobias_ref, w = pooled_definition(q, k, kpm, bm, bn)
+    kp, ko, kbias, kobias = (t.cpu() for t in _pool_keys(inp, inp.k, cfg, nkb))
+    kp_ref, kbias_ref, kobias_ref, w = pooled_keys_definition(k, kpm, bn)
 
-    assert qp.shape == (B, H, nqb * 16, D) and qp.dtype == dtype
     assert kp.shape == ko.shape == (B, Hkv, nkb, D) and kp.dtype == ko.dtype == dtype
     assert kbias.shape == kobias.shape == kbias_ref.shape and kbias.dtype == kobias.dtype == torch.float32
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: the rounding of the means
-    assert torch.allclose(qp.double(), qp_ref, atol=tol, rtol=tol)
     assert torch.allclose(kp.double(), kp_ref, atol=tol, rtol=tol)
     assert torch.equal(kbias.isinf(), kbias_ref.isinf()) and torch.equal(kobias, kobias_ref.float())
     fin = kbias_ref.isfinite()
