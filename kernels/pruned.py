@@ -239,7 +239,7 @@ def pooled_queries(Q, offs_r, offs_d, Nq, stride_qm, stride_qd,
     after the other (unrolled, the loads in flight spilled registers in the predictor at D = 128)."""
     G: tl.constexpr = BLOCK_M // POOL_ROWS
     qp = tl.zeros([offs_r.shape[0], BLOCK_D], dtype=tl.float32)
-    for g in range(G):
+    for g in tl.static_range(G):
         qp += load_tile(Q, offs_r * G + g, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D).to(tl.float32)
     n_rows = tl.minimum(tl.maximum(Nq - offs_r * G, 0), G)  # query rows < Nq in each group
     qp = qp / tl.maximum(n_rows, 1).to(tl.float32)[:, None]

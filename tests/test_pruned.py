@@ -533,8 +533,9 @@ def test_pooled_queries_match_definition(dtype, bm):
     qp = torch.empty((nqb * 16, D), dtype=dtype, device=DEV)
     _pooled_queries_kernel[(nqb,)](q, qp, Nq, D=D, BLOCK_M=bm, BLOCK_D=32)
     g = bm // 16
-    ref = torch.stack([q[r * g:(r + 1) * g].double().mean(0) if r * g < Nq else torch.zeros(D, dtype=torch.float64)
-                       for r in range(nqb * 16)]).cpu()
+    qd = q.cpu().double()
+    ref = torch.stack([qd[r * g:(r + 1) * g].mean(0) if r * g < Nq else torch.zeros(D, dtype=torch.float64)
+                       for r in range(nqb * 16)])
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: the rounding of the means
     assert torch.allclose(qp.cpu().double(), ref, atol=tol, rtol=tol)  # empty groups: exactly 0
 
