@@ -38,7 +38,8 @@ outlier key, and for long query sequences the sampled vertical estimate):
    before the sweep: a lower bound of the true lse2, so every entry it prunes is also pruned by the
    exact definition (it may keep some that the exact mode prunes, and it misses the mass of tiles it
    does not visit). The test runs on ``2^(u_ij - m_i)``, which the softmax computes anyway, against
-   ``min(tau 2^(lse2_lb_i - m_i), 1)``: no log2 in the loop. Rows that met no unmasked key in the
+   ``min(tau 2^(lse2_lb_i - m_i), 1)`` (capped just below 1, see ``_attn_tile``): no log2 in the
+   loop. Rows that met no unmasked key in the
    listed tiles are recomputed over every key block (``FALLBACK``), so a row is dropped only if it
    has no unmasked key at all.
 """
@@ -235,8 +236,9 @@ def pooled_queries(Q, offs_r, offs_d, Nq, stride_qm, stride_qd,
     """The pooled query rows ``offs_r`` ``[R, BLOCK_D]`` of one (batch, head) (``Q`` points at its
     ``[Nq, D]`` rows), in Q's dtype, summed in float32: pooled row r (row ``r % 16`` of query block
     ``r // 16``) is the mean of the query rows ``[r G, (r + 1) G)`` below Nq, ``G = BLOCK_M / 16``
-    (0 where none is). Row g of every group at once: G loads of R rows (no reshape of a tile), one
-    after the other (unrolled, the loads in flight spilled registers in the predictor at D = 128)."""
+    (0 where none is). Row g of every group at once: G loads of R rows (no reshape of a tile),
+    unrolled so that they are in flight together (in the predictor at D = 128 this spills 8 bytes
+    outside its loops; one load at a time measured slower)."""
     G: tl.constexpr = BLOCK_M // POOL_ROWS
     qp = tl.zeros([offs_r.shape[0], BLOCK_D], dtype=tl.float32)
     for g in tl.static_range(G):
