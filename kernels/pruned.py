@@ -33,15 +33,15 @@ outlier key, and for long query sequences the sampled vertical estimate):
 2. ``pruned_attn`` without ``EXACT``: one sweep over the listed tiles with the online softmax. An
    entry is pruned when ``u_ij < min(lse2_lb_i + log2 tau, m_i)`` where ``lse2_lb_i`` is the log-sum
    of a subset of the row's entries seen so far (every entry of the first tile, which the predictor
-   picks as the most concentrated one, and the kept entries of the later tiles) and the current
-   tile's largest entry or, if larger, a bound from the pooled keys of every listed tile, computed
-   before the sweep: a lower bound of the true lse2, so every entry it prunes is also pruned by the
-   exact definition (it may keep some that the exact mode prunes, and it misses the mass of tiles it
-   does not visit). The test runs on ``2^(u_ij - m_i)``, which the softmax computes anyway, against
+   picks as the most concentrated one, and the kept entries of the later tiles; split programs sum
+   every entry, see ``_attn_tile``) and the current tile's largest entry or, if larger, a bound from
+   the pooled keys of every listed tile, computed before the sweep: a lower bound of the true lse2,
+   so every entry it prunes is also pruned by the exact definition (it may keep some that the exact
+   mode prunes, and it misses the mass of tiles it does not visit). The test runs on
+   ``2^(u_ij - m_i)``, which the softmax computes anyway, against
    ``min(tau 2^(lse2_lb_i - m_i), 1)`` (capped just below 1, see ``_attn_tile``): no log2 in the
-   loop. Rows that met no unmasked key in the
-   listed tiles are recomputed over every key block (``FALLBACK``), so a row is dropped only if it
-   has no unmasked key at all.
+   loop. Rows that met no unmasked key in the listed tiles are recomputed over every key block
+   (``FALLBACK``), so a row is dropped only if it has no unmasked key at all.
 """
 import triton
 import triton.language as tl

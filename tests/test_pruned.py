@@ -537,7 +537,8 @@ def test_pooled_queries_match_definition(dtype, bm):
     ref = torch.stack([qd[r * g:(r + 1) * g].mean(0) if r * g < Nq else torch.zeros(D, dtype=torch.float64)
                        for r in range(nqb * 16)])
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: the rounding of the means
-    assert torch.allclose(qp.cpu().double(), ref, atol=tol, rtol=tol)  # empty groups: exactly 0
+    assert torch.allclose(qp.cpu().double(), ref, atol=tol, rtol=tol)
+    assert (qp.cpu()[torch.arange(nqb * 16) * g >= Nq] == 0).all()  # empty groups: exactly 0
 
 
 def pooled_keys_definition(k, kpm, bn):
