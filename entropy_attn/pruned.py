@@ -424,7 +424,8 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
             Hq, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, tau,
             D=D, DV=Dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), BLOCK_DV=_block(Dv),
             CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, MASKED=masked,
-            EXACT=exact, SPLIT=split, FALLBACK=not exact and not split, STATS=stats,
+            EXACT=exact, FIXED=not exact and not split and tau < 1, SPLIT=split, FALLBACK=not exact and not split,
+            STATS=stats,
             LSE_BOUND=bound, CHUNK=chunk, PRECISION=_input_precision(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )

@@ -400,18 +400,24 @@ def _pooled_lse_bound(
 
 @triton.jit
 def _attn_tile(
-    acc, m, l, l_seen, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, rowsel,
+    acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, rowsel,
     stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk, qk_scale, tau,
     Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
-    EXACT: tl.constexpr, ROWSEL: tl.constexpr, FIRST: tl.constexpr, SEEN_ALL: tl.constexpr, STATS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    EXACT: tl.constexpr, FIXED: tl.constexpr, ROWSEL: tl.constexpr, FIRST: tl.constexpr, SEEN_ALL: tl.constexpr,
+    STATS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Fold key block ``kb`` into the accumulators (see the module docstring). Fast mode: ``FIRST``,
     the first listed tile, whose whole sum enters the lse bound before its own entries are tested;
     ``SEEN_ALL``, every entry (not only the kept ones) of the later tiles enters the seen sum too
-    (split programs: the host's combine bounds lse by their seen sums alone, with no pooled bound)."""
+    (split programs: the host's combine bounds lse by their seen sums alone, with no pooled bound).
+    ``FIXED``: the weights are taken relative to a fixed reference ``m`` per row instead of the running
+    max, so nothing is rescaled; ``p_max`` is the largest weight seen (relative to ``m``). The first
+    tile sets ``m``: 32 above the larger of its row max and the pooled lse bound (0 if both are -inf),
+    so the row max's weight is at most 2^-32 there and a later one overflows only above 2^128: the
+    caller recomputes rows whose ``p_max`` passes 2^64 (``pruned_attn``). Otherwise (online) ``m`` is
+    the running max and ``p_max`` is unused."""
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, MASKED, BLOCK_D != D)
     qk, unit = _base2_scores(q, k, offs_m, offs_n, b, h, Nq, Nk, qk_scale,
@@ -428,6 +434,38 @@ def _attn_tile(
         acc += dot(p.to(v.dtype), v, PRECISION)
         if STATS:
             kcnt += tl.sum(keep.to(tl.int32), 1)
+    elif FIXED:
+        if FIRST:
+            m = tl.maximum(tl.max(qk, 1) * unit, lse_lb) + 32.0
+            m = tl.where(m > float("-inf"), m, 0.0)
+        x = qk * unit - m[:, None]
+        if MASKED:
+            x = tl.maximum(x, MIN_EXP2)
+        pa = tl.exp2(x)
+        # The tile's largest weight, by the same operations as its entry's; the cut stays below the
+        # running largest weight (by 2^-20 (|m| + 130) relative: more than the rounding of x if a
+        # compiler contracts the two differently), so the row max is always kept.
+        p_tile = tl.exp2(tl.max(qk, 1) * unit - m)
+        p_max = tl.maximum(p_max, p_tile)
+        if FIRST:
+            l_seen = tl.sum(pa, 1)
+            seen = l_seen
+        else:
+            seen = l_seen + p_tile
+        cap = p_max * (1.0 - (tl.abs(m) + 130.0) * 9.5367431640625e-07)
+        cut = tl.minimum(tau * tl.maximum(seen, tl.exp2(lse_lb - m)), cap)
+        keep = pa >= cut[:, None]
+        p = tl.where(keep, pa, 0.0)
+        p_sum = tl.sum(p, 1)
+        if not FIRST:
+            l_seen += p_sum
+        l += p_sum
+        acc += dot(p.to(v.dtype), v, PRECISION)
+        if STATS:
+            u = qk * unit
+            live = keep & (u > float("-inf"))
+            kept += tl.sum(tl.where(live, tl.exp2(u - lse2[:, None]), 0.0), 1)
+            kcnt += tl.sum(live.to(tl.int32), 1)
     else:
         u_max = tl.max(qk, 1) * unit
         m_new = tl.maximum(m, u_max)
@@ -474,7 +512,7 @@ def _attn_tile(
             live = keep & (u > float("-inf"))
             kept += tl.sum(tl.where(live, tl.exp2(u - lse2[:, None]), 0.0), 1)
             kcnt += tl.sum(live.to(tl.int32), 1)
-    return acc, m, l, l_seen, kept, kcnt
+    return acc, m, l, l_seen, p_max, kept, kcnt
 
 
 @triton.jit
@@ -491,7 +529,7 @@ def pruned_attn(
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, MASKED: tl.constexpr,
-    EXACT: tl.constexpr, SPLIT: tl.constexpr, FALLBACK: tl.constexpr, STATS: tl.constexpr,
+    EXACT: tl.constexpr, FIXED: tl.constexpr, SPLIT: tl.constexpr, FALLBACK: tl.constexpr, STATS: tl.constexpr,
     LSE_BOUND: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Pass 2: ``BLOCK_M`` rows of one (batch, head) over its share of the listed key blocks
@@ -545,42 +583,51 @@ def pruned_attn(
     m = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     l_seen = tl.zeros([BLOCK_M], dtype=tl.float32)
+    p_max = tl.zeros([BLOCK_M], dtype=tl.float32)
     kept = tl.zeros([BLOCK_M], dtype=tl.float32)
     kcnt = tl.zeros([BLOCK_M], dtype=tl.int32)
 
     start = lo
     if not EXACT:
         if lo < hi:
-            acc, m, l, l_seen, kept, kcnt = _attn_tile(
-                acc, m, l, l_seen, kept, kcnt, q, K, V, tl.load(Idx + lo), thr, lse2, lse_lb, row_mask,
+            acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
+                acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, tl.load(Idx + lo), thr, lse2, lse_lb, row_mask,
                 stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk, qk_scale,
                 tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
                 D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, MASKED, CAUSAL, MASK_KIND, KPM_KIND,
-                EXACT, False, True, SPLIT, STATS, PRECISION)
+                EXACT, FIXED, False, True, SPLIT, STATS, PRECISION)
             start = lo + 1
     for t in range(start, hi):
         kb = tl.load(Idx + t)
-        acc, m, l, l_seen, kept, kcnt = _attn_tile(
-            acc, m, l, l_seen, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, row_mask,
+        acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
+            acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, row_mask,
             stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk, qk_scale, tau,
             Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
             D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, MASKED, CAUSAL, MASK_KIND, KPM_KIND,
-            EXACT, False, False, SPLIT, STATS, PRECISION)
+            EXACT, FIXED, False, False, SPLIT, STATS, PRECISION)
 
     if FALLBACK:
-        # Rows that met no unmasked key in the listed tiles: fold in every key block, for those
-        # rows only (tiles already seen add nothing to them: they were all masked there).
-        lost = (l_seen == 0.0) & row_mask
-        if tl.max(lost.to(tl.int32), 0) > 0:
+        # Rows recomputed from scratch over every key block with the online softmax: those that kept
+        # nothing in the listed tiles (no unmasked key there, or FIXED: every weight below 2^-126 of
+        # the reference) and, FIXED, those whose largest weight passed 2^64 (overflow near). Tiles
+        # seen add nothing to the other rows (online: their running max m is the reference).
+        redo = row_mask & ((l == 0.0) | (p_max > 1.8446744073709552e19))
+        if tl.max(redo.to(tl.int32), 0) > 0:
+            acc = tl.where(redo[:, None], 0.0, acc)
+            m = tl.where(redo, M_INIT, m)
+            l = tl.where(redo, 0.0, l)
+            l_seen = tl.where(redo, 0.0, l_seen)
+            kept = tl.where(redo, 0.0, kept)
+            kcnt = tl.where(redo, 0, kcnt)
             end, _ = key_range(pid_m * BLOCK_M, Nq, Nk, BLOCK_M, CAUSAL)
             for kb in range(0, tl.cdiv(end, BLOCK_N)):
-                acc, m, l, l_seen, kept, kcnt = _attn_tile(
-                    acc, m, l, l_seen, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, lost,
+                acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
+                    acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, redo,
                     stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk,
                     qk_scale, tau,
                     Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
                     D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, MASK_KIND, KPM_KIND,
-                    EXACT, True, False, False, STATS, PRECISION)
+                    EXACT, False, True, False, False, STATS, PRECISION)
 
     srows = (split * tl.num_programs(1) + bh).to(tl.int64) * Nq + offs_m
     if SPLIT:

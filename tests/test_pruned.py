@@ -376,6 +376,46 @@ def test_fast_random_no_nan_no_empty_rows():
     assert ((st["pruned_mass"].double().cpu() - st_ref["pruned_mass"]).abs() < 0.1).all()
 
 
+def large_logits(dtype, masked):
+    """Logits up to |s| ~ 200 laid out against the fast mode's fixed reference (the row max of its
+    first tile, plus 32 bits): 16 queries, 4 key blocks. Row 0 puts +60 on one key of block 3, so block
+    3 is the first tile of the query block; row 1 puts +150 on two keys of block 1, far above its
+    maximum in block 3 (its weights there would overflow float32). All keys share a component that
+    gives row 2 logits near -200; ``masked``: an attention mask hides block 3 from row 2 (it then has
+    no first-tile maximum, and the mask turns off the pooled lse bound that otherwise catches row 1)."""
+    bn = kernel_tiles(16, 16)[1]
+    nk = 4 * bn
+    g = torch.Generator().manual_seed(21)
+    q, k, v = torch.randn(1, 1, 16, 16, generator=g), torch.randn(1, 1, nk, 16, generator=g), torch.randn(1, 1, nk, 16, generator=g)
+    e = torch.eye(16)
+    q[0, 0, 0], k[0, 0, 3 * bn + 5] = 20 * e[0], 12 * e[0]  # scale 1/4: +60
+    q[0, 0, 1], k[0, 0, bn + 1:bn + 3] = 20 * e[1], 30 * e[1]  # +150
+    k[0, 0, :, 2] = 40.0
+    q[0, 0, 2] = -20 * e[2]  # -200 +- 5
+    mask = None
+    if masked:
+        mask = torch.ones(16, nk, dtype=torch.bool)
+        mask[2, 3 * bn:] = False
+    return q.to(dtype), k.to(dtype), v.to(dtype), mask
+
+
+@triton_ok
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_large_logits(dtype, masked):
+    """Both modes against the definition with |s| up to ~200; the fast mode recomputes the rows its
+    fixed reference cannot hold (row 1 overflowing, row 2 underflowing when masked)."""
+    q, k, v, mask = large_logits(dtype, masked)
+    ref, st_ref, amb = definition(q, k, v, 0.01, attn_mask=mask)
+    check_close(run(q, k, v, tau=0.01, attn_mask=mask), ref, amb, dtype)
+    out = run(q, k, v, tau=0.01, attn_mask=mask, mode="fast").double().cpu()
+    assert torch.isfinite(out).all()
+    err = (out - ref).abs().amax(-1)
+    assert (err <= fast_error_bound(st_ref, v) + TOL[dtype]).all(), (err, fast_error_bound(st_ref, v))
+    # Rows 0 and 1 keep only their strong keys in both modes.
+    assert err[0, 0, :2].max() <= TOL[dtype] * ref.abs().max(), err[0, 0, :3]
+
+
 @triton_ok
 @pytest.mark.parametrize("causal", [False, True])
 def test_fast_predictor_query_block_groups(monkeypatch, causal):
