@@ -526,14 +526,15 @@ def pruned_attn(
     stride_pb, stride_pn,
     stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_bb, stride_bn,
     H, GROUPS, Nq, Nk, NQB, NKB, qk_scale, tau,
-    D: tl.constexpr, DV: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, LIST_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, MASKED: tl.constexpr,
     EXACT: tl.constexpr, FIXED: tl.constexpr, SPLIT: tl.constexpr, FALLBACK: tl.constexpr, STATS: tl.constexpr,
     LSE_BOUND: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Pass 2: ``BLOCK_M`` rows of one (batch, head) over its share of the listed key blocks
-    (split ``program_id(2)`` of ``num_programs(2)`` takes an equal slice of the list).
+    """Pass 2: ``BLOCK_M`` rows of one (batch, head) over its share of the key blocks listed for
+    their query block of ``LIST_M`` rows (split ``program_id(2)`` of ``num_programs(2)`` takes an
+    equal slice of the list).
 
     Thr, Lse2 ``[B*H, Nq]`` float32 base 2 (exact: the thresholds and lse, +inf on empty rows; fast:
     Lse2 is the exact lse, read only with ``STATS``). Without ``SPLIT`` writes Out ``[B, H, Nq, DV]``
@@ -553,7 +554,8 @@ def pruned_attn(
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    Idx += (bh.to(tl.int64) * NQB + pid_m) * NKB
+    qb = pid_m * BLOCK_M // LIST_M  # the query block of the tile lists (LIST_M rows, a multiple of BLOCK_M)
+    Idx += (bh.to(tl.int64) * NQB + qb) * NKB
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -570,7 +572,7 @@ def pruned_attn(
     else:
         lse2 = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    count = tl.load(Count + bh * NQB + pid_m)
+    count = tl.load(Count + bh * NQB + qb)
     lo = (split * count) // n_split
     hi = ((split + 1) * count) // n_split
     lse_lb = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)

@@ -435,6 +435,34 @@ def test_fast_predictor_query_block_groups(monkeypatch, causal):
             assert torch.equal(val, results[1][1][name]), name
 
 
+
+@triton_ok
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sweep_programs_split_list_blocks(monkeypatch, mode, causal):
+    """Each row's result depends only on its own running sums and its query block's tile list, so
+    sweeping a list block with programs of fewer rows (the GPU's 64-row programs on 128-row lists;
+    16 on 32 here, the interpreter's lists being forced to 32 rows) gives the same output and stats."""
+    import entropy_attn.pruned as pr
+    from entropy_attn._launch import _Config
+
+    split = pr._sweep_config
+    if interpreting():
+        monkeypatch.setattr(pr, "_config", lambda nq, d, dv: _Config(32, 16, 1, 1))
+        split = lambda cfg: _Config(cfg.block_m // 2, cfg.block_n, 1, 1)  # noqa: E731
+    q, k, v = clustered(1, 2, 1, 70, 96, 16, block=16, seed=22)
+    results = []
+    for sweep in (lambda cfg: cfg, split):
+        monkeypatch.setattr(pr, "_sweep_config", sweep)
+        results.append(run(q, k, v, tau=0.01, causal=causal, mode=mode, return_stats=True))
+    (whole, st_whole), (halves, st_halves) = results
+    assert torch.allclose(halves, whole, atol=1e-5, rtol=0), (halves - whole).abs().max()
+    for name, val in st_halves.items():
+        assert torch.allclose(val, st_whole[name], atol=1e-6, rtol=0), name
+    if mode == "exact" and interpreting():
+        ref, _, amb = definition(q, k, v, 0.01, causal=causal, block=(32, 16))
+        check_close(halves, ref, amb, torch.float32)
+
 def stripes(B, H, N, D, n_hot, *, block=16, seed=0, strength=None):
     """Vertical stripes (attention sinks): every query puts most of its mass on the same ``n_hot``
     keys, one per distinct ``block``-key block; the rest is near-uniform background. (The
