@@ -30,18 +30,23 @@ outlier key, and for long query sequences the sampled vertical estimate):
    visited by every query block. The list puts the block's most concentrated tile first, then the
    rest in key order. One program predicts ``QB`` query blocks, so that their pooled rows share each
    load of the pooled keys.
-2. ``pruned_attn`` without ``EXACT``: one sweep over the listed tiles with the online softmax. An
+2. ``pruned_attn`` without ``EXACT``: one sweep over the listed tiles. The weights are taken
+   relative to a fixed reference per row, set by the first tile (``FIXED``, see ``_attn_tile``), so
+   that nothing is rescaled from tile to tile; split programs and tau >= 1 use the online softmax
+   (running max, rescaling), whose combine and whose dropping of stale entries need it. An
    entry is pruned when ``u_ij < min(lse2_lb_i + log2 tau, m_i)`` where ``lse2_lb_i`` is the log-sum
    of a subset of the row's entries seen so far (every entry of the first tile, which the predictor
    picks as the most concentrated one, and the kept entries of the later tiles; split programs sum
    every entry, see ``_attn_tile``) and the current tile's largest entry or, if larger, a bound from
    the pooled keys of every listed tile, computed before the sweep: a lower bound of the true lse2,
    so every entry it prunes is also pruned by the exact definition (it may keep some that the exact
-   mode prunes, and it misses the mass of tiles it does not visit). The test runs on
-   ``2^(u_ij - m_i)``, which the softmax computes anyway, against
-   ``min(tau 2^(lse2_lb_i - m_i), 1)`` (capped just below 1, see ``_attn_tile``): no log2 in the
-   loop. Rows that met no unmasked key in the listed tiles are recomputed over every key block
-   (``FALLBACK``), so a row is dropped only if it has no unmasked key at all.
+   mode prunes, and it misses the mass of tiles it does not visit). The test runs on the weights
+   ``2^(u_ij - m_i)`` that the softmax computes anyway (``m_i`` the running max or the fixed
+   reference) against ``tau 2^(lse2_lb_i - m_i)``, capped just below the row's largest weight so far
+   (see ``_attn_tile``): no log2 in the loop. Rows that kept nothing in the listed tiles (no unmasked
+   key there, or every weight below float32's range under the fixed reference) and rows whose
+   weights outgrew the fixed reference (above 2^64) are recomputed over every key block with the
+   online softmax (``FALLBACK``), so a row is dropped only if it has no unmasked key at all.
 """
 import triton
 import triton.language as tl
@@ -611,8 +616,9 @@ def pruned_attn(
     if FALLBACK:
         # Rows recomputed from scratch over every key block with the online softmax: those that kept
         # nothing in the listed tiles (no unmasked key there, or FIXED: every weight below 2^-126 of
-        # the reference) and, FIXED, those whose largest weight passed 2^64 (overflow near). Tiles
-        # seen add nothing to the other rows (online: their running max m is the reference).
+        # the reference) and, FIXED, those whose largest weight passed 2^64 (overflow near). The
+        # other rows are masked out of these tiles: their weights are 0 and their m (running max or
+        # fixed reference) stays, so their sums are unchanged.
         redo = row_mask & ((l == 0.0) | (p_max > 1.8446744073709552e19))
         if tl.max(redo.to(tl.int32), 0) > 0:
             acc = tl.where(redo[:, None], 0.0, acc)
