@@ -122,21 +122,23 @@ def prefill_inputs(n, d, s):
     return _INPUTS[key]
 
 
+def impl_call(impl, q, k, v, tau, s, labels):
+    """``fn()`` running ``impl`` on (q, k, v); a pruned impl adds the input's sparsity labels (target
+    ``s``) to ``labels``."""
+    if impl in DENSE:
+        return lambda: DENSE[impl](q, k, v)
+    mode = impl.split("_")[1]
+    labels.update(s_target=s, **sparse_labels(q, k, v, tau))
+    return lambda: pruned_attention(q, k, v, tau=tau, mode=mode)
+
+
 def _prefill(measure, impl, n, d, s, graph=False):
     q, k, v, tau = prefill_inputs(n, d, s)
     group = "pruned prefill, CUDA graph" if graph else "pruned prefill"
     labels = dict(group=f"{group} (bf16, non-causal)", impl=impl, N=n, D=d)
-    if impl in DENSE:
-        def fn():
-            return DENSE[impl](q, k, v)
-    else:
-        mode = impl.split("_")[1]
-        labels.update(s_target=s, **sparse_labels(q, k, v, tau))
-        if mode == "exact":
-            labels.pop("fast_err"), labels.pop("mass_fast"), labels.pop("fast_s")
-
-        def fn():
-            return pruned_attention(q, k, v, tau=tau, mode=mode)
+    fn = impl_call(impl, q, k, v, tau, s, labels)
+    if impl == "pruned_exact":
+        labels.pop("fast_err"), labels.pop("mass_fast"), labels.pop("fast_s")
     with torch.no_grad():
         if graph:
             fn = cuda_graph(fn)
@@ -192,15 +194,7 @@ def _decode(measure, impl, nq, nk, graph):
         _INPUTS[key] = stripes(b, h, hkv, nq, nk, d, s, seed=1)
     q, k, v, tau = _INPUTS[key]
     labels = dict(group="pruned decoding (bf16, B=4, H=32, Hkv=8, D=128)", impl=impl, Nq=nq, Nk=nk, graph=graph)
-    if impl in DENSE:
-        def fn():
-            return DENSE[impl](q, k, v)
-    else:
-        mode = impl.split("_")[1]
-        labels.update(s_target=s, **sparse_labels(q, k, v, tau))
-
-        def fn():
-            return pruned_attention(q, k, v, tau=tau, mode=mode)
+    fn = impl_call(impl, q, k, v, tau, s, labels)
     try:
         with torch.no_grad():
             fn()
