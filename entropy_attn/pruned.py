@@ -10,7 +10,8 @@
   Exact up to floating point.
 - ``mode='fast'``: predicts the tiles from pooled queries and keys and, for long query sequences, a
   sample of query rows against all keys (``kernels/pruned_pool.py`` computes the latter two; no full
-  first pass) and prunes within them in one online-softmax sweep; an approximation of the exact mode.
+  first pass) and prunes within them in one sweep (weights against a fixed reference per row, or an
+  online softmax for split programs and tau >= 1); an approximation of the exact mode.
 
 Few queries (decoding, ``Nq <= 16``) split the key range (pass 1) or the tile list (pass 2) over
 several programs, flash-decoding style; the host combines the partials. With grouped-query attention
@@ -431,6 +432,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
         kp_str = kp.stride() if not exact else (0, 0, 0, 0)
         kb_str = (kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(-1)) if not exact else (0, 0)
         masked = inp.causal or mkind != 0 or pkind != 0 or Nk % cfg.block_n != 0
+        fallback = not exact and not split  # the fast sweep recomputes lost rows itself (no host combine)
         sweep = _sweep_config(cfg)
         pruned_attn[(triton.cdiv(Nq, sweep.block_m), BH, n_split)](
             q, k, v, out, idx, count, thr if thr is not None else lpart, lse2 if lse2 is not None else lpart,
@@ -439,8 +441,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
             Hq, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, tau,
             D=D, DV=Dv, LIST_M=cfg.block_m, BLOCK_M=sweep.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D),
             BLOCK_DV=_block(Dv), CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, MASKED=masked,
-            EXACT=exact, FIXED=not exact and not split and tau < 1, SPLIT=split, FALLBACK=not exact and not split,
-            STATS=stats,
+            EXACT=exact, FIXED=fallback and tau < 1, SPLIT=split, FALLBACK=fallback, STATS=stats,
             LSE_BOUND=bound, CHUNK=chunk, PRECISION=_input_precision(q.dtype),
             num_warps=sweep.num_warps, num_stages=sweep.num_stages,
         )
@@ -524,9 +525,9 @@ def pruned_attention(
             kernel at tile sparsity 0.9 / 0.95: 6.5x / 9.9x at N = 32k, 8.3x / 14.9x at 64k; at
             8k-16k the host's 0.35-0.8 ms of launches bounds it (2.7x-4.3x), unless it is replayed
             from a CUDA graph (4.5x-8.9x); max |fast - exact| 0.05 - 0.1 on sink-key inputs). On
-            the attention of the example LMs (8k tokens) its
-            prediction misses tiles (relative error 1-8 %) or visits nearly all of them, and it is
-            at most 1.2x faster than dense (benchmarks/RESULTS.md): check its error on your model
+            the attention of the example LMs (8k tokens) its prediction misses tiles (relative
+            error 1-8 %) or visits nearly all of them, and it is at most 1.2x faster than dense
+            (benchmarks/RESULTS.md): check its error on your model
             (``return_stats``, or against ``'exact'``) before serving with it. For decoding
             (Nq <= 16) it re-pools the whole key cache on every call: prefer ``'exact'`` there.
             Rows whose weights are all near tau (diffuse rows) are its weak case: it may keep

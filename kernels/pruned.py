@@ -440,8 +440,9 @@ def _attn_tile(
         if STATS:
             kcnt += tl.sum(keep.to(tl.int32), 1)
     elif FIXED:
+        u_max = tl.max(qk, 1) * unit
         if FIRST:
-            m = tl.maximum(tl.max(qk, 1) * unit, lse_lb) + 32.0
+            m = tl.maximum(u_max, lse_lb) + 32.0
             m = tl.where(m > float("-inf"), m, 0.0)
         x = qk * unit - m[:, None]
         if MASKED:
@@ -450,7 +451,7 @@ def _attn_tile(
         # The tile's largest weight, by the same operations as its entry's; the cut stays below the
         # running largest weight (by 2^-20 (|m| + 130) relative: more than the rounding of x if a
         # compiler contracts the two differently), so the row max is always kept.
-        p_tile = tl.exp2(tl.max(qk, 1) * unit - m)
+        p_tile = tl.exp2(u_max - m)
         p_max = tl.maximum(p_max, p_tile)
         if FIRST:
             l_seen = tl.sum(pa, 1)
@@ -466,11 +467,6 @@ def _attn_tile(
             l_seen += p_sum
         l += p_sum
         acc += dot(p.to(v.dtype), v, PRECISION)
-        if STATS:
-            u = qk * unit
-            live = keep & (u > float("-inf"))
-            kept += tl.sum(tl.where(live, tl.exp2(u - lse2[:, None]), 0.0), 1)
-            kcnt += tl.sum(live.to(tl.int32), 1)
     else:
         u_max = tl.max(qk, 1) * unit
         m_new = tl.maximum(m, u_max)
@@ -511,12 +507,13 @@ def _attn_tile(
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION)
         m = m_new
         if STATS:
-            u = qk * unit
             kept = tl.where(stale, 0.0, kept)
             kcnt = tl.where(stale, 0, kcnt)
-            live = keep & (u > float("-inf"))
-            kept += tl.sum(tl.where(live, tl.exp2(u - lse2[:, None]), 0.0), 1)
-            kcnt += tl.sum(live.to(tl.int32), 1)
+    if STATS and not EXACT:
+        u = qk * unit
+        live = keep & (u > float("-inf"))
+        kept += tl.sum(tl.where(live, tl.exp2(u - lse2[:, None]), 0.0), 1)
+        kcnt += tl.sum(live.to(tl.int32), 1)
     return acc, m, l, l_seen, p_max, kept, kcnt
 
 

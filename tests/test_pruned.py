@@ -435,7 +435,6 @@ def test_fast_predictor_query_block_groups(monkeypatch, causal):
             assert torch.equal(val, results[1][1][name]), name
 
 
-
 @triton_ok
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 @pytest.mark.parametrize("causal", [False, True])
@@ -462,6 +461,7 @@ def test_sweep_programs_split_list_blocks(monkeypatch, mode, causal):
     if mode == "exact" and interpreting():
         ref, _, amb = definition(q, k, v, 0.01, causal=causal, block=(32, 16))
         check_close(halves, ref, amb, torch.float32)
+
 
 def stripes(B, H, N, D, n_hot, *, block=16, seed=0, strength=None):
     """Vertical stripes (attention sinks): every query puts most of its mass on the same ``n_hot``
