@@ -28,10 +28,10 @@ import math
 from dataclasses import replace
 
 import torch
-import triton
 
 from ._inputs import AttentionInputs, check_inputs, score_bias
-from ._launch import LOG2E, _block, _Config, _input_precision, _mask_args, _on_device, _unit_stride, interpreting
+from ._fastlaunch import launch
+from ._launch import LOG2E, _block, _Config, _input_precision, _mask_args, _on_device, _unit_stride, cdiv, interpreting, next_pow2
 from .functional import attention_with_lse, resolve_backend
 from .reference import _CHUNK_ELEMENTS, dense_operands, masked_softmax
 
@@ -93,7 +93,7 @@ def _num_splits(programs: int, nkb: int, device, min_blocks: int = 4) -> int:
     sms = _sm_count(device)
     if programs >= sms:
         return 1
-    return max(1, min(triton.cdiv(8 * sms, programs), nkb // min_blocks, 64))
+    return max(1, min(cdiv(8 * sms, programs), nkb // min_blocks, 64))
 
 
 def _key_splits(programs: int, nkb: int, device, splits: int | None = None) -> tuple[int, int]:
@@ -101,15 +101,15 @@ def _key_splits(programs: int, nkb: int, device, splits: int | None = None) -> t
     ``_num_splits``), with no empty split."""
     if splits is None:
         splits = _num_splits(programs, nkb, device)
-    kb_per = triton.cdiv(nkb, splits)
-    return triton.cdiv(nkb, kb_per), kb_per
+    kb_per = cdiv(nkb, splits)
+    return cdiv(nkb, kb_per), kb_per
 
 
 def _predict_group(nqb: int, bh: int, device) -> int:
     """Query blocks per predictor program (``QB``): up to 4 share each load of the pooled keys
     (64 pooled rows: one tensor-core tile), fewer where the grid would no longer fill the GPU."""
     qb = 4
-    while qb > 1 and triton.cdiv(nqb, qb) * bh < 2 * _sm_count(device):
+    while qb > 1 and cdiv(nqb, qb) * bh < 2 * _sm_count(device):
         qb //= 2
     return qb
 
@@ -174,8 +174,8 @@ def reference_pruned(inp: AttentionInputs, tau: float, *, block=REFERENCE_BLOCK,
     log_tau = math.log(tau) if tau > 0 else -math.inf
     if chunk_size is None:
         chunk_size = max(1, _CHUNK_ELEMENTS // (B * H * Nk))
-    chunk_size = triton.cdiv(chunk_size, bm) * bm
-    nkb = triton.cdiv(Nk, bn)
+    chunk_size = cdiv(chunk_size, bm) * bm
+    nkb = cdiv(Nk, bn)
     dev = q.device
     zeros = lambda dt=torch.int64: torch.zeros(B, H, dtype=dt, device=dev)  # noqa: E731
     unmasked, kept, rows_live, tiles_live, tiles_visited = zeros(), zeros(), zeros(), zeros(), zeros()
@@ -203,7 +203,7 @@ def reference_pruned(inp: AttentionInputs, tau: float, *, block=REFERENCE_BLOCK,
         rows_live += (~empty).sum(-1)
         mass_pruned += torch.where(empty, 0.0, 1.0 - mass).sum(-1).to(torch.float64)
         n = s.shape[2]
-        nrb = triton.cdiv(n, bm)
+        nrb = cdiv(n, bm)
         sp = torch.full((B, H, nrb * bm, nkb * bn), float("-inf"), dtype=cdt, device=dev)
         sp[:, :, :n, :Nk] = s.masked_fill(~valid, float("-inf"))
         tmax = sp.view(B, H, nrb, bm, nkb, bn).amax((3, 5))
@@ -239,7 +239,7 @@ def _exact_first_pass(inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_ar
     cnt = torch.empty((splits, BH, Nq) if stats else (1,), dtype=torch.int32, device=dev)
     from .kernels.pruned import pruned_scores
 
-    pruned_scores[(nqb, BH, splits)](
+    launch(pruned_scores, (nqb, BH, splits),
         q, k, tile_max, mpart, lpart, cnt, mask, kpm,
         *q.stride(), *k.stride(), *mstr, *pstr,
         H, inp.groups, Nq, Nk, nqb, nkb, kb_per, inp.scale * LOG2E,
@@ -264,8 +264,8 @@ def _select(tile_max, mpart, lpart, tau, cfg, nqb, nkb, Nq):
     thr = torch.empty_like(lse2)
     from .kernels.pruned import pruned_select
 
-    chunk = min(256, max(16, triton.next_power_of_2(nkb)))
-    pruned_select[(nqb, BH)](tile_max, mpart, lpart, lse2, thr, idx, count, nvalid, Nq, nqb, nkb,
+    chunk = min(256, max(16, next_pow2(nkb)))
+    launch(pruned_select, (nqb, BH), tile_max, mpart, lpart, lse2, thr, idx, count, nvalid, Nq, nqb, nkb,
                              mpart.shape[0], math.log2(tau), BLOCK_M=cfg.block_m, CHUNK=chunk)
     return idx, count, nvalid, lse2, thr
 
@@ -290,7 +290,7 @@ def _pool_keys(inp, k, cfg, nkb):
     kobias = torch.empty_like(kbias)
     from .kernels.pruned_pool import pool_keys
 
-    pool_keys[(nkb, B * Hkv)](
+    launch(pool_keys, (nkb, B * Hkv),
         k, kp, ko, kbias, kobias, kpm, *k.stride(), *kp.stride(), *pstr, kbias.stride(0),
         Hkv, Nk,
         D=D, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), KPM_KIND=pkind, num_warps=4,
@@ -311,7 +311,7 @@ def _vertical(inp, q, k, cfg, nkb):
         return None
     BH = B * H
     dev = q.device
-    block_s = max(16, triton.next_power_of_2(VERT_SAMPLES))
+    block_s = max(16, next_pow2(VERT_SAMPLES))
     splits, kb_per = _key_splits(BH, nkb, dev)
     f32 = dict(dtype=torch.float32, device=dev)
     block_max = torch.empty((BH, nkb, block_s), **f32)
@@ -321,7 +321,7 @@ def _vertical(inp, q, k, cfg, nkb):
     (mask, *mstr, mkind), (kpm, *pstr, pkind) = _mask_args(inp)
     from .kernels.pruned_pool import vertical_combine, vertical_sample
 
-    vertical_sample[(BH, splits)](
+    launch(vertical_sample, (BH, splits),
         q, k, block_max, mpart, lpart, mask, kpm,
         *q.stride(), *k.stride(), *mstr, *pstr,
         H, inp.groups, Nq, Nk, nkb, kb_per, VERT_SAMPLES, inp.scale * LOG2E,
@@ -329,7 +329,7 @@ def _vertical(inp, q, k, cfg, nkb):
         CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, PRECISION=_input_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    vertical_combine[(BH,)](
+    launch(vertical_combine, (BH,),
         block_max, mpart, lpart, vert, nkb, splits, BLOCK_S=block_s, CHUNK=16 if interpreting() else 64,
     )
     return vert
@@ -382,7 +382,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
     BH = B * Hq
     dev = q.device
     cfg = _config(Nq, D, Dv)
-    nqb, nkb = triton.cdiv(Nq, cfg.block_m), triton.cdiv(Nk, cfg.block_n)
+    nqb, nkb = cdiv(Nq, cfg.block_m), cdiv(Nk, cfg.block_n)
     mask_args, kpm_args = _mask_args(inp)
     (mask, *mstr, mkind), (kpm, *pstr, pkind) = mask_args, kpm_args
     exact = mode == "exact"
@@ -401,7 +401,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
             idx = torch.empty((BH, nqb, nkb), dtype=torch.int32, device=dev)
             count = torch.empty((BH, nqb), dtype=torch.int32, device=dev)
             qb = _predict_group(nqb, BH, dev)
-            pruned_predict[(triton.cdiv(nqb, qb), BH)](
+            launch(pruned_predict, (cdiv(nqb, qb), BH),
                 q, kp, ko, kbias, kobias, vert if vert is not None else kbias, idx, count, *q.stride(), *kp.stride(),
                 kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(1),
                 Hq, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, math.log2(tau * slack),
@@ -434,7 +434,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
         masked = inp.causal or mkind != 0 or pkind != 0 or Nk % cfg.block_n != 0
         fallback = not exact and not split  # the fast sweep recomputes lost rows itself (no host combine)
         sweep = _sweep_config(cfg)
-        pruned_attn[(triton.cdiv(Nq, sweep.block_m), BH, n_split)](
+        launch(pruned_attn, (cdiv(Nq, sweep.block_m), BH, n_split),
             q, k, v, out, idx, count, thr if thr is not None else lpart, lse2 if lse2 is not None else lpart,
             opart, mpart, lpart, lall, kept, kcnt, mask, kpm, kp, ko, kbias, kobias,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr, *pstr, *kp_str, *kb_str,
