@@ -329,9 +329,8 @@ def _vertical(inp, q, k, cfg, nkb):
         CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, PRECISION=_input_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    launch(vertical_combine, (BH,),
-        block_max, mpart, lpart, vert, nkb, splits, BLOCK_S=block_s, CHUNK=16 if interpreting() else 64,
-    )
+    chunk = 16 if interpreting() else 64
+    launch(vertical_combine, (BH, cdiv(nkb, chunk)), block_max, mpart, lpart, vert, nkb, splits, BLOCK_S=block_s, CHUNK=chunk)
     return vert
 
 

@@ -134,17 +134,15 @@ def vertical_combine(
     BlockMax, Mpart, Lpart, Vert, NKB, SPLITS,
     BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """Per (batch, head) ``bh``: each sampled row's lse2 from the splits' partial sums (+inf for a
-    row that sees no key), then Vert ``[B*H, NKB]`` float32 = ``max_r (BlockMax[bh, kb, r] - lse2_r)``,
-    the log2 of the largest softmax weight a sampled row gives a key of block kb (-inf if none).
-    Inputs as written by ``vertical_sample``."""
+    """Per (batch, head) ``bh`` and key blocks ``[pid CHUNK, (pid + 1) CHUNK)``: each sampled row's
+    lse2 from the splits' partial sums (+inf for a row that sees no key), then Vert ``[B*H, NKB]``
+    float32 = ``max_r (BlockMax[bh, kb, r] - lse2_r)``, the log2 of the largest softmax weight a
+    sampled row gives a key of block kb (-inf if none). Inputs as written by ``vertical_sample``."""
     bh = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
     _, lse = split_lse(Mpart, Lpart, bh.to(tl.int64) * BLOCK_S + offs_s, offs_s < BLOCK_S, SPLITS,
                        tl.num_programs(0).to(tl.int64) * BLOCK_S)
-
-    for c in range(0, NKB, CHUNK):
-        kb = c + tl.arange(0, CHUNK)
-        ptrs = BlockMax + (bh.to(tl.int64) * NKB + kb[:, None]) * BLOCK_S + offs_s[None, :]
-        bmax = tl.load(ptrs, mask=kb[:, None] < NKB, other=float("-inf"))
-        tl.store(Vert + bh.to(tl.int64) * NKB + kb, tl.max(bmax - lse[None, :], 1), mask=kb < NKB)
+    kb = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    ptrs = BlockMax + (bh.to(tl.int64) * NKB + kb[:, None]) * BLOCK_S + offs_s[None, :]
+    bmax = tl.load(ptrs, mask=kb[:, None] < NKB, other=float("-inf"))
+    tl.store(Vert + bh.to(tl.int64) * NKB + kb, tl.max(bmax - lse[None, :], 1), mask=kb < NKB)

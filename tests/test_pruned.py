@@ -698,8 +698,9 @@ def vertical_definition(q, k, samples, bn, *, scale, causal=False, attn_mask=Non
 
 @triton_ok
 @pytest.mark.parametrize("case", [
-    # GQA, causal with Nq < Nk, key blocks split over 2 programs (interpreter tiles)
-    dict(B=1, H=2, Hkv=1, Nq=150, Nk=170, causal=True, samples=64),
+    # GQA, causal with Nq < Nk, key blocks split over 2 programs and combined in 2 chunks
+    # (interpreter tiles: 19 key blocks, 16 per chunk)
+    dict(B=1, H=2, Hkv=1, Nq=150, Nk=290, causal=True, samples=64),
     # Nq > Nk (causal: the first rows, sample 0 included, see no key), bool padding with a fully
     # padded block, 12 samples in a 16-row tile
     dict(B=2, H=4, Hkv=2, Nq=170, Nk=100, causal=True, kpm="bool", samples=12),
