@@ -1,0 +1,57 @@
+"""Host overhead: every call below with Triton's plain launch path and with the direct one
+(``entropy_attn._fastlaunch``), side by side in one run, each call synchronized as in
+``bench_pruned.py``. Where the kernels are short the host's launches decide the time.
+
+    pytest benchmarks/bench_launch.py --benchmark-enable --benchmark-json=out.json   # ~1 min, H100
+"""
+import pytest
+import torch
+
+from entropy_attn import _fastlaunch, entropy_attention
+from entropy_attn.pruned import pruned_attention
+
+from bench_pruned import stripes
+
+pytestmark = pytest.mark.gpu
+
+
+def _calls():
+    """name -> (make inputs, call on them)."""
+    def prefill(d, s):
+        return lambda: stripes(1, 2048 // d, 2048 // d, 8192, 8192, d, s)
+
+    def decode():
+        return lambda: stripes(4, 32, 8, 1, 32768, 128, 0.9, seed=1)
+
+    def train_step(x):
+        q, k, v = x
+        out, ent = entropy_attention(q, k, v)
+        (out.float().sum() + ent.sum()).backward()
+
+    def small_qkv():  # a ViT-S/16 layer on CIFAR-sized images: 65 tokens, batch 64
+        return [torch.randn(64, 6, 65, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+
+    return {
+        "pruned fast, 8k D128 s0.95": (prefill(128, 0.95), lambda x: pruned_attention(*x[:3], tau=x[3], mode="fast")),
+        "pruned exact, 8k D128 s0.95": (prefill(128, 0.95), lambda x: pruned_attention(*x[:3], tau=x[3], mode="exact")),
+        "pruned fast, 8k D64 s0.8": (prefill(64, 0.8), lambda x: pruned_attention(*x[:3], tau=x[3], mode="fast")),
+        "dense forward, 8k D128": (prefill(128, 0.95), lambda x: entropy_attention(*x[:3], return_entropy=False)),
+        "pruned exact decoding, 1 x 32k": (decode(), lambda x: pruned_attention(*x[:3], tau=x[3], mode="exact")),
+        "training step (fwd + bwd), B64 H6 N65 D64": (small_qkv, train_step),
+    }
+
+
+CALLS = _calls()
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+@pytest.mark.parametrize("path", ["plain", "direct"])
+def test_launch_path(measure, monkeypatch, name, path):
+    monkeypatch.setattr(_fastlaunch, "_ENABLED", path == "direct")
+    if path == "direct" and not _fastlaunch.direct_enabled():
+        pytest.fail("the direct launch path is off in this environment")
+    make, call = CALLS[name]
+    x = make()
+    grad = name.startswith("training")
+    with torch.set_grad_enabled(grad):
+        measure(lambda: call(x), rounds=50, warmup=5, group="launch path (host overhead)", call=name, path=path)
