@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(all)
-[ "${STAGES[*]}" = all ] && STAGES=(tests bench:attention bench:pruned bench:pruned_trained bench:range bench:layers)
+[ "${STAGES[*]}" = all ] && STAGES=(tests bench:attention bench:launch bench:pruned bench:pruned_trained bench:range bench:layers)
 
 python3 -m pip install --no-deps --no-build-isolation -e . >"$LOGS/install.log" 2>&1 || { tail -20 "$LOGS/install.log"; exit 1; }
 {
