@@ -14,9 +14,9 @@
   online softmax for split programs and tau >= 1); an approximation of the exact mode.
 
 Few queries (decoding, ``Nq <= 16``) split the key range (pass 1) or the tile list (pass 2) over
-several programs, flash-decoding style; the host combines the partials. With grouped-query attention
-the query heads of a kv head run as the rows of one tile (``_packed_groups``), so the key cache is
-read once per kv head, not once per query head.
+several programs, flash-decoding style; a kernel (``split_combine``) combines the partials. With
+grouped-query attention the query heads of a kv head run as the rows of one tile
+(``_packed_groups``), so the key cache is read once per kv head, not once per query head.
 
 The PyTorch reference (``reference_pruned``) materializes the scores chunk by chunk over the queries,
 runs on any device and in float64, and is the ground truth of the tests.
@@ -334,26 +334,19 @@ def _vertical(inp, q, k, cfg, nkb):
     return vert
 
 
-def _combine_exact(opart, lpart):
-    """The exact mode's splits: plain sums of the kept parts, normalized by the kept mass (rows that
-    kept nothing have zero parts and give 0)."""
-    return opart.sum(0) / lpart.sum(0).clamp_min(1e-30)[..., None]
+def _combine(opart, mpart, lpart, lall, dtype, log2_tau: float, exact: bool, stats: bool):
+    """The split programs' partials (``pruned_attn`` with ``SPLIT``) folded into ``(out [B*H, Nq, Dv]
+    in dtype, the split weights [S, B*H, Nq] float32 or None)`` by the kernel ``split_combine`` (the
+    weights: fast mode with ``stats`` only; 0 for a split dropped as holding no kept entry)."""
+    S, BH, Nq, Dv = opart.shape
+    out = torch.empty((BH, Nq, Dv), dtype=dtype, device=opart.device)
+    w = torch.empty_like(lpart) if stats and not exact else lpart
+    from .kernels.pruned import split_combine
 
-
-def _combine_online(opart, mpart, lpart, lall, log2_tau):
-    """Combine the fast mode's splits. Each split kept at least its own maximum; as in the kernel,
-    a split whose maximum is below the combined threshold ``min(lse2_lb + log2 tau, m)`` (lse2_lb
-    from every entry the splits saw: split programs keep the sum over all of them) holds no kept
-    entry after all and is dropped, so the row maximum rule holds for the whole row. Returns (out,
-    the split weights)."""
-    m = mpart.amax(0)
-    w = torch.exp2(mpart - m)
-    lse_lb = m + torch.log2((lall * w).sum(0))
-    thr = torch.minimum(lse_lb + log2_tau, m)
-    w = torch.where(mpart >= thr, w, 0.0)
-    l = (lpart * w).sum(0)
-    out = (opart * w[..., None]).sum(0) / torch.where(l > 0, l, 1.0)[..., None]
-    return out, w
+    block_r = 16
+    launch(split_combine, (cdiv(Nq, block_r), BH), opart, mpart, lpart, lall, out, w, BH, Nq, S, log2_tau,
+           DV=Dv, BLOCK_R=block_r, BLOCK_DV=_block(Dv), EXACT=exact, STATS=stats and not exact)
+    return out, (w if stats and not exact else None)
 
 
 def _packed_groups(inp: AttentionInputs) -> int:
@@ -445,11 +438,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
             num_warps=sweep.num_warps, num_stages=sweep.num_stages,
         )
         if split:
-            if exact:
-                o = _combine_exact(opart, lpart)
-            else:
-                o, wsplit = _combine_online(opart, mpart, lpart, lall, math.log2(tau))
-            out = o.to(q.dtype)
+            out, wsplit = _combine(opart, mpart, lpart, lall, q.dtype, math.log2(tau), exact, stats)
     out = out.view(B, H, Nq_in, Dv)
     if not stats:
         return out

@@ -6,7 +6,7 @@ Exact mode, three launches:
 
 1. ``pruned_scores``: Q K^T only (no P V). Per row the running max ``m`` and sum ``l`` (so
    ``lse2 = m + log2 l``), per tile (BLOCK_M x BLOCK_N) the masked score maximum. Programs may split
-   the key range (``program_id(2)``, flash-decoding style for few queries); the host combines.
+   the key range (``program_id(2)``, flash-decoding style for few queries); step 2 combines them.
 2. ``pruned_select``: per row ``lse2`` and ``thr_i = min(lse2_i + log2 tau, m_i)`` (the row max is
    always kept) from the split partials; per query block ``thr_min = min_i thr_i`` and the compacted
    list of key blocks whose tile maximum is ``>= thr_min`` (and not fully masked). Every other tile
@@ -15,6 +15,8 @@ Exact mode, three launches:
    ``p_ij = 2^(u_ij - lse2_i)`` where ``u_ij >= thr_i``, else 0, so ``sum_j p_ij`` is the kept mass and
    ``out_i = sum_j p_ij v_j / sum_j p_ij``. No online rescaling is needed (lse is known), and splits
    of the list combine by plain sums.
+
+Split programs (few queries) add a fourth launch, ``split_combine``, which folds their partials.
 
 Fast mode, two launches after the kernels of ``pruned_pool.py`` (pooled keys, each key block's
 outlier key, and for long query sequences the sampled vertical estimate):
@@ -191,6 +193,62 @@ def split_lse(Mpart, Lpart, offs, mask, SPLITS, split_stride):
         m = m_new
     live = l > 0.0
     return m, tl.where(live, m + tl.log2(tl.where(live, l, 1.0)), float("inf"))
+
+
+@triton.jit
+def split_combine(
+    Opart, Mpart, Lpart, Lall, Out, W, BH, Nq, SPLITS, log2_tau,
+    DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr, EXACT: tl.constexpr, STATS: tl.constexpr,
+):
+    """Fold the ``SPLITS`` split programs of ``BLOCK_R`` rows of one (batch, head) into their output
+    (flash-decoding's combine). Opart ``[S, B*H, Nq, DV]`` and Mpart, Lpart, Lall ``[S, B*H, Nq]``
+    float32 as ``pruned_attn`` writes them with ``SPLIT``; Out ``[B*H, Nq, DV]`` (its dtype).
+
+    Exact (the parts are kept weights against the exact lse): ``out = sum_s O_s / sum_s l_s``, the
+    kept mass at least 1e-30 (rows that kept nothing give 0).
+    Fast (online parts relative to each split's max ``m_s``; ``l_all_s`` the sum over every entry the
+    split saw): ``m = max_s m_s``, ``w_s = 2^(m_s - m)``, ``lse2_lb = m + log2 sum_s w_s l_all_s``;
+    a split whose maximum is below ``thr = min(lse2_lb + log2 tau, m)`` holds no kept entry after all
+    (each split kept at least its own maximum) and gets ``w_s = 0``, so the row maximum rule holds for
+    the whole row; ``out = sum_s w_s O_s / sum_s w_s l_s`` (0 where that is 0). ``STATS``: W
+    ``[S, B*H, Nq]`` float32 = ``w_s``.
+    """
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < Nq
+    offs_dv = tl.arange(0, BLOCK_DV)
+    tile_ok = row_ok[:, None] & (offs_dv[None, :] < DV)
+    base = bh.to(tl.int64) * Nq + rows
+    split_stride = BH.to(tl.int64) * Nq
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+    l = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if EXACT:
+        for s in range(0, SPLITS):
+            part = s * split_stride + base
+            l += tl.load(Lpart + part, mask=row_ok, other=0.0)
+            acc += tl.load(Opart + part[:, None] * DV + offs_dv[None, :], mask=tile_ok, other=0.0)
+        out = acc / tl.maximum(l, 1e-30)[:, None]
+    else:
+        m = tl.full([BLOCK_R], M_INIT, dtype=tl.float32)
+        for s in range(0, SPLITS):
+            m = tl.maximum(m, tl.load(Mpart + s * split_stride + base, mask=row_ok, other=M_INIT))
+        l_all = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for s in range(0, SPLITS):
+            part = s * split_stride + base
+            m_s = tl.load(Mpart + part, mask=row_ok, other=M_INIT)
+            l_all += tl.load(Lall + part, mask=row_ok, other=0.0) * tl.exp2(m_s - m)
+        lse_lb = tl.where(l_all > 0.0, m + tl.log2(tl.where(l_all > 0.0, l_all, 1.0)), float("-inf"))
+        thr = tl.minimum(lse_lb + log2_tau, m)
+        for s in range(0, SPLITS):
+            part = s * split_stride + base
+            m_s = tl.load(Mpart + part, mask=row_ok, other=M_INIT)
+            w = tl.where(m_s >= thr, tl.exp2(m_s - m), 0.0)
+            l += tl.load(Lpart + part, mask=row_ok, other=0.0) * w
+            acc += tl.load(Opart + part[:, None] * DV + offs_dv[None, :], mask=tile_ok, other=0.0) * w[:, None]
+            if STATS:
+                tl.store(W + part, w, mask=row_ok)
+        out = acc / tl.where(l > 0.0, l, 1.0)[:, None]
+    tl.store(Out + base[:, None] * DV + offs_dv[None, :], out.to(Out.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
@@ -416,7 +474,7 @@ def _attn_tile(
     """Fold key block ``kb`` into the accumulators (see the module docstring). Fast mode: ``FIRST``,
     the first listed tile, whose whole sum enters the lse bound before its own entries are tested;
     ``SEEN_ALL``, every entry (not only the kept ones) of the later tiles enters the seen sum too
-    (split programs: the host's combine bounds lse by their seen sums alone, with no pooled bound).
+    (split programs: ``split_combine`` bounds lse by their seen sums alone, with no pooled bound).
     ``FIXED``: the weights are taken relative to a fixed reference ``m`` per row instead of the running
     max, so nothing is rescaled; ``p_max`` is the largest weight seen (relative to ``m``). The first
     tile sets ``m``: 32 above the larger of its row max and the pooled lse bound (0 if both are -inf),
@@ -542,7 +600,7 @@ def pruned_attn(
     Lse2 is the exact lse, read only with ``STATS``). Without ``SPLIT`` writes Out ``[B, H, Nq, DV]``
     (input dtype) and Lpart[0] (kept mass, exact; kept sum, fast); with ``SPLIT`` writes the
     unnormalized Opart ``[S, B*H, Nq, DV]`` and Mpart, Lpart (and Lall, fast: the seen sum
-    ``l_seen``, here the sum over every entry seen) ``[S, B*H, Nq]`` float32 for the host.
+    ``l_seen``, here the sum over every entry seen) ``[S, B*H, Nq]`` float32 for ``split_combine``.
     ``tau`` is the threshold itself (fast mode; the exact mode reads Thr).
     ``STATS``: Kept (true kept mass, fast only) and Kcnt (kept entries) ``[S, B*H, Nq]``.
     """

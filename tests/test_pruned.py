@@ -332,10 +332,14 @@ def test_fast_splits_keep_the_row_max_rule():
     drop the splits below the row threshold (else it averages the splits' maxima)."""
     q, k, v = random_qkv(1, 2, 1, 2, 300, 16, seed=15, qscale=0.5)
     inp = check_inputs(q.to(DEV), k.to(DEV), v.to(DEV))
-    ref, _, amb = definition(q, k, v, 1.5)
-    out = pruned_triton(inp, 1.5, "fast", splits=5)
-    dist = (out.double().cpu()[:, :, :, None, :] - v.double()[:, :, None, :, :]).abs().amax(-1).amin(-1)
-    assert dist.max() < 1e-5  # one value row each
+    out, st = pruned_triton(inp, 1.5, "fast", splits=5, stats=True)
+    dist = (out.double().cpu()[:, :, :, None, :] - v.double()[:, :, None, :, :]).abs().amax(-1)
+    assert dist.amin(-1).max() < 1e-5  # one value row each
+    # The stats count the one kept entry of each row (from the kept split only) and its true weight.
+    p = torch.softmax(inp.scale * q.double() @ k.double().transpose(-1, -2), -1)
+    kept = p.gather(-1, dist.argmin(-1, keepdim=True))[..., 0]
+    assert torch.allclose(st["pruned_mass"].double().cpu(), (1 - kept).mean((0, 2)), atol=1e-5), st
+    assert torch.allclose(st["entry_sparsity"].double().cpu(), torch.full((2,), 1 - 1 / 300, dtype=torch.double))
     out, st = pruned_triton(inp, 0.01, "fast", splits=5, stats=True)
     # Diffuse rows (all P < tau but the max): the exact mode keeps 1-3 entries, the fast mode may keep
     # a few more (pruned against a lower bound of lse), which moves such a row by O(1): the fast
