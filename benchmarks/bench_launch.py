@@ -1,6 +1,7 @@
 """Host overhead: every call below with Triton's plain launch path and with the direct one
 (``entropy_attn._fastlaunch``), side by side in one run, each call synchronized as in
-``bench_pruned.py``. Where the kernels are short the host's launches decide the time.
+``bench_pruned.py``; the two paths of a call run back to back (the GPU's speed drifts by several
+percent over a run). Where the kernels are short the host's launches decide the time.
 
     pytest benchmarks/bench_launch.py --benchmark-enable --benchmark-json=out.json   # ~1 min, H100
 """
@@ -44,8 +45,8 @@ def _calls():
 CALLS = _calls()
 
 
+@pytest.mark.parametrize("path", ["plain", "direct"])  # the two paths of a call run one after the other
 @pytest.mark.parametrize("name", list(CALLS))
-@pytest.mark.parametrize("path", ["plain", "direct"])
 def test_launch_path(measure, monkeypatch, name, path):
     monkeypatch.setattr(_fastlaunch, "_ENABLED", path == "direct")
     if path == "direct" and not _fastlaunch.direct_enabled():

@@ -344,7 +344,7 @@ def _combine(opart, mpart, lpart, lall, dtype, log2_tau: float, exact: bool, sta
     from .kernels.pruned import split_combine
 
     block_r = 16
-    launch(split_combine, (cdiv(Nq, block_r), BH), opart, mpart, lpart, lall, out, w, BH, Nq, S, log2_tau,
+    launch(split_combine, (cdiv(Nq, block_r), BH), opart, mpart, lpart, lall, out, w, Nq, S, log2_tau,
            DV=Dv, BLOCK_R=block_r, BLOCK_DV=_block(Dv), EXACT=exact, STATS=stats and not exact)
     return out, (w if stats and not exact else None)
 

@@ -197,7 +197,7 @@ def split_lse(Mpart, Lpart, offs, mask, SPLITS, split_stride):
 
 @triton.jit
 def split_combine(
-    Opart, Mpart, Lpart, Lall, Out, W, BH, Nq, SPLITS, log2_tau,
+    Opart, Mpart, Lpart, Lall, Out, W, Nq, SPLITS, log2_tau,
     DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr, EXACT: tl.constexpr, STATS: tl.constexpr,
 ):
     """Fold the ``SPLITS`` split programs of ``BLOCK_R`` rows of one (batch, head) into their output
@@ -219,7 +219,7 @@ def split_combine(
     offs_dv = tl.arange(0, BLOCK_DV)
     tile_ok = row_ok[:, None] & (offs_dv[None, :] < DV)
     base = bh.to(tl.int64) * Nq + rows
-    split_stride = BH.to(tl.int64) * Nq
+    split_stride = tl.num_programs(1).to(tl.int64) * Nq  # B*H rows of Nq per split
     acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
     l = tl.zeros([BLOCK_R], dtype=tl.float32)
     if EXACT:
