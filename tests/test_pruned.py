@@ -567,6 +567,39 @@ def test_gpu_exact_vs_reference(causal, nq):
             assert err < 0.25 and (out.abs().amax(-1) > 0).all(), (err, bad, st)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("nq", [1, 16, 1500])  # split decoding, packed grouped queries, prefill with the vertical sample
+def test_cuda_graph_replay(mode, nq):
+    """Captured in a CUDA graph (as serving engines run decoding steps) and replayed on new inputs
+    copied into the captured ones, a call gives exactly the eager call's output: every launch goes
+    to the capturing stream and nothing on the host depends on the data."""
+    shapes = (2, 8, 2, nq, 3000, 64)
+    static = [t.cuda() for t in clustered(*shapes, dtype=torch.bfloat16, block=64, seed=1)]
+    mask = torch.ones(2, 3000, dtype=torch.bool, device="cuda")
+    mask[1, 2500:] = False  # padded keys: the fast mode's pooled weights and its fallback path
+
+    def call():
+        return pruned_attention(*static, tau=0.01, mode=mode, key_padding_mask=mask)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for seed in (2, 3):
+        for t, new in zip(static, clustered(*shapes, dtype=torch.bfloat16, block=64, seed=seed)):
+            t.copy_(new)
+        graph.replay()
+        eager = call()
+        assert torch.isfinite(eager).all() and (eager.abs().amax(-1) > 0).all()
+        assert torch.equal(out, eager), (out.float() - eager.float()).abs().max()
+
+
 # ------------------------------------------------------------------------------------------------
 # Fast predictor inputs (kernels/pruned_pool.py) against float64 evaluations of their definitions
 # ------------------------------------------------------------------------------------------------
