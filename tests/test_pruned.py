@@ -576,8 +576,8 @@ def test_cuda_graph_replay(mode, nq):
     to the capturing stream and nothing on the host depends on the data."""
     shapes = (2, 8, 2, nq, 3000, 64)
     static = [t.cuda() for t in clustered(*shapes, dtype=torch.bfloat16, block=64, seed=1)]
-    mask = torch.ones(2, 3000, dtype=torch.bool, device="cuda")
-    mask[1, 2500:] = False  # padded keys: the fast mode's pooled weights and its fallback path
+    mask = torch.zeros(2, 3000, dtype=torch.bool, device="cuda")
+    mask[1, 2500:] = True  # padded keys (True = pad): the pooled weights of the fast mode
 
     def call():
         return pruned_attention(*static, tau=0.01, mode=mode, key_padding_mask=mask)
