@@ -582,14 +582,10 @@ def test_cuda_graph_replay(mode, nq):
     def call():
         return pruned_attention(*static, tau=0.01, mode=mode, key_padding_mask=mask)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
+    call()  # compiles, and fills the launch caches outside the capture
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph):  # captures on a side stream of its own
         out = call()
     for seed in (2, 3):
         for t, new in zip(static, clustered(*shapes, dtype=torch.bfloat16, block=64, seed=seed)):
