@@ -339,14 +339,15 @@ def _combine(opart, mpart, lpart, lall, dtype, log2_tau: float, exact: bool, sta
     in dtype, the split weights [S, B*H, Nq] float32 or None)`` by the kernel ``split_combine`` (the
     weights: fast mode with ``stats`` only; 0 for a split dropped as holding no kept entry)."""
     S, BH, Nq, Dv = opart.shape
+    weights = stats and not exact
     out = torch.empty((BH, Nq, Dv), dtype=dtype, device=opart.device)
-    w = torch.empty_like(lpart) if stats and not exact else lpart
+    w = torch.empty_like(lpart) if weights else lpart  # a placeholder where not written
     from .kernels.pruned import split_combine
 
     block_r = 16
     launch(split_combine, (cdiv(Nq, block_r), BH), opart, mpart, lpart, lall, out, w, Nq, S, log2_tau,
-           DV=Dv, BLOCK_R=block_r, BLOCK_DV=_block(Dv), EXACT=exact, STATS=stats and not exact)
-    return out, (w if stats and not exact else None)
+           DV=Dv, BLOCK_R=block_r, BLOCK_DV=_block(Dv), EXACT=exact, STATS=weights)
+    return out, (w if weights else None)
 
 
 def _packed_groups(inp: AttentionInputs) -> int:
@@ -424,7 +425,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
         kp_str = kp.stride() if not exact else (0, 0, 0, 0)
         kb_str = (kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(-1)) if not exact else (0, 0)
         masked = inp.causal or mkind != 0 or pkind != 0 or Nk % cfg.block_n != 0
-        fallback = not exact and not split  # the fast sweep recomputes lost rows itself (no host combine)
+        fallback = not exact and not split  # the fast sweep recomputes lost rows itself (no split combine)
         sweep = _sweep_config(cfg)
         launch(pruned_attn, (cdiv(Nq, sweep.block_m), BH, n_split),
             q, k, v, out, idx, count, thr if thr is not None else lpart, lse2 if lse2 is not None else lpart,
