@@ -33,9 +33,14 @@ _ENABLED = (
 _binaries: dict = {}
 
 
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def direct_enabled() -> bool:
     """Whether ``launch`` may take the direct path now (CUDA, checked Triton, no hooks, no debug)."""
-    if not _ENABLED or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if not _ENABLED or interpreting():
         return False
     rt = triton.knobs.runtime
     return not (rt.launch_enter_hook.calls or rt.launch_exit_hook.calls or rt.debug)

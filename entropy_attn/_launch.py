@@ -6,23 +6,17 @@ flash-attention keeps its Python interface apart from its CUDA kernels.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
 
-from ._fastlaunch import launch
+from ._fastlaunch import interpreting, launch
 from ._inputs import AttentionInputs
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 MAX_VALUE_DIM = 512
 LOG2E = 1.4426950408889634
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def check_triton_inputs(inp: AttentionInputs) -> None:
