@@ -6,7 +6,13 @@ then for each mode the time per call (``do_bench``), the CUDA time per call of e
 launches (torch.profiler, averaged over 5 calls) and their sum: where the call takes longer than its
 kernels, the GPU waits for the host. Used to decide what to optimize; the speed numbers of record
 come from ``bench_pruned.py``.
+
+``--host``: instead, where the host time of a call goes (cProfile over 200 calls of the host-bound
+cases: prefill at 8k, decoding), the functions with the most time of their own first.
 """
+import argparse
+import cProfile
+import pstats
 import sys
 import time
 from collections import defaultdict
@@ -61,7 +67,31 @@ def host_time(fn, calls: int = 20) -> float:
     return t
 
 
+def host_profile(calls: int = 200, top: int = 30):
+    """cProfile of ``calls`` back-to-back calls for each host-bound case and mode."""
+    for b, h, hkv, nq, nk, d, s in (CASES[0], CASES[4]):
+        q, k, v, tau = stripes(b, h, hkv, nq, nk, d, s)
+        for mode in ("exact", "fast"):
+            fn = lambda: pruned_attention(q, k, v, tau=tau, mode=mode)  # noqa: E731
+            fn()
+            print(f"\n=== host profile: B={b} H={h} Hkv={hkv} Nq={nq} Nk={nk} D={d} s={s} {mode}: "
+                  f"{host_time(fn, calls):.3f} ms per call")
+            prof = cProfile.Profile()
+            torch.cuda.synchronize()
+            prof.enable()
+            for _ in range(calls):
+                fn()
+            prof.disable()
+            torch.cuda.synchronize()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", action="store_true", help="profile the host time instead")
+    if parser.parse_args().host:
+        host_profile()
+        return
     for b, h, hkv, nq, nk, d, s in CASES:
         q, k, v, tau = stripes(b, h, hkv, nq, nk, d, s)
         with torch.no_grad():

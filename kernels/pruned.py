@@ -229,15 +229,7 @@ def split_combine(
             acc += tl.load(Opart + part[:, None] * DV + offs_dv[None, :], mask=tile_ok, other=0.0)
         out = acc / tl.maximum(l, 1e-30)[:, None]
     else:
-        m = tl.full([BLOCK_R], M_INIT, dtype=tl.float32)
-        for s in range(0, SPLITS):
-            m = tl.maximum(m, tl.load(Mpart + s * split_stride + base, mask=row_ok, other=M_INIT))
-        l_all = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for s in range(0, SPLITS):
-            part = s * split_stride + base
-            m_s = tl.load(Mpart + part, mask=row_ok, other=M_INIT)
-            l_all += tl.load(Lall + part, mask=row_ok, other=0.0) * tl.exp2(m_s - m)
-        lse_lb = tl.where(l_all > 0.0, m + tl.log2(tl.where(l_all > 0.0, l_all, 1.0)), float("-inf"))
+        m, lse_lb = split_lse(Mpart, Lall, base, row_ok, SPLITS, split_stride)
         thr = tl.minimum(lse_lb + log2_tau, m)
         for s in range(0, SPLITS):
             part = s * split_stride + base
