@@ -1,0 +1,44 @@
+"""Sweep the programs of the pruned sweep (``pruned_attn``: rows, warps, stages per program against
+the 128-row tile lists of prefill) on the GPU and print the time of each, beside our dense kernel:
+``python benchmarks/tune_pruned.py``. The winner goes into ``entropy_attn/pruned.py``
+(``_sweep_config``). Inputs: the sink-key inputs of ``bench_pruned.py`` (bf16, B = 1, H = 2048 / D).
+"""
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pruned import stripes  # noqa: E402
+
+from entropy_attn import entropy_attention, pruned  # noqa: E402
+
+#: (rows, warps, stages) of one sweep program; rows divide the 128-row query blocks.
+SWEEP = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 2), (64, 8, 3), (128, 8, 2), (128, 8, 3), (128, 4, 2)]
+#: (N, D, s)
+CASES = [(65536, 128, 0.95), (65536, 128, 0.9), (65536, 64, 0.9), (65536, 64, 0.8), (32768, 128, 0.9),
+         (16384, 128, 0.8)]
+
+
+def main():
+    default = pruned._sweep_config
+    for n, d, s in CASES:
+        q, k, v, tau = stripes(1, 2048 // d, 2048 // d, n, n, d, s)
+        with torch.no_grad():
+            dense = triton.testing.do_bench(lambda: entropy_attention(q, k, v, return_entropy=False), return_mode="median")
+            print(f"N={n} D={d} s={s}: dense {dense:.3f} ms", flush=True)
+            for rows, warps, stages in SWEEP:
+                pruned._sweep_config = lambda cfg, c=(rows, warps, stages): pruned._Config(c[0], cfg.block_n, c[1], c[2])
+                for mode in ("fast", "exact") if n == 65536 and d == 128 and s == 0.9 else ("fast",):
+                    try:
+                        ms = triton.testing.do_bench(lambda: pruned.pruned_attention(q, k, v, tau=tau, mode=mode),
+                                                     return_mode="median")
+                        print(f"  {mode} sweep={rows}x{warps}w{stages}s: {ms:.3f} ms ({dense / ms:.2f}x dense)", flush=True)
+                    except Exception as e:  # noqa: BLE001 - report and go on with the sweep
+                        print(f"  {mode} sweep={rows}x{warps}w{stages}s: {type(e).__name__}: {e}", flush=True)
+            pruned._sweep_config = default
+
+
+if __name__ == "__main__":
+    main()
