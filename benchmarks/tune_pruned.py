@@ -29,7 +29,7 @@ def main():
             dense = triton.testing.do_bench(lambda: entropy_attention(q, k, v, return_entropy=False), return_mode="median")
             print(f"N={n} D={d} s={s}: dense {dense:.3f} ms", flush=True)
             for rows, warps, stages in SWEEP:
-                pruned._sweep_config = lambda cfg, c=(rows, warps, stages): pruned._Config(c[0], cfg.block_n, c[1], c[2])
+                pruned._sweep_config = lambda cfg, d, dv, c=(rows, warps, stages): pruned._Config(c[0], cfg.block_n, c[1], c[2])
                 for mode in ("fast", "exact") if n == 65536 and d == 128 and s == 0.9 else ("fast",):
                     try:
                         ms = triton.testing.do_bench(lambda: pruned.pruned_attention(q, k, v, tau=tau, mode=mode),

@@ -63,16 +63,20 @@ def _config(nq: int, d: int, dv: int) -> _Config:
     return _Config(block_m, 64, warps, 3)
 
 
-def _sweep_config(cfg: _Config) -> _Config:
+def _sweep_config(cfg: _Config, d: int, dv: int) -> _Config:
     """Rows, warps and stages of the ``pruned_attn`` programs: its key tiles are ``cfg``'s and its rows
-    divide ``cfg.block_m``, the query blocks of the tile lists. 128-row blocks are swept by two
-    programs of 64 rows (4 warps, 2 stages), two of which fit on a multiprocessor, so that one's
+    divide ``cfg.block_m``, the query blocks of the tile lists. 128-row blocks at D = 128 are swept by
+    two programs of 64 rows (4 warps, 2 stages), two of which fit on a multiprocessor, so that one's
     start and end (the pooled bound, the first tile, the store) overlap the other's tiles (H100,
-    fast mode against 128 rows, 8 warps at D = 128 / 4 at D = 64, 3 stages: 64k D128 s 0.9
-    9.20 -> 8.88 ms, 16k D128 s 0.9 0.81 -> 0.70, 64k D64 s 0.9 11.5 -> 10.3; the exact mode within
-    +-2 %)."""
+    fast mode against 128 rows, 8 warps, 3 stages: 64k s 0.9 9.20 -> 8.88 ms, 16k s 0.9
+    0.81 -> 0.70). At D <= 64 one program of 128 rows, 8 warps and 2 stages sweeps the block (H200,
+    ``benchmarks/tune_pruned.py``, fast mode, 64k: s 0.8 20.5 -> 18.7 ms, s 0.9 10.3 -> 10.1, against
+    64 x 4 warps x 2 stages; 3 stages: 27.4 and 14.5 ms; H100, 128 rows x 4 warps x 3 stages: s 0.9
+    11.5 ms). The exact mode within +-2 % either way."""
     if cfg.block_m <= 64:
         return cfg
+    if max(_block(d), _block(dv)) <= 64:
+        return _Config(cfg.block_m, cfg.block_n, 8, 2)
     return _Config(64, cfg.block_n, 4, 2)
 
 
@@ -426,7 +430,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
         kb_str = (kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(-1)) if not exact else (0, 0)
         masked = inp.causal or mkind != 0 or pkind != 0 or Nk % cfg.block_n != 0
         fallback = not exact and not split  # the fast sweep recomputes lost rows itself (no split combine)
-        sweep = _sweep_config(cfg)
+        sweep = _sweep_config(cfg, D, Dv)
         launch(pruned_attn, (cdiv(Nq, sweep.block_m), BH, n_split),
             q, k, v, out, idx, count, thr if thr is not None else lpart, lse2 if lse2 is not None else lpart,
             opart, mpart, lpart, lall, kept, kcnt, mask, kpm, kp, ko, kbias, kobias,

@@ -444,18 +444,17 @@ def test_fast_predictor_query_block_groups(monkeypatch, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_sweep_programs_split_list_blocks(monkeypatch, mode, causal):
     """Each row's result depends only on its own running sums and its query block's tile list, so
-    sweeping a list block with programs of fewer rows (the GPU's 64-row programs on 128-row lists;
-    16 on 32 here, the interpreter's lists being forced to 32 rows) gives the same output and stats."""
+    sweeping a list block with programs of fewer rows (64-row programs on the GPU's 128-row lists, as
+    at D = 128; 16 on 32 under the interpreter, its lists being forced to 32 rows) gives the same output and stats."""
     import entropy_attn.pruned as pr
     from entropy_attn._launch import _Config
 
-    split = pr._sweep_config
     if interpreting():
         monkeypatch.setattr(pr, "_config", lambda nq, d, dv: _Config(32, 16, 1, 1))
-        split = lambda cfg: _Config(cfg.block_m // 2, cfg.block_n, 1, 1)  # noqa: E731
+    warps_stages = (1, 1) if interpreting() else (4, 2)
     q, k, v = clustered(1, 2, 1, 70, 96, 16, block=16, seed=22)
     results = []
-    for sweep in (lambda cfg: cfg, split):
+    for sweep in (lambda cfg, d, dv: cfg, lambda cfg, d, dv: _Config(cfg.block_m // 2, cfg.block_n, *warps_stages)):
         monkeypatch.setattr(pr, "_sweep_config", sweep)
         results.append(run(q, k, v, tau=0.01, causal=causal, mode=mode, return_stats=True))
     (whole, st_whole), (halves, st_halves) = results
