@@ -514,12 +514,12 @@ def pruned_attention(
             lower bound of lse. It misses the mass of tiles it does not visit and may keep entries
             the exact mode prunes; it never returns NaN and never empties a row that has an
             unmasked key. It pays off for long prefill on attention with block structure (sinks,
-            vertical stripes, clustered keys; measured on an H100, bf16, D = 128, against the dense
-            kernel at tile sparsity 0.9 / 0.95: 7.3x / 11.7x at N = 32k, 8.2x / 13.3-14.9x at 64k; at
-            8k-16k the host's ~0.3 ms of launches bounds it (3.1x-6.0x), unless it is replayed
-            from a CUDA graph (4.5x-9.7x); max |fast - exact| 0.05 - 0.1 on sink-key inputs). On
+            vertical stripes, clustered keys; measured on an H200, bf16, D = 128, against the dense
+            kernel at tile sparsity 0.9 / 0.95: 8.0x / 12.7x at N = 32k, 8.4x / 15.4x at 64k; at
+            8k-16k the host's ~0.25 ms of launches bounds it (2.1x-8.1x), unless it is replayed
+            from a CUDA graph (4.6x-10.0x); max |fast - exact| 0.05 - 0.1 on sink-key inputs). On
             the attention of the example LMs (8k tokens) its prediction misses tiles (relative
-            error 1-8 %) or visits nearly all of them, and it is at most 1.3x faster than dense
+            error 2-8 %) or visits nearly all of them, and it is at most 1.5x faster than dense
             (benchmarks/RESULTS.md): check its error on your model
             (``return_stats``, or against ``'exact'``) before serving with it. For decoding
             (Nq <= 16) it re-pools the whole key cache on every call: prefer ``'exact'`` there.
