@@ -1,7 +1,9 @@
 """Host overhead: every call below with Triton's plain launch path and with the direct one
 (``entropy_attn._fastlaunch``), side by side in one run, each call synchronized as in
-``bench_pruned.py``; the two paths of a call run back to back (the GPU's speed drifts by several
-percent over a run). Where the kernels are short the host's launches decide the time.
+``bench_pruned.py``; the paths of a call run back to back (the GPU's speed drifts by several
+percent over a run). Where the kernels are short the host's launches decide the time. The
+host-bound pruned calls also run compiled with ``torch.compile(mode="reduce-overhead")``, which
+replays them from a CUDA graph (inputs copied into its static buffers on each call, as PyTorch does).
 
     pytest benchmarks/bench_launch.py --benchmark-enable --benchmark-json=out.json   # ~1 min, H100
 """
@@ -43,16 +45,22 @@ def _calls():
 
 
 CALLS = _calls()
+#: The calls also timed compiled (reduce-overhead): the host-bound pruned ones.
+COMPILED = ("pruned fast, 8k D128 s0.95", "pruned exact decoding, 1 x 32k")
+#: (call, path): the paths of a call one after the other.
+CASES = [(name, path) for name in CALLS for path in ("plain", "direct", "compiled") if path != "compiled" or name in COMPILED]
 
 
-@pytest.mark.parametrize("path", ["plain", "direct"])  # the two paths of a call run one after the other
-@pytest.mark.parametrize("name", list(CALLS))
+@pytest.mark.parametrize(("name", "path"), CASES)
 def test_launch_path(measure, monkeypatch, name, path):
-    monkeypatch.setattr(_fastlaunch, "_ENABLED", path == "direct")
-    if path == "direct" and not _fastlaunch.direct_enabled():
+    monkeypatch.setattr(_fastlaunch, "_ENABLED", path != "plain")
+    if path != "plain" and not _fastlaunch.direct_enabled():
         pytest.fail("the direct launch path is off in this environment")
     make, call = CALLS[name]
     x = make()
+    if path == "compiled":
+        torch._dynamo.reset()
+        call = torch.compile(call, mode="reduce-overhead", fullgraph=True)
     grad = name.startswith("training")
     with torch.set_grad_enabled(grad):
         measure(lambda: call(x), rounds=50, warmup=5, group="launch path (host overhead)", call=name, path=path)

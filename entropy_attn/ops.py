@@ -4,6 +4,10 @@ without graph breaks and autograd calls the fused backward.
 ``torch.ops.entropy_attn.attention_fwd`` returns ``(out, lse, entropy)``;
 ``torch.ops.entropy_attn.attention_bwd`` returns ``(dq, dk, dv)`` from the gradients of out and
 entropy in one fused backward (MATH.md section 3).
+``torch.ops.entropy_attn.pruned_fwd`` returns ``(out, stats)`` of the tau-pruned kernels (MATH.md
+section 5, inference only: no autograd), so that ``torch.compile`` traces ``pruned_attention`` and
+``EntropyAttention`` in eval with ``tau > 0`` whole, CUDA graphs (``mode="reduce-overhead"``)
+included.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _launch
+from .pruned import STAT_NAMES, pruned_triton
 from ._inputs import AttentionInputs
 
 
@@ -67,3 +72,24 @@ def _backward(ctx, dout, dlse, dent):
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("entropy_attn::pruned_fwd", mutates_args=())
+def pruned_fwd(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+    causal: bool, scale: float, tau: float, mode: str, slack: float, stats: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(out [B, H, Nq, Dv] in q's dtype, stats)``: with ``stats``, float32 ``[3, H]``, the rows in
+    ``STAT_NAMES`` order; else an empty float32 ``[0]``. ``tau > 0``, checked inputs."""
+    inp = _inputs(q, k, v, attn_mask, key_padding_mask, causal, scale)
+    if not stats:
+        return pruned_triton(inp, tau, mode, slack=slack), q.new_empty((0,), dtype=torch.float32)
+    out, st = pruned_triton(inp, tau, mode, stats=True, slack=slack)
+    return out, torch.stack([st[name] for name in STAT_NAMES])
+
+
+@pruned_fwd.register_fake
+def _(q, k, v, attn_mask, key_padding_mask, causal, scale, tau, mode, slack, stats):
+    B, H, Nq, _ = q.shape
+    out = q.new_empty((B, H, Nq, v.shape[-1]))
+    return out, q.new_empty((3, H) if stats else (0,), dtype=torch.float32)

@@ -133,6 +133,10 @@ def _check_tau(tau) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+#: The keys of the stats dict, in the row order of the ``pruned_fwd`` op's stats tensor.
+STAT_NAMES = ("entry_sparsity", "tile_sparsity", "pruned_mass")
+
+
 def _stats(unmasked, kept, mass_pruned, rows_live, tiles_live, tiles_visited) -> dict:
     """Per-(batch, head) totals -> the per-head stats dict (float32 ``[H]``, mean over batch)."""
     def ratio(num, den):
@@ -142,16 +146,11 @@ def _stats(unmasked, kept, mass_pruned, rows_live, tiles_live, tiles_visited) ->
     entry = ratio(unmasked - kept, unmasked)
     tile = ratio(tiles_live - tiles_visited, tiles_live).clamp_min(0)
     mass = ratio(mass_pruned, rows_live)
-    return {
-        "entry_sparsity": entry.mean(0).float(),
-        "tile_sparsity": tile.mean(0).float(),
-        "pruned_mass": mass.mean(0).float(),
-    }
+    return dict(zip(STAT_NAMES, (r.mean(0).float() for r in (entry, tile, mass))))
 
 
 def _zero_stats(H: int, device) -> dict:
-    z = torch.zeros(H, dtype=torch.float32, device=device)
-    return {"entry_sparsity": z, "tile_sparsity": z.clone(), "pruned_mass": z.clone()}
+    return {name: torch.zeros(H, dtype=torch.float32, device=device) for name in STAT_NAMES}
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,7 +565,9 @@ def pruned_attention(
             return (out, _zero_stats(H, q.device)) if return_stats else out
         if path == "reference":
             return reference_pruned(inp, tau, stats=return_stats)
-        return pruned_triton(inp, tau, mode, stats=return_stats, slack=fast_slack)
+        out, st = torch.ops.entropy_attn.pruned_fwd(q, k, v, inp.attn_mask, inp.key_padding_mask, inp.causal,
+                                                    inp.scale, tau, mode, fast_slack, return_stats)
+    return (out, dict(zip(STAT_NAMES, st.unbind(0)))) if return_stats else out
 
 
-__all__ = ["pruned_attention", "reference_pruned", "pruned_triton"]
+__all__ = ["pruned_attention", "reference_pruned", "pruned_triton", "STAT_NAMES"]
