@@ -498,7 +498,9 @@ def pruned_attention(
 
     Inference only: it is not differentiable. It runs under ``torch.no_grad()`` and its outputs
     never require grad, so it can be called in ``eval()`` on parameters that require grad, but it
-    gives no gradient (train with ``entropy_attention``).
+    gives no gradient (train with ``entropy_attention``). The Triton path is the ``torch.library``
+    op ``torch.ops.entropy_attn.pruned_fwd``, so ``torch.compile`` traces a call (or a model whose
+    ``EntropyAttention`` layers run in eval with ``tau > 0``) without a graph break.
 
     Args:
         q, k, v, causal, scale, attn_mask, key_padding_mask: as in ``entropy_attention`` (same
