@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from . import _launch
-from .pruned import STAT_NAMES, pruned_triton
 from ._inputs import AttentionInputs
+from .pruned import STAT_NAMES, pruned_triton
 
 
 def _inputs(q, k, v, attn_mask, key_padding_mask, causal, scale) -> AttentionInputs:
