@@ -22,7 +22,6 @@ CASES = [(65536, 128, 0.95), (65536, 128, 0.9), (65536, 64, 0.9), (65536, 64, 0.
 
 
 def main():
-    default = pruned._sweep_config
     for n, d, s in CASES:
         q, k, v, tau = stripes(1, 2048 // d, 2048 // d, n, n, d, s)
         with torch.no_grad():
@@ -37,7 +36,6 @@ def main():
                         print(f"  {mode} sweep={rows}x{warps}w{stages}s: {ms:.3f} ms ({dense / ms:.2f}x dense)", flush=True)
                     except Exception as e:  # noqa: BLE001 - report and go on with the sweep
                         print(f"  {mode} sweep={rows}x{warps}w{stages}s: {type(e).__name__}: {e}", flush=True)
-            pruned._sweep_config = default
 
 
 if __name__ == "__main__":
