@@ -2,8 +2,10 @@
 (``entropy_attn._fastlaunch``), side by side in one run, each call synchronized as in
 ``bench_pruned.py``; the paths of a call run back to back (the GPU's speed drifts by several
 percent over a run). Where the kernels are short the host's launches decide the time. The
-host-bound pruned calls also run compiled with ``torch.compile(mode="reduce-overhead")``, which
-replays them from a CUDA graph (inputs copied into its static buffers on each call, as PyTorch does).
+host-bound pruned calls also run through their ``torch.library`` op (direct launches plus the op's
+dispatch, the path compiled code takes) and compiled with ``torch.compile(mode="reduce-overhead")``,
+which replays them from a CUDA graph (inputs copied into its static buffers on each call, as
+PyTorch does).
 
     pytest benchmarks/bench_launch.py --benchmark-enable --benchmark-json=out.json   # ~1 min, H100
 """
@@ -44,11 +46,22 @@ def _calls():
     }
 
 
+def _through_op(mode):
+    """The pruned call through its ``torch.library`` op, as compiled code runs it (an eager
+    ``pruned_attention`` launches the kernels without the op's dispatch)."""
+    def call(x):
+        q, k, v, tau = x
+        return torch.ops.entropy_attn.pruned_fwd(q, k, v, None, None, False, q.shape[-1] ** -0.5, tau, mode, 1.0, False)
+    return call
+
+
 CALLS = _calls()
-#: The calls also timed compiled (reduce-overhead): the host-bound pruned ones.
-COMPILED = ("pruned fast, 8k D128 s0.95", "pruned exact decoding, 1 x 32k")
+#: The host-bound pruned calls are also timed through the op (direct launches) and compiled
+#: (reduce-overhead).
+OP_CALLS = {"pruned fast, 8k D128 s0.95": _through_op("fast"), "pruned exact decoding, 1 x 32k": _through_op("exact")}
 #: (call, path): the paths of a call one after the other.
-CASES = [(name, path) for name in CALLS for path in ("plain", "direct", "compiled") if path != "compiled" or name in COMPILED]
+CASES = [(name, path) for name in CALLS for path in ("plain", "direct", "op", "compiled")
+         if path in ("plain", "direct") or name in OP_CALLS]
 
 
 @pytest.mark.parametrize(("name", "path"), CASES)
@@ -57,6 +70,8 @@ def test_launch_path(measure, monkeypatch, name, path):
     if path != "plain" and not _fastlaunch.direct_enabled():
         pytest.fail("the direct launch path is off in this environment")
     make, call = CALLS[name]
+    if path == "op":
+        call = OP_CALLS[name]
     x = make()
     if path == "compiled":
         torch._dynamo.reset()

@@ -1,8 +1,11 @@
 """Sweep the programs of the pruned sweep (``pruned_attn``: rows, warps, stages per program against
 the 128-row tile lists of prefill) on the GPU and print the time of each, beside our dense kernel:
-``python benchmarks/tune_pruned.py``. The winner goes into ``entropy_attn/pruned.py``
-(``_sweep_config``). Inputs: the sink-key inputs of ``bench_pruned.py`` (bf16, B = 1, H = 2048 / D).
+``python benchmarks/tune_pruned.py``; ``--predict`` sweeps the fast predictor's programs instead
+(``pruned_predict``: query blocks, warps, stages per program). The winners go into
+``entropy_attn/pruned.py`` (``_sweep_config``, ``_predict_config``). Inputs: the sink-key inputs of
+``bench_pruned.py`` (bf16, B = 1, H = 2048 / D).
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -21,21 +24,47 @@ CASES = [(65536, 128, 0.95), (65536, 128, 0.9), (65536, 64, 0.9), (65536, 64, 0.
          (16384, 128, 0.8)]
 
 
-def main():
+#: (query blocks, warps, stages) of one predictor program.
+PREDICT = [(4, 4, 3), (4, 4, 4), (2, 4, 3), (4, 8, 3), (8, 8, 3), (8, 8, 2)]
+
+
+def time_ms(fn) -> float:
+    return triton.testing.do_bench(fn, return_mode="median")
+
+
+def sweep_predictor():
+    """The fast mode's time per call with each predictor shape of ``PREDICT``."""
+    for n, d, s in CASES:
+        q, k, v, tau = stripes(1, 2048 // d, 2048 // d, n, n, d, s)
+        print(f"N={n} D={d} s={s}", flush=True)
+        with torch.no_grad():
+            for qb, warps, stages in PREDICT:
+                pruned._predict_config = lambda nqb, bh, dev, c=(qb, warps, stages): c
+                ms = time_ms(lambda: pruned.pruned_attention(q, k, v, tau=tau, mode="fast"))
+                print(f"  fast predict={qb}qb x{warps}w{stages}s: {ms:.3f} ms", flush=True)
+
+
+def sweep_programs():
+    """The pruned call's time per call with each sweep shape of ``SWEEP``, beside the dense kernel."""
     for n, d, s in CASES:
         q, k, v, tau = stripes(1, 2048 // d, 2048 // d, n, n, d, s)
         with torch.no_grad():
-            dense = triton.testing.do_bench(lambda: entropy_attention(q, k, v, return_entropy=False), return_mode="median")
+            dense = time_ms(lambda: entropy_attention(q, k, v, return_entropy=False))
             print(f"N={n} D={d} s={s}: dense {dense:.3f} ms", flush=True)
             for rows, warps, stages in SWEEP:
                 pruned._sweep_config = lambda cfg, d, dv, c=(rows, warps, stages): pruned._Config(c[0], cfg.block_n, c[1], c[2])
                 for mode in ("fast", "exact") if n == 65536 and d == 128 and s == 0.9 else ("fast",):
                     try:
-                        ms = triton.testing.do_bench(lambda: pruned.pruned_attention(q, k, v, tau=tau, mode=mode),
-                                                     return_mode="median")
+                        ms = time_ms(lambda: pruned.pruned_attention(q, k, v, tau=tau, mode=mode))
                         print(f"  {mode} sweep={rows}x{warps}w{stages}s: {ms:.3f} ms ({dense / ms:.2f}x dense)", flush=True)
                     except Exception as e:  # noqa: BLE001 - report and go on with the sweep
                         print(f"  {mode} sweep={rows}x{warps}w{stages}s: {type(e).__name__}: {e}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--predict", action="store_true", help="sweep the predictor's programs")
+    (sweep_predictor if parser.parse_args().predict else sweep_programs)()
 
 
 if __name__ == "__main__":

@@ -109,13 +109,15 @@ def _key_splits(programs: int, nkb: int, device, splits: int | None = None) -> t
     return cdiv(nkb, kb_per), kb_per
 
 
-def _predict_group(nqb: int, bh: int, device) -> int:
-    """Query blocks per predictor program (``QB``): up to 4 share each load of the pooled keys
-    (64 pooled rows: one tensor-core tile), fewer where the grid would no longer fill the GPU."""
+def _predict_config(nqb: int, bh: int, device) -> tuple[int, int, int]:
+    """``(QB, num_warps, num_stages)`` of the predictor's programs: up to 4 query blocks per program
+    share each load of the pooled keys (64 pooled rows: one tensor-core tile), fewer where the grid
+    would no longer fill the GPU; 4 warps, 3 stages (H100, 64k, D = 128: 0.61 ms; 2 stages: 0.67;
+    8 warps: 1.05; 8 query blocks per program: 0.70)."""
     qb = 4
     while qb > 1 and cdiv(nqb, qb) * bh < 2 * _sm_count(device):
         qb //= 2
-    return qb
+    return qb, 4, 3
 
 
 def _check_tau(tau) -> float:
@@ -396,15 +398,14 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
             vert = _vertical(inp, q, k, cfg, nkb)
             idx = torch.empty((BH, nqb, nkb), dtype=torch.int32, device=dev)
             count = torch.empty((BH, nqb), dtype=torch.int32, device=dev)
-            qb = _predict_group(nqb, BH, dev)
+            qb, warps, stages = _predict_config(nqb, BH, dev)
             launch(pruned_predict, (cdiv(nqb, qb), BH),
                 q, kp, ko, kbias, kobias, vert if vert is not None else kbias, idx, count, *q.stride(), *kp.stride(),
                 kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(1),
                 Hq, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, math.log2(tau * slack),
                 D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), QB=qb, CHUNK=chunk,
                 CAUSAL=inp.causal, VERT=vert is not None, PRECISION=_input_precision(q.dtype),
-                # H100, 64k, D = 128: 0.61 ms (2 stages: 0.67; 8 warps: 1.05; 8 query blocks per program: 0.70)
-                num_warps=4, num_stages=3,
+                num_warps=warps, num_stages=stages,
             )
         # Splitting the fast mode needs every row covered by the predictor (no in-kernel fallback).
         can_split = exact or (inp.attn_mask is None and not (inp.causal and inp.key_padding_mask is not None))
@@ -498,9 +499,10 @@ def pruned_attention(
 
     Inference only: it is not differentiable. It runs under ``torch.no_grad()`` and its outputs
     never require grad, so it can be called in ``eval()`` on parameters that require grad, but it
-    gives no gradient (train with ``entropy_attention``). The Triton path is the ``torch.library``
-    op ``torch.ops.entropy_attn.pruned_fwd``, so ``torch.compile`` traces a call (or a model whose
-    ``EntropyAttention`` layers run in eval with ``tau > 0``) without a graph break.
+    gives no gradient (train with ``entropy_attention``). Under ``torch.compile`` the Triton path
+    runs as the ``torch.library`` op ``torch.ops.entropy_attn.pruned_fwd``, so a call (or a model
+    whose ``EntropyAttention`` layers run in eval with ``tau > 0``) is traced without a graph break;
+    called eagerly it launches the same kernels directly, without the op's dispatch (host time).
 
     Args:
         q, k, v, causal, scale, attn_mask, key_padding_mask: as in ``entropy_attention`` (same
@@ -567,6 +569,8 @@ def pruned_attention(
             return (out, _zero_stats(H, q.device)) if return_stats else out
         if path == "reference":
             return reference_pruned(inp, tau, stats=return_stats)
+        if not torch.compiler.is_compiling():  # eager: the kernels directly, without the op's dispatch
+            return pruned_triton(inp, tau, mode, stats=return_stats, slack=fast_slack)
         out, st = torch.ops.entropy_attn.pruned_fwd(q, k, v, inp.attn_mask, inp.key_padding_mask, inp.causal,
                                                     inp.scale, tau, mode, fast_slack, return_stats)
     return (out, dict(zip(STAT_NAMES, st.unbind(0)))) if return_stats else out
