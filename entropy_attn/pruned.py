@@ -112,8 +112,9 @@ def _key_splits(programs: int, nkb: int, device, splits: int | None = None) -> t
 def _predict_config(nqb: int, bh: int, device) -> tuple[int, int, int]:
     """``(QB, num_warps, num_stages)`` of the predictor's programs: up to 4 query blocks per program
     share each load of the pooled keys (64 pooled rows: one tensor-core tile), fewer where the grid
-    would no longer fill the GPU; 4 warps, 3 stages (H100, 64k, D = 128: 0.61 ms; 2 stages: 0.67;
-    8 warps: 1.05; 8 query blocks per program: 0.70)."""
+    would no longer fill the GPU; 4 warps, 3 stages (``benchmarks/tune_pruned.py --predict``, H200,
+    fast mode, 64k D128 s 0.95: 4.67 ms against 4.73-4.97 for 2 or 8 query blocks, 8 warps, 2 or 4
+    stages; within +-3 % of the best at 16k-64k, D = 64 and 128)."""
     qb = 4
     while qb > 1 and cdiv(nqb, qb) * bh < 2 * _sm_count(device):
         qb //= 2
@@ -339,6 +340,35 @@ def _vertical(inp, q, k, cfg, nkb):
     return vert
 
 
+def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, chunk: int):
+    """The fast mode's tile lists: the pooled keys (``_pool_keys``), the vertical estimate
+    (``_vertical``) and the kernel ``pruned_predict`` on ``q [B, H, Nq, D]`` (unit stride), at the
+    threshold ``log2_thr = log2 (tau * slack)``, ``chunk`` key blocks per step. Returns ``(idx
+    [B*H, NQB, NKB] int32 (first ``count`` entries valid), count [B*H, NQB] int32, (kp, ko, kbias,
+    kobias))``, the pooled keys for the sweep's lse bound."""
+    B, H, Nq, D = q.shape
+    BH = B * H
+    dev = q.device
+    kp, ko, kbias, kobias = _pool_keys(inp, k, cfg, nkb)
+    vert = _vertical(inp, q, k, cfg, nkb)
+    idx = torch.empty((BH, nqb, nkb), dtype=torch.int32, device=dev)
+    count = torch.empty((BH, nqb), dtype=torch.int32, device=dev)
+    from .kernels.pruned import POOL_ROWS, pruned_predict
+
+    share = torch.empty((BH, nqb, nkb), dtype=torch.float32, device=dev)
+    lse_run = torch.empty((BH, cdiv(nkb, chunk), nqb * POOL_ROWS.value), dtype=torch.float32, device=dev)
+    qb, warps, stages = _predict_config(nqb, BH, dev)
+    launch(pruned_predict, (cdiv(nqb, qb), BH),
+        q, kp, ko, kbias, kobias, vert if vert is not None else kbias, share, lse_run, idx, count,
+        *q.stride(), *kp.stride(), kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(1),
+        H, inp.groups, Nq, k.shape[2], nqb, nkb, inp.scale * LOG2E, log2_thr,
+        D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), QB=qb, CHUNK=chunk,
+        CAUSAL=inp.causal, VERT=vert is not None, PRECISION=_input_precision(q.dtype),
+        num_warps=warps, num_stages=stages,
+    )
+    return idx, count, (kp, ko, kbias, kobias)
+
+
 def _combine(opart, mpart, lpart, lall, dtype, log2_tau: float, exact: bool, stats: bool):
     """The split programs' partials (``pruned_attn`` with ``SPLIT``) folded into ``(out [B*H, Nq, Dv]
     in dtype, the split weights [S, B*H, Nq] float32 or None)`` by the kernel ``split_combine`` (the
@@ -385,7 +415,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
     (mask, *mstr, mkind), (kpm, *pstr, pkind) = mask_args, kpm_args
     exact = mode == "exact"
     chunk = 16 if interpreting() else 64  # key blocks per step of the loops over key-block lists
-    from .kernels.pruned import pruned_attn, pruned_predict
+    from .kernels.pruned import pruned_attn
 
     with _on_device(q):
         lse2 = thr = None
@@ -394,19 +424,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
                 inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_args)
             idx, count, nvalid, lse2, thr = _select(tile_max, mpart1, lpart1, tau, cfg, nqb, nkb, Nq)
         if not exact:
-            kp, ko, kbias, kobias = _pool_keys(inp, k, cfg, nkb)
-            vert = _vertical(inp, q, k, cfg, nkb)
-            idx = torch.empty((BH, nqb, nkb), dtype=torch.int32, device=dev)
-            count = torch.empty((BH, nqb), dtype=torch.int32, device=dev)
-            qb, warps, stages = _predict_config(nqb, BH, dev)
-            launch(pruned_predict, (cdiv(nqb, qb), BH),
-                q, kp, ko, kbias, kobias, vert if vert is not None else kbias, idx, count, *q.stride(), *kp.stride(),
-                kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(1),
-                Hq, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, math.log2(tau * slack),
-                D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), QB=qb, CHUNK=chunk,
-                CAUSAL=inp.causal, VERT=vert is not None, PRECISION=_input_precision(q.dtype),
-                num_warps=warps, num_stages=stages,
-            )
+            idx, count, (kp, ko, kbias, kobias) = _predict(inp, q, k, cfg, nqb, nkb, math.log2(tau * slack), chunk)
         # Splitting the fast mode needs every row covered by the predictor (no in-kernel fallback).
         can_split = exact or (inp.attn_mask is None and not (inp.causal and inp.key_padding_mask is not None))
         if splits is None:
@@ -513,7 +531,7 @@ def pruned_attention(
             that can hold a kept entry are loaded and multiplied. ``'fast'``: no full first pass:
             the tiles are predicted from pooled queries and keys (a tile is visited when its
             estimated share of a pooled row's mass is at least ``tau * fast_slack``, and the best
-            tile of each pooled row always is) and entries are pruned within them against a running
+            tile of each pooled row always is; the one-sweep predictor may visit a few more) and entries are pruned within them against a running
             lower bound of lse. It misses the mass of tiles it does not visit and may keep entries
             the exact mode prunes; it never returns NaN and never empties a row that has an
             unmasked key. It pays off for long prefill on attention with block structure (sinks,

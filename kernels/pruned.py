@@ -31,7 +31,9 @@ outlier key, and for long query sequences the sampled vertical estimate):
    keys gives the largest weight each key block gets, and key blocks reaching the same threshold are
    visited by every query block. The list puts the block's most concentrated tile first, then the
    rest in key order. One program predicts ``QB`` query blocks, so that their pooled rows share each
-   load of the pooled keys.
+   load of the pooled keys, in one sweep over them: the shares are taken against each row's running
+   lse and corrected by the smallest later growth of a row's lse, which lists a superset of the
+   tiles above (see ``pruned_predict``).
 2. ``pruned_attn`` without ``EXACT``: one sweep over the listed tiles. The weights are taken
    relative to a fixed reference per row, set by the first tile (``FIXED``, see ``_attn_tile``), so
    that nothing is rescaled from tile to tile; split programs and tau >= 1 use the online softmax
@@ -325,7 +327,7 @@ def _block_estimate(qp, Kp, Ko, Kbias, Kobias, kb, first_row, offs_d, NKB, Nq, N
 
 @triton.jit
 def pruned_predict(
-    Q, Kp, Ko, Kbias, Kobias, Vert, Idx, Count,
+    Q, Kp, Ko, Kbias, Kobias, Vert, Share, LseRun, Idx, Count,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_bb, stride_bn,
@@ -343,7 +345,16 @@ def pruned_predict(
     of the largest weight a sample of real query rows puts in each key block (vertical stripes,
     attention sinks: single strong keys that mean pooling dilutes); such blocks are visited by
     every query block (where the causal mask lets them). Writes Idx ``[B*H, NQB, NKB]`` int32 and
-    Count ``[B*H, NQB]``.
+    Count ``[B*H, NQB]``; Share ``[B*H, NQB, NKB]`` and LseRun ``[B*H, cdiv(NKB, CHUNK), NQB * 16]``
+    float32 are its scratch (see below).
+
+    One sweep over the pooled keys computes each pooled row's log-sum ``lse_r`` of the estimated
+    block masses (and its best block). The share test ``est_rj - lse_r >= log2_thr`` needs the final
+    lse, so the sweep stores, per query block and key block, ``Share = max_r (est_rj - lse_r^(c))``
+    over the block's pooled rows, against each row's running lse after the key chunk c of j, and
+    ``LseRun`` = ``lse_r^(c)``. The listing then tests ``Share - min_r (lse_r - lse_r^(c)) >= log2_thr``
+    without recomputing an estimate: every tile that passes the share test for some pooled row passes
+    it (a superset; the same tiles where the rows' lse grow alike after chunk c).
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -365,8 +376,11 @@ def pruned_predict(
     offs_d = tl.arange(0, BLOCK_D)
     qp = pooled_queries(Q, offs_r, offs_d, Nq, stride_qm, stride_qd, D, BLOCK_M, BLOCK_D)
 
-    # Sweep 1: per pooled row, log-sum (base 2) over key blocks of the estimated block mass, and the
-    # best visible block.
+    base = (bh.to(tl.int64) * NQB + qb) * NKB
+    n_pooled = NQB * POOL_ROWS
+    lse_run = LseRun + bh.to(tl.int64) * tl.cdiv(NKB, CHUNK) * n_pooled + offs_r
+    # The sweep: per pooled row, the log-sum (base 2) over key blocks of the estimated block mass, the
+    # best visible block, and the shares against the running log-sum.
     m = tl.full([R], M_INIT, dtype=tl.float32)
     l = tl.zeros([R], dtype=tl.float32)
     best = tl.zeros([R], dtype=tl.int32)
@@ -381,6 +395,12 @@ def pruned_predict(
         m_new = tl.maximum(m, c_max)
         l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(tl.maximum(est - m_new[:, None], MIN_EXP2)), 1)
         m = m_new
+        lse_c = tl.where(l > 0.0, m + tl.log2(tl.where(l > 0.0, l, 1.0)), float("inf"))  # +inf: no block seen yet
+        share = tl.max(tl.reshape(est - lse_c[:, None], (QB, POOL_ROWS, CHUNK)), 1)
+        tl.store(Share + base[:, None] + kb[None, :], share, mask=qb_ok[:, None] & (kb[None, :] < NKB))
+        tl.store(lse_run + (c // CHUNK) * n_pooled, lse_c, mask=offs_r < n_pooled)
+    # The listing reads Share and LseRun in other threads' layout: make the sweep's stores visible.
+    tl.debug_barrier()
     live = l > 0.0
     lse = tl.where(live, m + tl.log2(tl.where(live, l, 1.0)), float("inf"))
     # Each query block's first tile: the best block of its most concentrated pooled row.
@@ -389,19 +409,21 @@ def pruned_predict(
     best_qb = tl.reshape(tl.where(live, best, -1), (QB, POOL_ROWS))
     first = tl.max(tl.where(conc == top[:, None], best_qb, -1), 1)
 
-    base = (bh.to(tl.int64) * NQB + qb) * NKB
     tl.store(Idx + base, first, mask=qb_ok & (first >= 0))
     n = (first >= 0).to(tl.int32)
-    # Sweep 2: visit a tile if some pooled row of the query block gives it a share >= tau * slack,
-    # or it is that row's best block.
+    # The listing: visit a tile if its share, less the smallest growth of a pooled row's lse after its
+    # chunk (rows that had seen no block then do not count), is >= tau * slack, or it is the best
+    # block of one of the query block's pooled rows.
     for c in range(0, NKB, CHUNK):
         kb = c + tl.arange(0, CHUNK)
-        est = _block_estimate(qp, Kp, Ko, Kbias, Kobias, kb, first_row, offs_d, NKB, Nq, Nk, qk_scale,
-                              stride_kn, stride_kd, stride_bn, D, BLOCK_N, BLOCK_D, CAUSAL, PRECISION)
-        share = tl.where(live[:, None], est - lse[:, None], float("-inf"))
-        hit = (share >= log2_thr) | ((kb[None, :] == best[:, None]) & live[:, None])
-        hit_qb = tl.max(tl.reshape(hit.to(tl.int32), (QB, POOL_ROWS, CHUNK)), 1) > 0
-        keep = hit_qb & (kb[None, :] < NKB) & (kb[None, :] != first[:, None])
+        lse_c = tl.load(lse_run + (c // CHUNK) * n_pooled, mask=offs_r < n_pooled, other=float("inf"))
+        growth = tl.where(lse_c < float("inf"), lse - lse_c, float("inf"))
+        growth_min = tl.min(tl.reshape(growth, (QB, POOL_ROWS)), 1)
+        share = tl.load(Share + base[:, None] + kb[None, :], mask=qb_ok[:, None] & (kb[None, :] < NKB),
+                        other=float("-inf"))
+        is_best = tl.max(tl.reshape(((kb[None, :] == best[:, None]) & live[:, None]).to(tl.int32),
+                                    (QB, POOL_ROWS, CHUNK)), 1) > 0
+        keep = ((share - growth_min[:, None] >= log2_thr) | is_best) & (kb[None, :] < NKB) & (kb[None, :] != first[:, None])
         if VERT:
             vert = tl.load(Vert + bh.to(tl.int64) * NKB + kb, mask=kb < NKB, other=float("-inf"))
             vis = (vert[None, :] >= log2_thr) & (kb[None, :] < NKB) & (kb[None, :] != first[:, None])

@@ -704,6 +704,74 @@ def test_pooled_keys_match_definition(dtype, tiles, kpm_kind):
         assert (d_out[has] >= dist.amax(-1)[has] * (1 - 1e-5) - 1e-6).all()
 
 
+@triton_ok
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_predictor_lists_match_definition(causal):
+    """The predictor's tile lists against float64 estimates from its own pooled keys: every tile to
+    which a pooled row gives a share ``est - lse >= log2 (tau * slack)``, and every pooled row's best
+    block, is listed (the best block of the most concentrated row first); every listed tile passes
+    the one-sweep test (the share against each row's running lse after the tile's chunk, less the
+    smallest growth of a row's lse after it). The rows of a query block attend to clusters in
+    different chunks, so that test lists more than the first rule here. (Ties within 1e-3 go either
+    way.)"""
+    import entropy_attn.pruned as pr
+
+    chunk, eps, log2_thr = 16, 1e-3, math.log2(0.02)
+    bm, bn = kernel_tiles(200, 16)
+    B, H, Hkv, D = 1, 2, 1, 16
+    Nq, Nk = 3 * bm + 5, 40 * bn + 7  # 4 query blocks, 41 key blocks in 3 chunks
+    q, k, _ = clustered(B, H, Hkv, Nq, Nk, D, block=bm // 2, strength=3.0, seed=40)
+    inp = check_inputs(q.to(DEV), k.to(DEV), k.to(DEV), causal=causal)
+    nqb, nkb = -(-Nq // bm), -(-Nk // bn)
+    idx, count, (kp, ko, kbias, kobias) = pr._predict(inp, inp.q, inp.k, pr._config(Nq, D, D), nqb, nkb,
+                                                      log2_thr, chunk)
+    idx, count = idx.cpu(), count.cpu()
+
+    P = POOL_ROWS.value
+    g, R = bm // P, nqb * P
+    first_row = torch.arange(R) * g
+    qp = torch.stack([q[:, :, r * g:(r + 1) * g].double().mean(2) if r * g < Nq else torch.zeros(B, H, D, dtype=torch.float64)
+                      for r in range(R)], 2)
+    unit = inp.scale / math.log(2)
+    kpd, kod = (t.cpu().double().repeat_interleave(H // Hkv, 1) for t in (kp, ko))
+    est = torch.maximum(unit * qp @ kpd.transpose(-1, -2) + kbias.cpu().double(),
+                        unit * qp @ kod.transpose(-1, -2) + kobias.cpu().double())
+    visible = (first_row < Nq)[:, None] & ((torch.arange(nkb)[None, :] * bn <= first_row[:, None] + Nk - Nq) | (not causal))
+    est = est.masked_fill(~visible, -math.inf)
+    ln2 = math.log(2)
+    lse = torch.logsumexp(est * ln2, -1) / ln2
+    live = lse.isfinite()
+    lse_run = torch.logcumsumexp(est * ln2, -1) / ln2
+    after_chunk = torch.clamp((torch.arange(nkb) // chunk + 1) * chunk, max=nkb) - 1
+    lse_c = lse_run[..., after_chunk]  # [B, H, R, NKB]: each row's lse after the chunk of block j
+    seen = lse_c.isfinite()
+    share_run = torch.where(seen, est - lse_c, -math.inf)
+    growth = torch.where(seen, lse[..., None] - lse_c, math.inf)
+    per_qb = lambda t: t.reshape(B * H, nqb, P, *t.shape[3:])  # noqa: E731
+    share = torch.where(live[..., None], est - lse[..., None], -math.inf)
+    top = est.amax(-1, keepdim=True)
+    best_may = live[..., None] & (est >= top - eps)
+    best_sure = best_may & (est == top) & (best_may.sum(-1, keepdim=True) == 1)
+    must = per_qb((share >= log2_thr + eps) | best_sure).any(2)
+    one_sweep = per_qb(share_run).amax(2) - per_qb(growth).amin(2)
+    may = (one_sweep >= log2_thr - eps) | per_qb(best_may).any(2)
+
+    listed = torch.zeros(B * H, nqb, nkb, dtype=torch.bool)
+    for bh in range(B * H):
+        for i in range(nqb):
+            tiles = idx[bh, i, :count[bh, i]].long()
+            assert len(set(tiles.tolist())) == len(tiles) and ((tiles >= 0) & (tiles < nkb)).all()
+            listed[bh, i, tiles] = True
+            conc = per_qb(torch.where(live, top[..., 0] - lse, -math.inf))[bh, i]
+            r = conc.argmax()
+            if (conc >= conc[r] - eps).sum() == 1 and per_qb(best_sure)[bh, i, r].any():
+                assert tiles[0] == per_qb(est)[bh, i, r].argmax()
+    assert (must & ~listed).sum() == 0, (must & ~listed).nonzero()
+    assert (listed & ~may).sum() == 0, (listed & ~may).nonzero()
+    exact_rule = per_qb((share >= log2_thr) | best_may).any(2)
+    assert (listed & ~exact_rule).any()  # the one-sweep test lists more than the first rule here
+
+
 def vertical_definition(q, k, samples, bn, *, scale, causal=False, attn_mask=None, key_padding_mask=None):
     """float64 ``[B*H, NKB]``: log2 of the largest softmax weight (all masks) that the sampled query
     rows ``round(r (Nq - 1) / (samples - 1))`` (halves up) give to a key of each key block."""
