@@ -24,8 +24,8 @@ CASES = [(65536, 128, 0.95), (65536, 128, 0.9), (65536, 64, 0.9), (65536, 64, 0.
          (16384, 128, 0.8)]
 
 
-#: (query blocks, warps, stages) of one predictor program.
-PREDICT = [(4, 4, 3), (4, 4, 4), (2, 4, 3), (4, 8, 3), (8, 8, 3), (8, 8, 2)]
+#: (query blocks, key blocks per step, warps, stages) of one predictor program.
+PREDICT = [(4, 64, 4, 3), (4, 32, 4, 3), (4, 32, 4, 4), (8, 32, 8, 3), (4, 128, 8, 3), (4, 64, 4, 2), (8, 64, 8, 3)]
 
 
 def time_ms(fn) -> float:
@@ -38,10 +38,10 @@ def sweep_predictor():
         q, k, v, tau = stripes(1, 2048 // d, 2048 // d, n, n, d, s)
         print(f"N={n} D={d} s={s}", flush=True)
         with torch.no_grad():
-            for qb, warps, stages in PREDICT:
-                pruned._predict_config = lambda nqb, bh, dev, c=(qb, warps, stages): c
+            for qb, chunk, warps, stages in PREDICT:
+                pruned._predict_config = lambda nqb, bh, dev, c=(qb, chunk, warps, stages): c
                 ms = time_ms(lambda: pruned.pruned_attention(q, k, v, tau=tau, mode="fast"))
-                print(f"  fast predict={qb}qb x{warps}w{stages}s: {ms:.3f} ms", flush=True)
+                print(f"  fast predict={qb}qb x{chunk}kb x{warps}w{stages}s: {ms:.3f} ms", flush=True)
 
 
 def sweep_programs():

@@ -109,16 +109,18 @@ def _key_splits(programs: int, nkb: int, device, splits: int | None = None) -> t
     return cdiv(nkb, kb_per), kb_per
 
 
-def _predict_config(nqb: int, bh: int, device) -> tuple[int, int, int]:
-    """``(QB, num_warps, num_stages)`` of the predictor's programs: up to 4 query blocks per program
+def _predict_config(nqb: int, bh: int, device) -> tuple[int, int, int, int]:
+    """``(QB, CHUNK, num_warps, num_stages)`` of the predictor's programs, CHUNK key blocks per step
+    (16 under the interpreter): up to 4 query blocks per program
     share each load of the pooled keys (64 pooled rows: one tensor-core tile), fewer where the grid
     would no longer fill the GPU; 4 warps, 3 stages (``benchmarks/tune_pruned.py --predict``, H200,
     fast mode, 64k D128 s 0.95: 4.67 ms against 4.73-4.97 for 2 or 8 query blocks, 8 warps, 2 or 4
-    stages; within +-3 % of the best at 16k-64k, D = 64 and 128)."""
+    stages; 32 or 128 key blocks per step: 4.76-4.84 against 4.70 in a second run; within +-3 % of
+    the best at 16k-64k, D = 64 and 128)."""
     qb = 4
     while qb > 1 and cdiv(nqb, qb) * bh < 2 * _sm_count(device):
         qb //= 2
-    return qb, 4, 3
+    return qb, (16 if interpreting() else 64), 4, 3
 
 
 def _check_tau(tau) -> float:
@@ -340,10 +342,11 @@ def _vertical(inp, q, k, cfg, nkb):
     return vert
 
 
-def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, chunk: int):
+def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, chunk: int | None = None):
     """The fast mode's tile lists: the pooled keys (``_pool_keys``), the vertical estimate
     (``_vertical``) and the kernel ``pruned_predict`` on ``q [B, H, Nq, D]`` (unit stride), at the
-    threshold ``log2_thr = log2 (tau * slack)``, ``chunk`` key blocks per step. Returns ``(idx
+    threshold ``log2_thr = log2 (tau * slack)``, ``chunk`` key blocks per step (by default
+    ``_predict_config``'s). Returns ``(idx
     [B*H, NQB, NKB] int32 (first ``count`` entries valid), count [B*H, NQB] int32, (kp, ko, kbias,
     kobias))``, the pooled keys for the sweep's lse bound."""
     B, H, Nq, D = q.shape
@@ -355,9 +358,10 @@ def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, chunk: int):
     count = torch.empty((BH, nqb), dtype=torch.int32, device=dev)
     from .kernels.pruned import POOL_ROWS, pruned_predict
 
+    qb, default_chunk, warps, stages = _predict_config(nqb, BH, dev)
+    chunk = chunk or default_chunk
     share = torch.empty((BH, nqb, nkb), dtype=torch.float32, device=dev)
     lse_run = torch.empty((BH, cdiv(nkb, chunk), nqb * POOL_ROWS.value), dtype=torch.float32, device=dev)
-    qb, warps, stages = _predict_config(nqb, BH, dev)
     launch(pruned_predict, (cdiv(nqb, qb), BH),
         q, kp, ko, kbias, kobias, vert if vert is not None else kbias, share, lse_run, idx, count,
         *q.stride(), *kp.stride(), kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(1),
@@ -424,7 +428,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
                 inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_args)
             idx, count, nvalid, lse2, thr = _select(tile_max, mpart1, lpart1, tau, cfg, nqb, nkb, Nq)
         if not exact:
-            idx, count, (kp, ko, kbias, kobias) = _predict(inp, q, k, cfg, nqb, nkb, math.log2(tau * slack), chunk)
+            idx, count, (kp, ko, kbias, kobias) = _predict(inp, q, k, cfg, nqb, nkb, math.log2(tau * slack))
         # Splitting the fast mode needs every row covered by the predictor (no in-kernel fallback).
         can_split = exact or (inp.attn_mask is None and not (inp.causal and inp.key_padding_mask is not None))
         if splits is None:

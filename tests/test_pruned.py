@@ -431,7 +431,7 @@ def test_fast_predictor_query_block_groups(monkeypatch, causal):
     q, k, v = clustered(1, 2, 1, 5 * bm - 3, 7 * bn, 16, block=bn, seed=21)
     results = {}
     for qb in (1, 2, 4):
-        monkeypatch.setattr(pr, "_predict_config", lambda nqb, bh, device, qb=qb: (qb, 4, 3))
+        monkeypatch.setattr(pr, "_predict_config", lambda nqb, bh, device, qb=qb: (qb, 16, 4, 3))
         results[qb] = run(q, k, v, tau=0.01, causal=causal, mode="fast", return_stats=True)
     for qb in (2, 4):
         assert torch.equal(results[qb][0], results[1][0])
