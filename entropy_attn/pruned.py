@@ -535,14 +535,15 @@ def pruned_attention(
             that can hold a kept entry are loaded and multiplied. ``'fast'``: no full first pass:
             the tiles are predicted from pooled queries and keys (a tile is visited when its
             estimated share of a pooled row's mass is at least ``tau * fast_slack``, and the best
-            tile of each pooled row always is; the one-sweep predictor may visit a few more) and entries are pruned within them against a running
-            lower bound of lse. It misses the mass of tiles it does not visit and may keep entries
+            tile of each pooled row always is; its one-sweep listing may add a few more) and
+            entries are pruned within them against a running lower bound of lse. It misses the mass of tiles it does not visit and may keep entries
             the exact mode prunes; it never returns NaN and never empties a row that has an
             unmasked key. It pays off for long prefill on attention with block structure (sinks,
             vertical stripes, clustered keys; measured on an H200, bf16, D = 128, against the dense
-            kernel at tile sparsity 0.9 / 0.95: 8.0x / 12.7x at N = 32k, 8.4x / 15.4x at 64k; at
-            8k-16k the host's ~0.25 ms of launches bounds it (2.1x-8.1x), unless it is replayed
-            from a CUDA graph (4.6x-10.0x); max |fast - exact| 0.05 - 0.1 on sink-key inputs). On
+            kernel at tile sparsity 0.9 / 0.95: 7.0x / 10.7x at N = 32k (8.0x / 12.7x on a machine
+            with a faster host), 8.4x / 16.0x at 64k; at 8k-16k the host's launches (0.25-0.5 ms
+            per call) bound it (1.9x-5.4x), unless it is replayed from a CUDA graph (4.7x-10.2x);
+            max |fast - exact| 0.05 - 0.1 on sink-key inputs). On
             the attention of the example LMs (8k tokens) its prediction misses tiles (relative
             error 2-8 %) or visits nearly all of them, and it is at most 1.5x faster than dense
             (benchmarks/RESULTS.md): check its error on your model
