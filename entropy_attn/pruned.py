@@ -110,10 +110,10 @@ def _key_splits(programs: int, nkb: int, device, splits: int | None = None) -> t
 
 
 def _predict_config(nqb: int, bh: int, device) -> tuple[int, int, int, int]:
-    """``(QB, CHUNK, num_warps, num_stages)`` of the predictor's programs, CHUNK key blocks per step
-    (16 under the interpreter): up to 4 query blocks per program
-    share each load of the pooled keys (64 pooled rows: one tensor-core tile), fewer where the grid
-    would no longer fill the GPU; 4 warps, 3 stages (``benchmarks/tune_pruned.py --predict``, H200,
+    """``(QB, CHUNK, num_warps, num_stages)`` of the predictor's programs: up to 4 query blocks per
+    program share each load of the pooled keys (64 pooled rows: one tensor-core tile), fewer where
+    the grid would no longer fill the GPU; 64 key blocks per step (16 under the interpreter), 4
+    warps, 3 stages (``benchmarks/tune_pruned.py --predict``, H200,
     fast mode, 64k D128 s 0.95: 4.67 ms against 4.73-4.97 for 2 or 8 query blocks, 8 warps, 2 or 4
     stages; 32 or 128 key blocks per step: 4.76-4.84 against 4.70 in a second run; within +-3 % of
     the best at 16k-64k, D = 64 and 128)."""
@@ -346,9 +346,8 @@ def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, chunk: int | None = None
     """The fast mode's tile lists: the pooled keys (``_pool_keys``), the vertical estimate
     (``_vertical``) and the kernel ``pruned_predict`` on ``q [B, H, Nq, D]`` (unit stride), at the
     threshold ``log2_thr = log2 (tau * slack)``, ``chunk`` key blocks per step (by default
-    ``_predict_config``'s). Returns ``(idx
-    [B*H, NQB, NKB] int32 (first ``count`` entries valid), count [B*H, NQB] int32, (kp, ko, kbias,
-    kobias))``, the pooled keys for the sweep's lse bound."""
+    ``_predict_config``'s). Returns ``(idx [B*H, NQB, NKB] int32 (first ``count`` entries valid),
+    count [B*H, NQB] int32, (kp, ko, kbias, kobias))``, the pooled keys for the sweep's lse bound."""
     B, H, Nq, D = q.shape
     BH = B * H
     dev = q.device
@@ -536,18 +535,18 @@ def pruned_attention(
             the tiles are predicted from pooled queries and keys (a tile is visited when its
             estimated share of a pooled row's mass is at least ``tau * fast_slack``, and the best
             tile of each pooled row always is; its one-sweep listing may add a few more) and
-            entries are pruned within them against a running lower bound of lse. It misses the mass of tiles it does not visit and may keep entries
-            the exact mode prunes; it never returns NaN and never empties a row that has an
-            unmasked key. It pays off for long prefill on attention with block structure (sinks,
-            vertical stripes, clustered keys; measured on an H200, bf16, D = 128, against the dense
-            kernel at tile sparsity 0.9 / 0.95: 7.0x / 10.7x at N = 32k (8.0x / 12.7x on a machine
-            with a faster host), 8.4x / 16.0x at 64k; at 8k-16k the host's launches (0.25-0.5 ms
-            per call) bound it (1.9x-5.4x), unless it is replayed from a CUDA graph (4.7x-10.2x);
-            max |fast - exact| 0.05 - 0.1 on sink-key inputs). On
-            the attention of the example LMs (8k tokens) its prediction misses tiles (relative
-            error 2-8 %) or visits nearly all of them, and it is at most 1.5x faster than dense
-            (benchmarks/RESULTS.md): check its error on your model
-            (``return_stats``, or against ``'exact'``) before serving with it. For decoding
+            entries are pruned within them against a running lower bound of lse. It misses the
+            mass of tiles it does not visit and may keep entries the exact mode prunes; it never
+            returns NaN and never empties a row that has an unmasked key. It pays off for long
+            prefill on attention with block structure (sinks, vertical stripes, clustered keys;
+            measured on an H200, bf16, D = 128, against the dense kernel at tile sparsity 0.9 /
+            0.95: 7.0x / 10.7x at N = 32k (8.0x / 12.7x on a machine with a faster host), 8.4x /
+            16.0x at 64k; at 8k-16k the host's launches (0.25-0.5 ms per call) bound it
+            (1.9x-5.4x), unless it is replayed from a CUDA graph (4.7x-10.2x); max |fast - exact|
+            0.05 - 0.1 on sink-key inputs). On the attention of the example
+            LMs (8k tokens) its prediction misses tiles (relative error 2-8 %) or visits nearly all
+            of them, and it is at most 1.5x faster than dense (benchmarks/RESULTS.md): check its
+            error on your model (``return_stats``, or against ``'exact'``) before serving with it. For decoding
             (Nq <= 16) it re-pools the whole key cache on every call: prefer ``'exact'`` there.
             Rows whose weights are all near tau (diffuse rows) are its weak case: it may keep
             entries that the exact mode prunes.

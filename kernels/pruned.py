@@ -423,7 +423,8 @@ def pruned_predict(
                         other=float("-inf"))
         is_best = tl.max(tl.reshape(((kb[None, :] == best[:, None]) & live[:, None]).to(tl.int32),
                                     (QB, POOL_ROWS, CHUNK)), 1) > 0
-        keep = ((share - growth_min[:, None] >= log2_thr) | is_best) & (kb[None, :] < NKB) & (kb[None, :] != first[:, None])
+        keep = ((share - growth_min[:, None] >= log2_thr) | is_best) & (kb[None, :] < NKB)
+        keep = keep & (kb[None, :] != first[:, None])
         if VERT:
             vert = tl.load(Vert + bh.to(tl.int64) * NKB + kb, mask=kb < NKB, other=float("-inf"))
             vis = (vert[None, :] >= log2_thr) & (kb[None, :] < NKB) & (kb[None, :] != first[:, None])

@@ -730,13 +730,14 @@ def test_fast_predictor_lists_match_definition(causal):
     P = POOL_ROWS.value
     g, R = bm // P, nqb * P
     first_row = torch.arange(R) * g
-    qp = torch.stack([q[:, :, r * g:(r + 1) * g].double().mean(2) if r * g < Nq else torch.zeros(B, H, D, dtype=torch.float64)
-                      for r in range(R)], 2)
+    qp = torch.stack([q[:, :, r * g:(r + 1) * g].double().mean(2) if r * g < Nq
+                      else torch.zeros(B, H, D, dtype=torch.float64) for r in range(R)], 2)
     unit = inp.scale / math.log(2)
     kpd, kod = (t.cpu().double().repeat_interleave(H // Hkv, 1) for t in (kp, ko))
     est = torch.maximum(unit * qp @ kpd.transpose(-1, -2) + kbias.cpu().double(),
                         unit * qp @ kod.transpose(-1, -2) + kobias.cpu().double())
-    visible = (first_row < Nq)[:, None] & ((torch.arange(nkb)[None, :] * bn <= first_row[:, None] + Nk - Nq) | (not causal))
+    in_causal_range = torch.arange(nkb)[None, :] * bn <= first_row[:, None] + Nk - Nq
+    visible = (first_row < Nq)[:, None] & (in_causal_range | (not causal))
     est = est.masked_fill(~visible, -math.inf)
     ln2 = math.log(2)
     lse = torch.logsumexp(est * ln2, -1) / ln2
