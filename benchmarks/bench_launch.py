@@ -2,8 +2,9 @@
 (``entropy_attn._fastlaunch``), side by side in one run, each call synchronized as in
 ``bench_pruned.py``; the paths of a call run back to back (the GPU's speed drifts by several
 percent over a run). Where the kernels are short the host's launches decide the time. The
-host-bound pruned calls also run through their ``torch.library`` op (direct launches plus the op's
-dispatch, the path compiled code takes) and compiled with ``torch.compile(mode="reduce-overhead")``,
+host-bound calls also run through their ``torch.library`` ops (direct launches plus the ops'
+dispatch, the path compiled code takes), and the pruned ones compiled with
+``torch.compile(mode="reduce-overhead")``,
 which replays them from a CUDA graph (inputs copied into its static buffers on each call, as
 PyTorch does).
 
@@ -55,13 +56,23 @@ def _through_op(mode):
     return call
 
 
+def _train_step_through_op(x):
+    """The training step through the ``attention_fwd`` op and its registered autograd (the
+    ``attention_bwd`` op), as compiled code runs it (eager calls take ``AttentionFunction``)."""
+    q, k, v = x
+    out, _, ent = torch.ops.entropy_attn.attention_fwd(q, k, v, None, None, False, q.shape[-1] ** -0.5, True)
+    (out.float().sum() + ent.sum()).backward()
+
+
 CALLS = _calls()
-#: The host-bound pruned calls are also timed through the op (direct launches) and compiled
-#: (reduce-overhead).
-OP_CALLS = {"pruned fast, 8k D128 s0.95": _through_op("fast"), "pruned exact decoding, 1 x 32k": _through_op("exact")}
+#: The host-bound calls are also timed through their ops (direct launches inside); the pruned ones
+#: also compiled (reduce-overhead).
+OP_CALLS = {"pruned fast, 8k D128 s0.95": _through_op("fast"), "pruned exact decoding, 1 x 32k": _through_op("exact"),
+            "training step (fwd + bwd), B64 H6 N65 D64": _train_step_through_op}
+COMPILED = ("pruned fast, 8k D128 s0.95", "pruned exact decoding, 1 x 32k")
 #: (call, path): the paths of a call one after the other.
 CASES = [(name, path) for name in CALLS for path in ("plain", "direct", "op", "compiled")
-         if path in ("plain", "direct") or name in OP_CALLS]
+         if path in ("plain", "direct") or name in (OP_CALLS if path == "op" else COMPILED)]
 
 
 @pytest.mark.parametrize(("name", "path"), CASES)

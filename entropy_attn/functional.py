@@ -49,9 +49,13 @@ def attention_with_lse(inp: AttentionInputs, *, entropy: bool = True, backend: s
     if resolve_backend(backend, inp) == "reference":
         out, ent, lse = reference_attention(inp)
         return out, (ent if entropy else None), lse
-    out, lse, ent = torch.ops.entropy_attn.attention_fwd(
-        inp.q, inp.k, inp.v, inp.attn_mask, inp.key_padding_mask, inp.causal, inp.scale, entropy
-    )
+    args = (inp.q, inp.k, inp.v, inp.attn_mask, inp.key_padding_mask, inp.causal, inp.scale, entropy)
+    if torch.compiler.is_compiling():  # traced as the custom ops
+        out, lse, ent = torch.ops.entropy_attn.attention_fwd(*args)
+    else:  # eager: the same kernels and autograd, without the ops' dispatch
+        from .ops import AttentionFunction  # (ops imports pruned, which imports this module)
+
+        out, lse, ent = AttentionFunction.apply(*args)
     return out, (ent if entropy else None), lse
 
 
