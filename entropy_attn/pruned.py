@@ -63,6 +63,12 @@ def _config(nq: int, d: int, dv: int) -> _Config:
     return _Config(block_m, 64, warps, 3)
 
 
+def _chunk() -> int:
+    """Key blocks per step of the kernels' loops over key blocks and key-block lists (64; 16 under
+    the interpreter, whose small test shapes then still take several steps)."""
+    return 16 if interpreting() else 64
+
+
 def _sweep_config(cfg: _Config, d: int, dv: int) -> _Config:
     """Rows, warps and stages of the ``pruned_attn`` programs: its key tiles are ``cfg``'s and its rows
     divide ``cfg.block_m``, the query blocks of the tile lists. 128-row blocks at D = 128 are swept by
@@ -112,7 +118,7 @@ def _key_splits(programs: int, nkb: int, device, splits: int | None = None) -> t
 def _predict_config(nqb: int, bh: int, device) -> tuple[int, int, int, int]:
     """``(QB, CHUNK, num_warps, num_stages)`` of the predictor's programs: up to 4 query blocks per
     program share each load of the pooled keys (64 pooled rows: one tensor-core tile), fewer where
-    the grid would no longer fill the GPU; 64 key blocks per step (16 under the interpreter), 4
+    the grid would no longer fill the GPU; ``_chunk()`` key blocks per step, 4
     warps, 3 stages (``benchmarks/tune_pruned.py --predict``, H200,
     fast mode, 64k D128 s 0.95: 4.67 ms against 4.73-4.97 for 2 or 8 query blocks, 8 warps, 2 or 4
     stages; 32 or 128 key blocks per step: 4.76-4.84 against 4.70 in a second run; within +-3 % of
@@ -120,7 +126,7 @@ def _predict_config(nqb: int, bh: int, device) -> tuple[int, int, int, int]:
     qb = 4
     while qb > 1 and cdiv(nqb, qb) * bh < 2 * _sm_count(device):
         qb //= 2
-    return qb, (16 if interpreting() else 64), 4, 3
+    return qb, _chunk(), 4, 3
 
 
 def _check_tau(tau) -> float:
@@ -337,7 +343,7 @@ def _vertical(inp, q, k, cfg, nkb):
         CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, PRECISION=_input_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    chunk = 16 if interpreting() else 64
+    chunk = _chunk()
     launch(vertical_combine, (BH, cdiv(nkb, chunk)), block_max, mpart, lpart, vert, nkb, splits, BLOCK_S=block_s, CHUNK=chunk)
     return vert
 
@@ -417,7 +423,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
     mask_args, kpm_args = _mask_args(inp)
     (mask, *mstr, mkind), (kpm, *pstr, pkind) = mask_args, kpm_args
     exact = mode == "exact"
-    chunk = 16 if interpreting() else 64  # key blocks per step of the loops over key-block lists
+    chunk = _chunk()
     from .kernels.pruned import pruned_attn
 
     with _on_device(q):

@@ -613,6 +613,17 @@ def padding_mask(kind, B, Nk, bn, seed):
     return torch.randn(B, Nk, generator=g).masked_fill(pad, -math.inf)
 
 
+def pooled_queries_definition(q, bm):
+    """float64 ``[..., NQB * 16, D]``: the pooled rows of ``q [..., Nq, D]`` (16 per query block of
+    ``bm`` rows): row r is the mean of the query rows ``[r g, (r + 1) g)`` below Nq, ``g = bm / 16``,
+    and 0 where there is none."""
+    q = q.double()
+    nq = q.shape[-2]
+    g, rows = bm // POOL_ROWS.value, -(-nq // bm) * POOL_ROWS.value
+    return torch.stack([q[..., r * g:(r + 1) * g, :].mean(-2) if r * g < nq else torch.zeros_like(q[..., 0, :])
+                        for r in range(rows)], -2)
+
+
 @triton.jit
 def _pooled_queries_kernel(Q, Qp, Nq, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Qp ``[NQB * 16, D]`` = the predictor's pooled rows of a contiguous ``Q [Nq, D]``."""
@@ -633,9 +644,7 @@ def test_pooled_queries_match_definition(dtype, bm):
     qp = torch.empty((nqb * 16, D), dtype=dtype, device=DEV)
     _pooled_queries_kernel[(nqb,)](q, qp, Nq, D=D, BLOCK_M=bm, BLOCK_D=32)
     g = bm // 16
-    qd = q.cpu().double()
-    ref = torch.stack([qd[r * g:(r + 1) * g].mean(0) if r * g < Nq else torch.zeros(D, dtype=torch.float64)
-                       for r in range(nqb * 16)])
+    ref = pooled_queries_definition(q.cpu(), bm)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: the rounding of the means
     assert torch.allclose(qp.cpu().double(), ref, atol=tol, rtol=tol)
     assert (qp.cpu()[torch.arange(nqb * 16) * g >= Nq] == 0).all()  # empty groups: exactly 0
@@ -730,8 +739,7 @@ def test_fast_predictor_lists_match_definition(causal):
     P = POOL_ROWS.value
     g, R = bm // P, nqb * P
     first_row = torch.arange(R) * g
-    qp = torch.stack([q[:, :, r * g:(r + 1) * g].double().mean(2) if r * g < Nq
-                      else torch.zeros(B, H, D, dtype=torch.float64) for r in range(R)], 2)
+    qp = pooled_queries_definition(q, bm)
     unit = inp.scale / math.log(2)
     kpd, kod = (t.cpu().double().repeat_interleave(H // Hkv, 1) for t in (kp, ko))
     est = torch.maximum(unit * qp @ kpd.transpose(-1, -2) + kbias.cpu().double(),
