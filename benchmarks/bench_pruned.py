@@ -7,7 +7,9 @@ entries, so tau = min(0.01, 0.45 / n_hot) (recorded). Labels: the measured tile 
 exact mode (``s``), the ideal speed-up ``1/(1-s)``, and for the fast mode its deviation from the
 exact output (``fast_err``: max |fast - exact|) and its pruned mass next to the exact one.
 Prefill at 8k and 16k (s >= 0.8) is also timed replayed from a CUDA graph, every competitor alike
-(``graph``: no host launch overhead, which the pruned call's five launches feel at these sizes).
+(``graph``: no host launch overhead, which the pruned call's five launches feel at these sizes), and
+at 8k-32k (s >= 0.8) called back to back, 131072 / N calls per synchronization (``stream``: each
+call's host work overlaps the kernels of the calls before it, as in a model's forward pass).
 Decoding: Nq = 1 and 16 queries against Nk = 32k and 128k keys (B = 4, 32 query heads, 8 kv heads),
 each called directly and replayed from a CUDA graph.
 
@@ -132,18 +134,25 @@ def impl_call(impl, q, k, v, tau, s, labels):
     return lambda: pruned_attention(q, k, v, tau=tau, mode=mode)
 
 
-def _prefill(measure, impl, n, d, s, graph=False):
+def _prefill(measure, impl, n, d, s, how="direct"):
+    """Time one prefill case ``how``: ``'direct'`` (each call synchronized), ``'graph'`` (replayed
+    from a CUDA graph) or ``'stream'`` (calls back to back, one synchronization per round)."""
     q, k, v, tau = prefill_inputs(n, d, s)
-    group = "pruned prefill, CUDA graph" if graph else "pruned prefill"
+    group = {"direct": "pruned prefill", "graph": "pruned prefill, CUDA graph",
+             "stream": "pruned prefill, calls back to back"}[how]
     labels = dict(group=f"{group} (bf16, non-causal)", impl=impl, N=n, D=d)
     fn = impl_call(impl, q, k, v, tau, s, labels)
     if impl == "pruned_exact":
         labels.pop("fast_err"), labels.pop("mass_fast"), labels.pop("fast_s")
     with torch.no_grad():
-        if graph:
+        if how == "graph":
             fn = cuda_graph(fn)
         # Below 32k a call takes a few ms at most and its host part jitters: more rounds.
-        measure(fn, flops=attention_flops(1, WIDTH // d, n, n, d), rounds=5 if n >= 32768 else 25, warmup=2, **labels)
+        rounds = 5 if n >= 32768 else 25
+        calls = 1
+        if how == "stream":
+            rounds, calls = 10, max(2, 131072 // n)
+        measure(fn, flops=attention_flops(1, WIDTH // d, n, n, d), rounds=rounds, warmup=2, calls=calls, **labels)
 
 
 @pytest.mark.parametrize("impl,n,d,s", list(prefill_cases((8192, 16384, 32768))), ids=str)
@@ -159,7 +168,12 @@ def test_prefill_64k(measure, impl, n, d, s):
 
 @pytest.mark.parametrize("impl,n,d,s", list(prefill_cases((8192, 16384), (0.8, 0.9, 0.95))), ids=str)
 def test_prefill_graph(measure, impl, n, d, s):
-    _prefill(measure, impl, n, d, s, graph=True)
+    _prefill(measure, impl, n, d, s, how="graph")
+
+
+@pytest.mark.parametrize("impl,n,d,s", list(prefill_cases((8192, 16384, 32768), (0.8, 0.9, 0.95))), ids=str)
+def test_prefill_stream(measure, impl, n, d, s):
+    _prefill(measure, impl, n, d, s, how="stream")
 
 
 def decode_cases(nks):

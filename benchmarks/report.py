@@ -1,6 +1,7 @@
 """Print the tables of a benchmark run: ``python benchmarks/report.py bench.json [--markdown]``.
 
-Rows are grouped by ``extra_info['group']``; each row shows the labels, the median time, TFLOP/s
+Rows are grouped by ``extra_info['group']``; each row shows the labels, the median time per call
+(a round's time over ``extra_info['calls']``, 1 unless the round ran calls back to back), TFLOP/s
 (from ``extra_info['flops']``, MATH.md section 6) and the peak device memory of one call.
 """
 import argparse
@@ -8,7 +9,7 @@ import json
 import os
 from collections import defaultdict
 
-SKIP = {"group", "flops", "peak_bytes"}
+SKIP = {"group", "flops", "peak_bytes", "calls"}
 
 
 def rows_of(path):
@@ -17,7 +18,7 @@ def rows_of(path):
     groups = defaultdict(list)
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
-        med = b["stats"]["median"]
+        med = b["stats"]["median"] / info.get("calls", 1)
         row = {k: v for k, v in info.items() if k not in SKIP}
         row["ms"] = f"{med * 1e3:.3f}"
         if info.get("flops"):
