@@ -40,6 +40,7 @@ def sweep_predictor():
         with torch.no_grad():
             for qb, chunk, warps, stages in PREDICT:
                 pruned._predict_config = lambda nqb, bh, dev, c=(qb, chunk, warps, stages): c
+                pruned.clear_plans()  # the recorded launch plans hold the previous shape
                 ms = time_ms(lambda: pruned.pruned_attention(q, k, v, tau=tau, mode="fast"))
                 print(f"  fast predict={qb}qb x{chunk}kb x{warps}w{stages}s: {ms:.3f} ms", flush=True)
 
@@ -53,6 +54,7 @@ def sweep_programs():
             print(f"N={n} D={d} s={s}: dense {dense:.3f} ms", flush=True)
             for rows, warps, stages in SWEEP:
                 pruned._sweep_config = lambda cfg, d, dv, c=(rows, warps, stages): pruned._Config(c[0], cfg.block_n, c[1], c[2])
+                pruned.clear_plans()
                 for mode in ("fast", "exact") if n == 65536 and d == 128 and s == 0.9 else ("fast",):
                     try:
                         ms = time_ms(lambda: pruned.pruned_attention(q, k, v, tau=tau, mode=mode))

@@ -53,16 +53,39 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     if not direct_enabled():
         kernel[grid](*args, **kwargs)
         return
-    device = torch.cuda.current_device()
-    binder = kernel.device_caches[device][-1]
-    params, specialization, options = binder(*args, **kwargs)
-    key = (kernel, device, tuple(specialization), tuple(options.items()))
-    binary = _binaries.get(key)
+    key, params, binary = _lookup(kernel, args, kwargs)
     if binary is None:  # first launch of this specialization: Triton compiles (or loads) and runs it
         binary = kernel[grid](*args, **kwargs)
         _binaries[key] = binary.result() if hasattr(binary, "result") else binary
         return
+    run_bound(binary, grid, params.values())
+
+
+def _lookup(kernel, args, kwargs):
+    """``(key, params, binary)``: Triton's binder on the arguments (``params``: the launcher's
+    arguments by name), the cache key of their specialization and its binary (None if not cached)."""
+    device = torch.cuda.current_device()
+    params, specialization, options = kernel.device_caches[device][-1](*args, **kwargs)
+    key = (kernel, device, tuple(specialization), tuple(options.items()))
+    return key, params, _binaries.get(key)
+
+
+def bind(kernel, args: tuple, kwargs: dict):
+    """``(binary, params)`` for a launch of ``kernel`` with ``args`` and ``kwargs`` that ``launch``
+    has run before on the current device: the binary it would run and its launcher's full argument
+    list (``params[i] is args[i]`` for the positional arguments), so that ``run_bound`` can repeat
+    the launch with other tensors of the same specialization. None on the plain path or before the
+    first launch."""
+    if not direct_enabled():
+        return None
+    _, params, binary = _lookup(kernel, args, kwargs)
+    return None if binary is None else (binary, list(params.values()))
+
+
+def run_bound(binary, grid: tuple, params) -> None:
+    """Launch ``binary`` (from ``bind``) on ``grid`` with the launcher arguments ``params`` on the
+    current device and stream, as ``JITFunction.run`` does last. No launch metadata and no hooks:
+    the caller checked ``direct_enabled()``."""
     g0, g1, g2 = (*grid, 1, 1)[:3]
-    stream = triton.runtime.driver.active.get_current_stream(device)
-    # No launch metadata and no hooks: direct_enabled() checked that no hook is set.
-    binary.run(g0, g1, g2, stream, binary.function, binary.packed_metadata, None, None, None, *params.values())
+    stream = triton.runtime.driver.active.get_current_stream(torch.cuda.current_device())
+    binary.run(g0, g1, g2, stream, binary.function, binary.packed_metadata, None, None, None, *params)

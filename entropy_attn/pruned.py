@@ -30,7 +30,7 @@ from dataclasses import replace
 import torch
 
 from ._inputs import AttentionInputs, check_inputs, score_bias
-from ._fastlaunch import launch
+from ._plan import PLAIN, Workspace, clear_plans, get_plan, put_plan, tensor_signature
 from ._launch import LOG2E, _block, _Config, _input_precision, _mask_args, _on_device, _unit_stride, cdiv, interpreting, next_pow2
 from .functional import attention_with_lse, resolve_backend
 from .reference import _CHUNK_ELEMENTS, dense_operands, masked_softmax
@@ -238,7 +238,7 @@ def reference_pruned(inp: AttentionInputs, tau: float, *, block=REFERENCE_BLOCK,
 # --------------------------------------------------------------------------------------------
 
 
-def _exact_first_pass(inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_args):
+def _exact_first_pass(inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_args, ws: Workspace = PLAIN):
     """Pass 1: ``(tile_max [BH, NQB, NKB], mpart [S, BH, Nq], lpart [S, BH, Nq], unmasked [BH, Nq] or
     None)``, the partial row max and sum (base 2) of each of the S key-range splits."""
     B, H, Nq, D = q.shape
@@ -247,13 +247,13 @@ def _exact_first_pass(inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_ar
     dev = q.device
     (mask, *mstr, mkind), (kpm, *pstr, pkind) = mask_args, kpm_args
     splits, kb_per = _key_splits(nqb * BH, nkb, dev, splits)
-    tile_max = torch.full((BH, nqb, nkb), float("-inf"), dtype=torch.float32, device=dev)
-    mpart = torch.empty((splits, BH, Nq), dtype=torch.float32, device=dev)
-    lpart = torch.empty_like(mpart)
-    cnt = torch.empty((splits, BH, Nq) if stats else (1,), dtype=torch.int32, device=dev)
+    tile_max = ws.full((BH, nqb, nkb), float("-inf"), torch.float32, dev)
+    mpart = ws.empty((splits, BH, Nq), torch.float32, dev)
+    lpart = ws.empty((splits, BH, Nq), torch.float32, dev)
+    cnt = ws.empty((splits, BH, Nq) if stats else (1,), torch.int32, dev)
     from .kernels.pruned import pruned_scores
 
-    launch(pruned_scores, (nqb, BH, splits),
+    ws.launch(pruned_scores, (nqb, BH, splits),
         q, k, tile_max, mpart, lpart, cnt, mask, kpm,
         *q.stride(), *k.stride(), *mstr, *pstr,
         H, inp.groups, Nq, Nk, nqb, nkb, kb_per, inp.scale * LOG2E,
@@ -266,26 +266,27 @@ def _exact_first_pass(inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_ar
     return tile_max, mpart, lpart, unmasked
 
 
-def _select(tile_max, mpart, lpart, tau, cfg, nqb, nkb, Nq):
+def _select(tile_max, mpart, lpart, tau, cfg, nqb, nkb, Nq, ws: Workspace = PLAIN):
     """The skip test (kernel ``pruned_select``): ``(idx [BH, NQB, NKB], count [BH, NQB],
     nvalid [BH, NQB], lse2 [BH, Nq], thr [BH, Nq])``; lse2 and thr are base 2, +inf on empty rows."""
     BH = tile_max.shape[0]
     dev = tile_max.device
-    idx = torch.empty((BH, nqb, nkb), dtype=torch.int32, device=dev)
-    count = torch.empty((BH, nqb), dtype=torch.int32, device=dev)
-    nvalid = torch.empty_like(count)
-    lse2 = torch.empty((BH, Nq), dtype=torch.float32, device=dev)
-    thr = torch.empty_like(lse2)
+    idx = ws.empty((BH, nqb, nkb), torch.int32, dev)
+    count = ws.empty((BH, nqb), torch.int32, dev)
+    nvalid = ws.empty((BH, nqb), torch.int32, dev)
+    lse2 = ws.empty((BH, Nq), torch.float32, dev)
+    thr = ws.empty((BH, Nq), torch.float32, dev)
     from .kernels.pruned import pruned_select
 
     chunk = min(256, max(16, next_pow2(nkb)))
-    launch(pruned_select, (nqb, BH), tile_max, mpart, lpart, lse2, thr, idx, count, nvalid, Nq, nqb, nkb,
+    ws.launch(pruned_select, (nqb, BH), tile_max, mpart, lpart, lse2, thr, idx, count, nvalid, Nq, nqb, nkb,
                              mpart.shape[0], math.log2(tau), BLOCK_M=cfg.block_m, CHUNK=chunk)
     return idx, count, nvalid, lse2, thr
 
 
-def _pool_keys(inp, k, cfg, nkb):
-    """The fast predictor's pooled keys (kernel ``pool_keys``; the predictor pools the queries itself):
+def _pool_keys(k, kpm_args, cfg, nkb, ws: Workspace = PLAIN):
+    """The fast predictor's pooled keys (kernel ``pool_keys``; the predictor pools the queries itself),
+    with the padding mask ``kpm_args`` (``_mask_args``' second):
 
     - kp ``[B, Hkv, NKB, D]`` (k's dtype): per key block the mean key weighted by the padding mask
       (weight 0 for a padded key, ``exp(mask)`` for a float mask, 1 without one).
@@ -297,14 +298,14 @@ def _pool_keys(inp, k, cfg, nkb):
     """
     B, Hkv, Nk, D = k.shape
     dev = k.device
-    _, (kpm, *pstr, pkind) = _mask_args(inp)
-    kp = torch.empty((B, Hkv, nkb, D), dtype=k.dtype, device=dev)
-    ko = torch.empty_like(kp)
-    kbias = torch.empty((B if pkind else 1, nkb), dtype=torch.float32, device=dev)
-    kobias = torch.empty_like(kbias)
+    kpm, *pstr, pkind = kpm_args
+    kp = ws.empty((B, Hkv, nkb, D), k.dtype, dev)
+    ko = ws.empty((B, Hkv, nkb, D), k.dtype, dev)
+    kbias = ws.empty((B if pkind else 1, nkb), torch.float32, dev)
+    kobias = ws.empty((B if pkind else 1, nkb), torch.float32, dev)
     from .kernels.pruned_pool import pool_keys
 
-    launch(pool_keys, (nkb, B * Hkv),
+    ws.launch(pool_keys, (nkb, B * Hkv),
         k, kp, ko, kbias, kobias, kpm, *k.stride(), *kp.stride(), *pstr, kbias.stride(0),
         Hkv, Nk,
         D=D, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), KPM_KIND=pkind, num_warps=4,
@@ -312,13 +313,13 @@ def _pool_keys(inp, k, cfg, nkb):
     return kp, ko, kbias, kobias
 
 
-def _vertical(inp, q, k, cfg, nkb):
+def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN):
     """``[B*H, NKB]`` float32: log2 of the largest softmax weight that ``VERT_SAMPLES`` query rows,
     evenly spaced (row ``round(r (Nq - 1) / (VERT_SAMPLES - 1))``), give to a key of each key block
     (exact weights of those rows over all keys, all masks applied; -inf where none of them sees a
     key of the block). None for short query sequences (``Nq < VERT_MIN_NQ``), where the sample would
-    cost too much. Kernels ``vertical_sample`` (the key blocks split over programs) and
-    ``vertical_combine``."""
+    cost too much. ``masks``: ``_mask_args(inp)``. Kernels ``vertical_sample`` (the key blocks split
+    over programs) and ``vertical_combine``."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     if Nq < VERT_MIN_NQ:
@@ -327,15 +328,14 @@ def _vertical(inp, q, k, cfg, nkb):
     dev = q.device
     block_s = max(16, next_pow2(VERT_SAMPLES))
     splits, kb_per = _key_splits(BH, nkb, dev)
-    f32 = dict(dtype=torch.float32, device=dev)
-    block_max = torch.empty((BH, nkb, block_s), **f32)
-    mpart = torch.empty((splits, BH, block_s), **f32)
-    lpart = torch.empty_like(mpart)
-    vert = torch.empty((BH, nkb), **f32)
-    (mask, *mstr, mkind), (kpm, *pstr, pkind) = _mask_args(inp)
+    block_max = ws.empty((BH, nkb, block_s), torch.float32, dev)
+    mpart = ws.empty((splits, BH, block_s), torch.float32, dev)
+    lpart = ws.empty((splits, BH, block_s), torch.float32, dev)
+    vert = ws.empty((BH, nkb), torch.float32, dev)
+    (mask, *mstr, mkind), (kpm, *pstr, pkind) = masks
     from .kernels.pruned_pool import vertical_combine, vertical_sample
 
-    launch(vertical_sample, (BH, splits),
+    ws.launch(vertical_sample, (BH, splits),
         q, k, block_max, mpart, lpart, mask, kpm,
         *q.stride(), *k.stride(), *mstr, *pstr,
         H, inp.groups, Nq, Nk, nkb, kb_per, VERT_SAMPLES, inp.scale * LOG2E,
@@ -344,30 +344,31 @@ def _vertical(inp, q, k, cfg, nkb):
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     chunk = _chunk()
-    launch(vertical_combine, (BH, cdiv(nkb, chunk)), block_max, mpart, lpart, vert, nkb, splits, BLOCK_S=block_s, CHUNK=chunk)
+    ws.launch(vertical_combine, (BH, cdiv(nkb, chunk)), block_max, mpart, lpart, vert, nkb, splits, BLOCK_S=block_s, CHUNK=chunk)
     return vert
 
 
-def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, chunk: int | None = None):
+def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None = None, ws: Workspace = PLAIN):
     """The fast mode's tile lists: the pooled keys (``_pool_keys``), the vertical estimate
     (``_vertical``) and the kernel ``pruned_predict`` on ``q [B, H, Nq, D]`` (unit stride), at the
-    threshold ``log2_thr = log2 (tau * slack)``, ``chunk`` key blocks per step (by default
+    threshold ``log2_thr = log2 (tau * slack)``, with the masks ``masks = _mask_args(inp)``, ``chunk``
+    key blocks per step (by default
     ``_predict_config``'s). Returns ``(idx [B*H, NQB, NKB] int32 (first ``count`` entries valid),
     count [B*H, NQB] int32, (kp, ko, kbias, kobias))``, the pooled keys for the sweep's lse bound."""
     B, H, Nq, D = q.shape
     BH = B * H
     dev = q.device
-    kp, ko, kbias, kobias = _pool_keys(inp, k, cfg, nkb)
-    vert = _vertical(inp, q, k, cfg, nkb)
-    idx = torch.empty((BH, nqb, nkb), dtype=torch.int32, device=dev)
-    count = torch.empty((BH, nqb), dtype=torch.int32, device=dev)
+    kp, ko, kbias, kobias = _pool_keys(k, masks[1], cfg, nkb, ws)
+    vert = _vertical(inp, q, k, cfg, nkb, masks, ws)
+    idx = ws.empty((BH, nqb, nkb), torch.int32, dev)
+    count = ws.empty((BH, nqb), torch.int32, dev)
     from .kernels.pruned import POOL_ROWS, pruned_predict
 
     qb, default_chunk, warps, stages = _predict_config(nqb, BH, dev)
     chunk = chunk or default_chunk
-    share = torch.empty((BH, nqb, nkb), dtype=torch.float32, device=dev)
-    lse_run = torch.empty((BH, cdiv(nkb, chunk), nqb * POOL_ROWS.value), dtype=torch.float32, device=dev)
-    launch(pruned_predict, (cdiv(nqb, qb), BH),
+    share = ws.empty((BH, nqb, nkb), torch.float32, dev)
+    lse_run = ws.empty((BH, cdiv(nkb, chunk), nqb * POOL_ROWS.value), torch.float32, dev)
+    ws.launch(pruned_predict, (cdiv(nqb, qb), BH),
         q, kp, ko, kbias, kobias, vert if vert is not None else kbias, share, lse_run, idx, count,
         *q.stride(), *kp.stride(), kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(1),
         H, inp.groups, Nq, k.shape[2], nqb, nkb, inp.scale * LOG2E, log2_thr,
@@ -378,18 +379,18 @@ def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, chunk: int | None = None
     return idx, count, (kp, ko, kbias, kobias)
 
 
-def _combine(opart, mpart, lpart, lall, dtype, log2_tau: float, exact: bool, stats: bool):
+def _combine(opart, mpart, lpart, lall, dtype, log2_tau: float, exact: bool, stats: bool, ws: Workspace = PLAIN):
     """The split programs' partials (``pruned_attn`` with ``SPLIT``) folded into ``(out [B*H, Nq, Dv]
     in dtype, the split weights [S, B*H, Nq] float32 or None)`` by the kernel ``split_combine`` (the
     weights: fast mode with ``stats`` only; 0 for a split dropped as holding no kept entry)."""
     S, BH, Nq, Dv = opart.shape
     weights = stats and not exact
-    out = torch.empty((BH, Nq, Dv), dtype=dtype, device=opart.device)
-    w = torch.empty_like(lpart) if weights else lpart  # a placeholder where not written
+    out = ws.empty((BH, Nq, Dv), dtype, opart.device)
+    w = ws.empty(lpart.shape, lpart.dtype, lpart.device) if weights else lpart  # a placeholder where not written
     from .kernels.pruned import split_combine
 
     block_r = 16
-    launch(split_combine, (cdiv(Nq, block_r), BH), opart, mpart, lpart, lall, out, w, Nq, S, log2_tau,
+    ws.launch(split_combine, (cdiv(Nq, block_r), BH), opart, mpart, lpart, lall, out, w, Nq, S, log2_tau,
            DV=Dv, BLOCK_R=block_r, BLOCK_DV=_block(Dv), EXACT=exact, STATS=weights)
     return out, (w if weights else None)
 
@@ -408,72 +409,98 @@ def _packed_groups(inp: AttentionInputs) -> int:
 def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stats: bool = False,
                   splits: int | None = None, slack: float = FAST_SLACK):
     """The Triton path on checked inputs with ``tau > 0``. ``splits`` forces the number of
-    programs per query block (decoding); None picks it from the shapes."""
+    programs per query block (decoding); None picks it from the shapes.
+
+    Without ``stats`` the call is recorded as a launch plan (``_plan.py``) on the first call with
+    its signature and replayed on later ones, which skips most of its host time."""
     B, H, Nq_in = inp.q.shape[:3]
     pack = _packed_groups(inp)
     if pack > 1:  # rows (g, i) of kv head hk: query head hk * pack + g, query i
         inp = replace(inp, q=inp.q.reshape(B, H // pack, pack * Nq_in, inp.q.shape[3]), causal=False)
     q, k, v = (_unit_stride(t) for t in (inp.q, inp.k, inp.v))
-    Hq, Nq, D = q.shape[1:]
+    mask_args, kpm_args = _mask_args(inp)
+    inputs = (q, k, v, mask_args[0], kpm_args[0])
+    signature = None
+    if not stats:
+        signature = (mode, tau, slack, splits, inp.causal, inp.scale, _input_precision(q.dtype), q.device,
+                     *(tensor_signature(t) for t in inputs))
+    shape = (B, H, Nq_in, v.shape[3])
+    with _on_device(q):
+        plan = get_plan(signature) if signature is not None else None
+        if plan is not None:
+            return plan.run(inputs, q.device).view(shape)
+        ws = Workspace(inputs if signature is not None else None)
+        out, st = _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits, slack, pack, ws)
+    if signature is not None:
+        plan = ws.plan(out)
+        if plan is not None:
+            put_plan(signature, plan)
+    out = out.view(shape)
+    return (out, st) if stats else out
+
+
+def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits, slack, pack, ws: Workspace):
+    """``pruned_triton``'s allocations and launches, through ``ws``, on the prepared inputs (q packed
+    for grouped-query decoding, unit last strides). Returns ``(out [B, Hq, Nq, Dv] or [B*Hq, Nq, Dv],
+    stats dict or None)``."""
+    B, Hq, Nq, D = q.shape
+    H, Nq_in = Hq * pack, Nq // pack
     Nk, Dv = k.shape[2], v.shape[3]
     BH = B * Hq
     dev = q.device
     cfg = _config(Nq, D, Dv)
     nqb, nkb = cdiv(Nq, cfg.block_m), cdiv(Nk, cfg.block_n)
-    mask_args, kpm_args = _mask_args(inp)
     (mask, *mstr, mkind), (kpm, *pstr, pkind) = mask_args, kpm_args
     exact = mode == "exact"
     chunk = _chunk()
     from .kernels.pruned import pruned_attn
 
-    with _on_device(q):
-        lse2 = thr = None
-        if exact or stats:
-            tile_max, mpart1, lpart1, unmasked = _exact_first_pass(
-                inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_args)
-            idx, count, nvalid, lse2, thr = _select(tile_max, mpart1, lpart1, tau, cfg, nqb, nkb, Nq)
-        if not exact:
-            idx, count, (kp, ko, kbias, kobias) = _predict(inp, q, k, cfg, nqb, nkb, math.log2(tau * slack))
-        # Splitting the fast mode needs every row covered by the predictor (no in-kernel fallback).
-        can_split = exact or (inp.attn_mask is None and not (inp.causal and inp.key_padding_mask is not None))
-        if splits is None:
-            n_split = _num_splits(nqb * BH, nkb, dev) if can_split else 1
-        else:
-            n_split = splits if can_split else 1
-        split = n_split > 1
-        f32 = dict(dtype=torch.float32, device=dev)
-        lpart = torch.empty((n_split, BH, Nq), **f32)
-        # Pointers a configuration neither reads nor writes get a placeholder of the right type.
-        out = torch.empty((B, Hq, Nq, Dv), dtype=q.dtype, device=dev) if not split else q
-        opart = torch.empty((n_split, BH, Nq, Dv), **f32) if split else lpart
-        mpart = torch.empty_like(lpart) if split else lpart
-        lall = torch.empty_like(lpart) if split and not exact else lpart
-        kept = torch.empty_like(lpart) if stats else lpart
-        kcnt = torch.empty((n_split, BH, Nq), dtype=torch.int32, device=dev) if stats else count
-        bound = not exact and inp.attn_mask is None
-        if exact:
-            kp, ko, kbias, kobias = q, q, lpart, lpart
-        kp_str = kp.stride() if not exact else (0, 0, 0, 0)
-        kb_str = (kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(-1)) if not exact else (0, 0)
-        masked = inp.causal or mkind != 0 or pkind != 0 or Nk % cfg.block_n != 0
-        fallback = not exact and not split  # the fast sweep recomputes lost rows itself (no split combine)
-        sweep = _sweep_config(cfg, D, Dv)
-        launch(pruned_attn, (cdiv(Nq, sweep.block_m), BH, n_split),
-            q, k, v, out, idx, count, thr if thr is not None else lpart, lse2 if lse2 is not None else lpart,
-            opart, mpart, lpart, lall, kept, kcnt, mask, kpm, kp, ko, kbias, kobias,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr, *pstr, *kp_str, *kb_str,
-            Hq, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, tau,
-            D=D, DV=Dv, LIST_M=cfg.block_m, BLOCK_M=sweep.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D),
-            BLOCK_DV=_block(Dv), CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, MASKED=masked,
-            EXACT=exact, FIXED=fallback and tau < 1, SPLIT=split, FALLBACK=fallback, STATS=stats,
-            LSE_BOUND=bound, CHUNK=chunk, PRECISION=_input_precision(q.dtype),
-            num_warps=sweep.num_warps, num_stages=sweep.num_stages,
-        )
-        if split:
-            out, wsplit = _combine(opart, mpart, lpart, lall, q.dtype, math.log2(tau), exact, stats)
-    out = out.view(B, H, Nq_in, Dv)
+    lse2 = thr = None
+    if exact or stats:
+        tile_max, mpart1, lpart1, unmasked = _exact_first_pass(
+            inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_args, ws)
+        idx, count, nvalid, lse2, thr = _select(tile_max, mpart1, lpart1, tau, cfg, nqb, nkb, Nq, ws)
+    if not exact:
+        idx, count, (kp, ko, kbias, kobias) = _predict(inp, q, k, cfg, nqb, nkb, math.log2(tau * slack), (mask_args, kpm_args), ws=ws)
+    # Splitting the fast mode needs every row covered by the predictor (no in-kernel fallback).
+    can_split = exact or (inp.attn_mask is None and not (inp.causal and inp.key_padding_mask is not None))
+    if splits is None:
+        n_split = _num_splits(nqb * BH, nkb, dev) if can_split else 1
+    else:
+        n_split = splits if can_split else 1
+    split = n_split > 1
+    f32 = (torch.float32, dev)
+    lpart = ws.empty((n_split, BH, Nq), *f32)
+    # Pointers a configuration neither reads nor writes get a placeholder of the right type.
+    out = ws.empty((B, Hq, Nq, Dv), q.dtype, dev) if not split else q
+    opart = ws.empty((n_split, BH, Nq, Dv), *f32) if split else lpart
+    mpart = ws.empty((n_split, BH, Nq), *f32) if split else lpart
+    lall = ws.empty((n_split, BH, Nq), *f32) if split and not exact else lpart
+    kept = ws.empty((n_split, BH, Nq), *f32) if stats else lpart
+    kcnt = ws.empty((n_split, BH, Nq), torch.int32, dev) if stats else count
+    bound = not exact and inp.attn_mask is None
+    if exact:
+        kp, ko, kbias, kobias = q, q, lpart, lpart
+    kp_str = kp.stride() if not exact else (0, 0, 0, 0)
+    kb_str = (kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(-1)) if not exact else (0, 0)
+    masked = inp.causal or mkind != 0 or pkind != 0 or Nk % cfg.block_n != 0
+    fallback = not exact and not split  # the fast sweep recomputes lost rows itself (no split combine)
+    sweep = _sweep_config(cfg, D, Dv)
+    ws.launch(pruned_attn, (cdiv(Nq, sweep.block_m), BH, n_split),
+        q, k, v, out, idx, count, thr if thr is not None else lpart, lse2 if lse2 is not None else lpart,
+        opart, mpart, lpart, lall, kept, kcnt, mask, kpm, kp, ko, kbias, kobias,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr, *pstr, *kp_str, *kb_str,
+        Hq, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, tau,
+        D=D, DV=Dv, LIST_M=cfg.block_m, BLOCK_M=sweep.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D),
+        BLOCK_DV=_block(Dv), CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, MASKED=masked,
+        EXACT=exact, FIXED=fallback and tau < 1, SPLIT=split, FALLBACK=fallback, STATS=stats,
+        LSE_BOUND=bound, CHUNK=chunk, PRECISION=_input_precision(q.dtype),
+        num_warps=sweep.num_warps, num_stages=sweep.num_stages,
+    )
+    if split:
+        out, wsplit = _combine(opart, mpart, lpart, lall, q.dtype, math.log2(tau), exact, stats, ws)
     if not stats:
-        return out
+        return out, None
     live = torch.isfinite(lse2)
     if exact:
         kept_mass, kept_cnt = lpart.sum(0), kcnt.sum(0)
@@ -604,4 +631,4 @@ def pruned_attention(
     return (out, dict(zip(STAT_NAMES, st.unbind(0)))) if return_stats else out
 
 
-__all__ = ["pruned_attention", "reference_pruned", "pruned_triton", "STAT_NAMES"]
+__all__ = ["pruned_attention", "reference_pruned", "pruned_triton", "clear_plans", "STAT_NAMES"]

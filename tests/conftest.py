@@ -42,3 +42,12 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     torch.manual_seed(SEED ^ zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def _no_launch_plans():
+    """Each test records its own launch plans (``entropy_attn._plan``): some monkeypatch the
+    configurations that a plan recorded in an earlier test would replay."""
+    from entropy_attn._plan import clear_plans
+
+    clear_plans()

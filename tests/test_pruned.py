@@ -13,7 +13,7 @@ import triton.language as tl
 
 from entropy_attn import entropy_attention
 from entropy_attn._inputs import check_inputs
-from entropy_attn._launch import interpreting
+from entropy_attn._launch import _mask_args, interpreting
 from entropy_attn.kernels.pruned import POOL_ROWS, pooled_queries
 from entropy_attn.pruned import _config, pruned_attention, pruned_triton, reference_pruned
 
@@ -466,6 +466,56 @@ def test_sweep_programs_split_list_blocks(monkeypatch, mode, causal):
         check_close(halves, ref, amb, torch.float32)
 
 
+@triton_ok
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("case", ["prefill", "masked", "decoding"])
+def test_launch_plan_replays_the_call(monkeypatch, mode, case):
+    """A call without stats records its launch plan (``entropy_attn._plan``); a later call with the
+    same signature replays it. On other values the replay must give exactly what a fresh recording
+    gives, an input of another alignment gets its own plan, and no plan keeps a tensor alive."""
+    import gc
+    import weakref
+
+    import entropy_attn.pruned as pr
+    from entropy_attn import _fastlaunch, _plan
+
+    monkeypatch.setattr(pr, "VERT_MIN_NQ", 16)  # the vertical sample's kernels too (fast prefill)
+    monkeypatch.setattr(pr, "VERT_SAMPLES", 8)
+    # decoding: grouped-query heads packed, split key range and the split combine
+    B, H, Hkv, Nq, Nk = {"prefill": (1, 2, 2, 70, 96), "masked": (2, 2, 1, 45, 61), "decoding": (2, 4, 2, 1, 200)}[case]
+
+    def call(seed, q_storage_offset=0):
+        q, k, v = clustered(B, H, Hkv, Nq, Nk, 16, seed=seed)
+        if q_storage_offset:
+            q = torch.empty(q.numel() + q_storage_offset)[q_storage_offset:].view_as(q).copy_(q)
+        kw = {}
+        if case == "masked":
+            kw = dict(causal=True, key_padding_mask=torch.rand(B, Nk, generator=torch.Generator().manual_seed(seed)) < 0.2)
+        return run(q, k, v, tau=0.01, mode=mode, **kw)
+
+    first = call(1)
+    (plan,) = _plan._plans.values()
+    # On the direct launch path (CUDA, Triton 3.6) every launch replays its recorded binary.
+    assert all(step.bound is not None for step in plan.launches) == _fastlaunch.direct_enabled()
+    replayed = call(2)
+    assert len(_plan._plans) == 1
+    _plan.clear_plans()
+    recorded = call(2)
+    assert torch.equal(replayed, recorded) and not torch.equal(replayed, first)
+    assert torch.equal(call(2, q_storage_offset=1), recorded)  # a 4-byte aligned q: another plan
+    assert len(_plan._plans) == 2
+    _plan.clear_plans()
+    q, k, v = (t.to(DEV) for t in clustered(B, H, Hkv, Nq, Nk, 16, seed=3))
+    kw = dict(causal=True, key_padding_mask=torch.zeros(B, Nk, dtype=torch.bool, device=DEV)) if case == "masked" else {}
+    for _ in range(2):  # records a plan, then replays it
+        run(q, k, v, tau=0.01, mode=mode, **kw)
+    assert len(_plan._plans) == 1
+    alive = [weakref.ref(t) for t in (q, k, v)]
+    del q, k, v
+    gc.collect()
+    assert all(r() is None for r in alive)
+
+
 def stripes(B, H, N, D, n_hot, *, block=16, seed=0, strength=None):
     """Vertical stripes (attention sinks): every query puts most of its mass on the same ``n_hot``
     keys, one per distinct ``block``-key block; the rest is near-uniform background. (The
@@ -687,7 +737,7 @@ def test_pooled_keys_match_definition(dtype, tiles, kpm_kind):
     q, k, _ = random_qkv(B, H, Hkv, 8, Nk, D, dtype, seed=31)
     kpm = padding_mask(kpm_kind, B, Nk, bn, seed=32)
     inp = check_inputs(q.to(DEV), k.to(DEV), k.to(DEV), key_padding_mask=None if kpm is None else kpm.to(DEV))
-    kp, ko, kbias, kobias = (t.cpu() for t in _pool_keys(inp, inp.k, cfg, nkb))
+    kp, ko, kbias, kobias = (t.cpu() for t in _pool_keys(inp.k, _mask_args(inp)[1], cfg, nkb))
     kp_ref, kbias_ref, kobias_ref, w = pooled_keys_definition(k, kpm, bn)
 
     assert kp.shape == ko.shape == (B, Hkv, nkb, D) and kp.dtype == ko.dtype == dtype
@@ -733,7 +783,7 @@ def test_fast_predictor_lists_match_definition(causal):
     inp = check_inputs(q.to(DEV), k.to(DEV), k.to(DEV), causal=causal)
     nqb, nkb = -(-Nq // bm), -(-Nk // bn)
     idx, count, (kp, ko, kbias, kobias) = pr._predict(inp, inp.q, inp.k, pr._config(Nq, D, D), nqb, nkb,
-                                                      log2_thr, chunk)
+                                                      log2_thr, _mask_args(inp), chunk)
     idx, count = idx.cpu(), count.cpu()
 
     P = POOL_ROWS.value
@@ -838,7 +888,7 @@ def test_vertical_matches_definition(monkeypatch, case):
         mask = keep if c["mask"] == "bool" else torch.randn(B, 1, Nq, Nk, generator=g).masked_fill(~keep, -math.inf)
     dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
     inp = check_inputs(dev(q), dev(k), dev(k), causal=c["causal"], attn_mask=dev(mask), key_padding_mask=dev(kpm))
-    vert = pr._vertical(inp, inp.q, inp.k, cfg, nkb).cpu()
+    vert = pr._vertical(inp, inp.q, inp.k, cfg, nkb, _mask_args(inp)).cpu()
     ref = vertical_definition(q, k, c["samples"], cfg.block_n, scale=inp.scale, causal=c["causal"],
                               attn_mask=mask, key_padding_mask=kpm)
     assert vert.shape == (B * H, nkb) and vert.dtype == torch.float32

@@ -1,0 +1,150 @@
+"""Launch plans: the allocations and kernel launches of a call, recorded on its first call with a
+given input signature and replayed on later calls.
+
+A short ``pruned_attention`` call spends most of its time on the host (0.25-0.5 ms on the H200
+machines: five launches, each through Triton's argument binder, a dozen allocations, and the Python
+that derives tile shapes, grids and splits; benchmarks/RESULTS.md). All of that but the tensors'
+addresses is a function of the call's signature (shapes, strides, dtypes and 16-byte alignment of
+its input tensors, its scalar options), and so is every binary Triton picks (it specializes on the
+same things). A ``Plan`` recorded once per signature replays the call as: allocate its buffers, then
+launch each recorded binary with its recorded launcher arguments, the tensors swapped in.
+
+The plans see only their signature: code that changes a configuration another way (a module
+constant, a monkeypatched config function, as ``benchmarks/tune_pruned.py`` and the tests do) calls
+``clear_plans()``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._fastlaunch import bind, direct_enabled, launch, run_bound
+
+#: Signatures kept; the cache is emptied when it would grow past this (a plan holds no tensor).
+MAX_PLANS = 256
+_plans: dict = {}
+
+
+def get_plan(signature):
+    return _plans.get(signature)
+
+
+def put_plan(signature, plan) -> None:
+    if len(_plans) >= MAX_PLANS:
+        _plans.clear()
+    _plans[signature] = plan
+
+
+def clear_plans() -> None:
+    """Forget every recorded plan (the next call of each signature records it again)."""
+    _plans.clear()
+
+
+def tensor_signature(t: torch.Tensor | None):
+    """What a kernel's specialization and configuration can depend on in a tensor argument."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0)
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """One recorded launch: the arguments with each tensor replaced by None and named in ``slots``
+    (``(position, slot)``), and, on the direct path, the binary and its launcher arguments (same)."""
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+    slots: tuple
+    bound: tuple | None
+
+    def run(self, tensors: list, direct: bool) -> None:
+        if direct and self.bound is not None:
+            binary, params = self.bound
+            params = list(params)
+            for pos, slot in self.slots:
+                params[pos] = tensors[slot]
+            run_bound(binary, self.grid, params)
+            return
+        args = list(self.args)
+        for pos, slot in self.slots:
+            args[pos] = tensors[slot]
+        launch(self.kernel, self.grid, *args, **self.kwargs)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A recorded call: ``allocs`` ((shape, dtype, fill value or None) per buffer, in order), the
+    ``launches`` and the slot of its output. Slots number the inputs, then the buffers."""
+    allocs: tuple
+    launches: tuple
+    out: int
+
+    def run(self, inputs, device) -> torch.Tensor:
+        """Replay on ``inputs`` (same signature as the recording's) on the current stream; returns
+        the output tensor."""
+        tensors = list(inputs)
+        for shape, dtype, fill in self.allocs:
+            if fill is None:
+                tensors.append(torch.empty(shape, dtype=dtype, device=device))
+            else:
+                tensors.append(torch.full(shape, fill, dtype=dtype, device=device))
+        direct = direct_enabled()
+        for step in self.launches:
+            step.run(tensors, direct)
+        return tensors[self.out]
+
+
+class Workspace:
+    """Where a call allocates its buffers (``empty``, ``full``) and launches its kernels
+    (``launch``). Built with the call's ``inputs`` it also records them: ``plan(out)`` returns the
+    ``Plan``, or None if some launch took a tensor that is neither an input nor one of its buffers.
+    Built without, it only allocates and launches."""
+
+    def __init__(self, inputs=None):
+        self.recording = inputs is not None
+        self._tensors = list(inputs or ())  # every recorded tensor stays alive, so that ids stay unique
+        self._slot = {id(t): i for i, t in enumerate(self._tensors)}
+        self._allocs = []
+        self._launches = []
+        self._complete = True
+
+    def empty(self, shape, dtype, device) -> torch.Tensor:
+        return self._buffer(torch.empty(shape, dtype=dtype, device=device), (tuple(shape), dtype, None))
+
+    def full(self, shape, value, dtype, device) -> torch.Tensor:
+        return self._buffer(torch.full(shape, value, dtype=dtype, device=device), (tuple(shape), dtype, value))
+
+    def _buffer(self, t, spec):
+        if self.recording:
+            self._slot.setdefault(id(t), len(self._tensors))
+            self._tensors.append(t)
+            self._allocs.append(spec)
+        return t
+
+    def launch(self, kernel, grid: tuple, *args, **kwargs) -> None:
+        launch(kernel, grid, *args, **kwargs)
+        if not self.recording:
+            return
+        slots = tuple((pos, self._slot.get(id(a))) for pos, a in enumerate(args) if isinstance(a, torch.Tensor))
+        if any(slot is None for _, slot in slots):
+            self._complete = False
+            return
+        bound = bind(kernel, args, kwargs)
+        if bound is not None:
+            binary, params = bound
+            if any(params[pos] is not args[pos] for pos, _ in slots):
+                bound = None
+            else:
+                bound = (binary, tuple(None if isinstance(a, torch.Tensor) else a for a in params))
+        template = tuple(None if isinstance(a, torch.Tensor) else a for a in args)
+        self._launches.append(_Launch(kernel, tuple(grid), template, dict(kwargs), slots, bound))
+
+    def plan(self, out: torch.Tensor) -> Plan | None:
+        slot = self._slot.get(id(out))
+        if not (self.recording and self._complete) or slot is None:
+            return None
+        return Plan(tuple(self._allocs), tuple(self._launches), slot)
+
+
+#: A workspace that only allocates and launches.
+PLAIN = Workspace()
