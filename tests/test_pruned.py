@@ -486,8 +486,8 @@ def test_launch_plan_replays_the_call(monkeypatch, mode, case):
 
     def call(seed, q_storage_offset=0):
         q, k, v = clustered(B, H, Hkv, Nq, Nk, 16, seed=seed)
-        if q_storage_offset:
-            q = torch.empty(q.numel() + q_storage_offset)[q_storage_offset:].view_as(q).copy_(q)
+        if q_storage_offset:  # on the device: a copy to it would be aligned again
+            q = torch.empty(q.numel() + q_storage_offset, device=DEV)[q_storage_offset:].view_as(q).copy_(q)
         kw = {}
         if case == "masked":
             kw = dict(causal=True, key_padding_mask=torch.rand(B, Nk, generator=torch.Generator().manual_seed(seed)) < 0.2)
