@@ -557,6 +557,9 @@ def pruned_attention(
     runs as the ``torch.library`` op ``torch.ops.entropy_attn.pruned_fwd``, so a call (or a model
     whose ``EntropyAttention`` layers run in eval with ``tau > 0``) is traced without a graph break;
     called eagerly it launches the same kernels directly, without the op's dispatch (host time).
+    Either way a call without stats records its launches on the first call with its input
+    signature (shapes, strides, dtypes and alignment of the tensors, the options) and replays them
+    on later ones (``entropy_attn._plan``; ``pruned.clear_plans()`` forgets them).
 
     Args:
         q, k, v, causal, scale, attn_mask, key_padding_mask: as in ``entropy_attention`` (same
@@ -573,10 +576,9 @@ def pruned_attention(
             returns NaN and never empties a row that has an unmasked key. It pays off for long
             prefill on attention with block structure (sinks, vertical stripes, clustered keys;
             measured on an H200, bf16, D = 128, against the dense kernel at tile sparsity 0.9 /
-            0.95: 7.0x / 10.7x at N = 32k (8.0x / 12.7x on a machine with a faster host), 8.4x /
-            16.0x at 64k; at 8k-16k the host's launches (0.25-0.5 ms per call) bound it
-            (1.9x-5.4x), unless it is replayed from a CUDA graph (4.7x-10.2x); max |fast - exact|
-            0.05 - 0.1 on sink-key inputs). On the attention of the example
+            0.95: 7.9x / 12.5x at N = 32k, 8.7x / 15.9x at 64k; at 8k-16k the host's work per
+            call (0.15-0.25 ms) bounds it (3.8x-8.7x called directly), unless it is replayed
+            from a CUDA graph (4.7x-10.1x); max |fast - exact| 0.05 - 0.1 on sink-key inputs). On the attention of the example
             LMs (8k tokens) its prediction misses tiles (relative error 2-8 %) or visits nearly all
             of them, and it is at most 1.5x faster than dense (benchmarks/RESULTS.md): check its
             error on your model (``return_stats``, or against ``'exact'``) before serving with it. For decoding
