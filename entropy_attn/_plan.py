@@ -1,17 +1,18 @@
-"""Launch plans: the allocations and kernel launches of a call, recorded on its first call with a
+"""Launch plans: the allocations and kernel launches of a call, recorded on the second call with a
 given input signature and replayed on later calls.
 
-A short ``pruned_attention`` call spends most of its time on the host (0.25-0.5 ms on the H200
-machines: five launches, each through Triton's argument binder, a dozen allocations, and the Python
+A short ``pruned_attention`` call spends most of its time on the host (0.25-0.5 ms per call on the
+H200 machines without plans, 0.15-0.25 ms with them: five launches, each through Triton's argument binder, a dozen allocations, and the Python
 that derives tile shapes, grids and splits; benchmarks/RESULTS.md). All of that but the tensors'
 addresses is a function of the call's signature (shapes, strides, dtypes and 16-byte alignment of
 its input tensors, its scalar options), and so is every binary Triton picks (it specializes on the
 same things). A ``Plan`` recorded once per signature replays the call as: allocate its buffers, then
 launch each recorded binary with its recorded launcher arguments, the tensors swapped in.
 
-The plans see only their signature: code that changes a configuration another way (a module
-constant, a monkeypatched config function, as ``benchmarks/tune_pruned.py`` and the tests do) calls
-``clear_plans()``.
+A signature is recorded on its second call, so that calls whose shapes never repeat (decoding
+against a growing key cache) pay no recording. The plans see only their signature: code that
+changes a configuration another way (a module constant, a monkeypatched config function, as
+``benchmarks/tune_pruned.py`` and the tests do) calls ``clear_plans()``.
 """
 from __future__ import annotations
 
@@ -23,21 +24,34 @@ from ._fastlaunch import bind, direct_enabled, launch, run_bound
 
 #: Signatures kept; the cache is emptied when it would grow past this (a plan holds no tensor).
 MAX_PLANS = 256
+#: signature -> its Plan; None: seen once, record on the next call; False: could not be recorded.
 _plans: dict = {}
 
 
-def get_plan(signature):
-    return _plans.get(signature)
+_UNSEEN = object()
 
 
-def put_plan(signature, plan) -> None:
-    if len(_plans) >= MAX_PLANS:
-        _plans.clear()
-    _plans[signature] = plan
+def lookup(signature) -> tuple:
+    """``(plan, record)``: the plan recorded for ``signature`` (or None), and whether the call
+    should record one (its signature was seen once before)."""
+    plan = _plans.get(signature, _UNSEEN)
+    if plan is _UNSEEN:
+        if len(_plans) >= MAX_PLANS:
+            _plans.clear()
+        _plans[signature] = None
+        return None, False
+    if plan is None or plan is False:
+        return None, plan is None
+    return plan, False
+
+
+def store(signature, plan) -> None:
+    """Keep the ``plan`` recorded for ``signature`` (None: it could not be recorded, do not retry)."""
+    _plans[signature] = plan if plan is not None else False
 
 
 def clear_plans() -> None:
-    """Forget every recorded plan (the next call of each signature records it again)."""
+    """Forget every recorded plan (each signature is recorded again on its second call)."""
     _plans.clear()
 
 

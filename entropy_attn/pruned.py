@@ -30,7 +30,8 @@ from dataclasses import replace
 import torch
 
 from ._inputs import AttentionInputs, check_inputs, score_bias
-from ._plan import PLAIN, Workspace, clear_plans, get_plan, put_plan, tensor_signature
+from . import _plan
+from ._plan import PLAIN, Workspace, clear_plans, tensor_signature
 from ._launch import LOG2E, _block, _Config, _input_precision, _mask_args, _on_device, _unit_stride, cdiv, interpreting, next_pow2
 from .functional import attention_with_lse, resolve_backend
 from .reference import _CHUNK_ELEMENTS, dense_operands, masked_softmax
@@ -411,7 +412,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
     """The Triton path on checked inputs with ``tau > 0``. ``splits`` forces the number of
     programs per query block (decoding); None picks it from the shapes.
 
-    Without ``stats`` the call is recorded as a launch plan (``_plan.py``) on the first call with
+    Without ``stats`` the call is recorded as a launch plan (``_plan.py``) on the second call with
     its signature and replayed on later ones, which skips most of its host time."""
     B, H, Nq_in = inp.q.shape[:3]
     pack = _packed_groups(inp)
@@ -426,15 +427,13 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
                      *(tensor_signature(t) for t in inputs))
     shape = (B, H, Nq_in, v.shape[3])
     with _on_device(q):
-        plan = get_plan(signature) if signature is not None else None
+        plan, record = _plan.lookup(signature) if signature is not None else (None, False)
         if plan is not None:
             return plan.run(inputs, q.device).view(shape)
-        ws = Workspace(inputs if signature is not None else None)
+        ws = Workspace(inputs if record else None)
         out, st = _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits, slack, pack, ws)
-    if signature is not None:
-        plan = ws.plan(out)
-        if plan is not None:
-            put_plan(signature, plan)
+    if record:
+        _plan.store(signature, ws.plan(out))
     out = out.view(shape)
     return (out, st) if stats else out
 
@@ -557,7 +556,7 @@ def pruned_attention(
     runs as the ``torch.library`` op ``torch.ops.entropy_attn.pruned_fwd``, so a call (or a model
     whose ``EntropyAttention`` layers run in eval with ``tau > 0``) is traced without a graph break;
     called eagerly it launches the same kernels directly, without the op's dispatch (host time).
-    Either way a call without stats records its launches on the first call with its input
+    Either way a call without stats records its launches on the second call with its input
     signature (shapes, strides, dtypes and alignment of the tensors, the options) and replays them
     on later ones (``entropy_attn._plan``; ``pruned.clear_plans()`` forgets them).
 

@@ -470,9 +470,10 @@ def test_sweep_programs_split_list_blocks(monkeypatch, mode, causal):
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 @pytest.mark.parametrize("case", ["prefill", "masked", "decoding"])
 def test_launch_plan_replays_the_call(monkeypatch, mode, case):
-    """A call without stats records its launch plan (``entropy_attn._plan``); a later call with the
-    same signature replays it. On other values the replay must give exactly what a fresh recording
-    gives, an input of another alignment gets its own plan, and no plan keeps a tensor alive."""
+    """A call without stats records its launch plan (``entropy_attn._plan``) on the second call with
+    its signature; later calls replay it. On other values the replay must give exactly what a call
+    without a plan gives, an input of another alignment gets its own plan, and no plan keeps a
+    tensor alive."""
     import gc
     import weakref
 
@@ -493,23 +494,29 @@ def test_launch_plan_replays_the_call(monkeypatch, mode, case):
             kw = dict(causal=True, key_padding_mask=torch.rand(B, Nk, generator=torch.Generator().manual_seed(seed)) < 0.2)
         return run(q, k, v, tau=0.01, mode=mode, **kw)
 
+    def plans():
+        return [p for p in _plan._plans.values() if isinstance(p, _plan.Plan)]
+
     first = call(1)
-    (plan,) = _plan._plans.values()
+    assert plans() == []  # a signature seen once records nothing (decoding with a growing cache)
+    assert torch.equal(call(1), first)  # recorded on its second call
+    (plan,) = plans()
     # On the direct launch path (CUDA, Triton 3.6) every launch replays its recorded binary.
     assert all(step.bound is not None for step in plan.launches) == _fastlaunch.direct_enabled()
     replayed = call(2)
-    assert len(_plan._plans) == 1
+    misaligned = [call(2, q_storage_offset=1) for _ in range(3)]  # a 4-byte aligned q: seen, recorded, replayed
+    assert len(plans()) == 2
     _plan.clear_plans()
-    recorded = call(2)
-    assert torch.equal(replayed, recorded) and not torch.equal(replayed, first)
-    assert torch.equal(call(2, q_storage_offset=1), recorded)  # a 4-byte aligned q: another plan
-    assert len(_plan._plans) == 2
+    fresh = call(2)  # no plan
+    assert plans() == []
+    assert torch.equal(replayed, fresh) and not torch.equal(replayed, first)
+    assert all(torch.equal(out, fresh) for out in misaligned)
     _plan.clear_plans()
     q, k, v = (t.to(DEV) for t in clustered(B, H, Hkv, Nq, Nk, 16, seed=3))
     kw = dict(causal=True, key_padding_mask=torch.zeros(B, Nk, dtype=torch.bool, device=DEV)) if case == "masked" else {}
-    for _ in range(2):  # records a plan, then replays it
+    for _ in range(3):  # seen, recorded, replayed
         run(q, k, v, tau=0.01, mode=mode, **kw)
-    assert len(_plan._plans) == 1
+    assert len(plans()) == 1
     alive = [weakref.ref(t) for t in (q, k, v)]
     del q, k, v
     gc.collect()
