@@ -72,17 +72,19 @@ class _Launch:
     bound: tuple | None
 
     def run(self, tensors: list, direct: bool) -> None:
-        if direct and self.bound is not None:
-            binary, params = self.bound
-            params = list(params)
-            for pos, slot in self.slots:
-                params[pos] = tensors[slot]
-            run_bound(binary, self.grid, params)
-            return
-        args = list(self.args)
+        bound = direct and self.bound is not None
+        values = list(self.bound[1] if bound else self.args)
         for pos, slot in self.slots:
-            args[pos] = tensors[slot]
-        launch(self.kernel, self.grid, *args, **self.kwargs)
+            values[pos] = tensors[slot]
+        if bound:
+            run_bound(self.bound[0], self.grid, values)
+        else:
+            launch(self.kernel, self.grid, *values, **self.kwargs)
+
+
+def _without_tensors(values) -> tuple:
+    """``values`` with each tensor replaced by None (a plan keeps no tensor alive)."""
+    return tuple(None if isinstance(a, torch.Tensor) else a for a in values)
 
 
 @dataclass(frozen=True)
@@ -149,9 +151,8 @@ class Workspace:
             if any(params[pos] is not args[pos] for pos, _ in slots):
                 bound = None
             else:
-                bound = (binary, tuple(None if isinstance(a, torch.Tensor) else a for a in params))
-        template = tuple(None if isinstance(a, torch.Tensor) else a for a in args)
-        self._launches.append(_Launch(kernel, tuple(grid), template, dict(kwargs), slots, bound))
+                bound = (binary, _without_tensors(params))
+        self._launches.append(_Launch(kernel, tuple(grid), _without_tensors(args), dict(kwargs), slots, bound))
 
     def plan(self, out: torch.Tensor) -> Plan | None:
         slot = self._slot.get(id(out))

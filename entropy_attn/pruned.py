@@ -430,7 +430,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
         plan, record = _plan.lookup(signature) if signature is not None else (None, False)
         if plan is not None:
             return plan.run(inputs, q.device).view(shape)
-        ws = Workspace(inputs if record else None)
+        ws = Workspace(inputs) if record else PLAIN
         out, st = _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits, slack, pack, ws)
     if record:
         _plan.store(signature, ws.plan(out))
