@@ -1,9 +1,12 @@
 """Sweep the programs of the pruned sweep (``pruned_attn``: rows, warps, stages per program against
 the 128-row tile lists of prefill) on the GPU and print the time of each, beside our dense kernel:
 ``python benchmarks/tune_pruned.py``; ``--predict`` sweeps the fast predictor's programs instead
-(``pruned_predict``: query blocks, warps, stages per program). The winners go into
-``entropy_attn/pruned.py`` (``_sweep_config``, ``_predict_config``). Inputs: the sink-key inputs of
-``bench_pruned.py`` (bf16, B = 1, H = 2048 / D).
+(``pruned_predict``: query blocks, warps, stages per program), and ``--copy-engine`` times the exact
+mode with and without the copy engine's loads of K and V (``_kv_operands``: tensor descriptors where
+the key range is not split, or plain loads everywhere), alternating, the better of two rounds. The
+winners go into ``entropy_attn/pruned.py`` (``_sweep_config``, ``_predict_config``, ``_kv_operands``).
+Inputs: the sink-key inputs of ``bench_pruned.py`` (bf16, B = 1, H = 2048 / D); decoding: 32 query
+heads on 8 kv heads, D = 128, random.
 """
 import argparse
 import sys
@@ -15,7 +18,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pruned import stripes  # noqa: E402
 
-from entropy_attn import entropy_attention, pruned  # noqa: E402
+from entropy_attn import _launch, entropy_attention, pruned  # noqa: E402
 
 #: (rows, warps, stages) of one sweep program; rows divide the 128-row query blocks.
 SWEEP = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 2), (64, 8, 3), (128, 8, 2), (128, 8, 3), (128, 4, 2)]
@@ -63,10 +66,40 @@ def sweep_programs():
                         print(f"  {mode} sweep={rows}x{warps}w{stages}s: {type(e).__name__}: {e}", flush=True)
 
 
+def copy_engine():
+    """The exact mode's time per call with the copy engine's loads (``_launch.TMA_ENABLED``) and without."""
+    enabled = _launch.TMA_ENABLED
+
+    def timed(fn):
+        best = {}
+        for _ in range(2):
+            for tma in (False, True):
+                _launch.TMA_ENABLED = tma
+                pruned.clear_plans()
+                best[tma] = min(best.get(tma, float("inf")), time_ms(fn))
+        return best[False], best[True]
+
+    print("| exact mode | plain ms | copy engine ms | speed-up |\n|---|---|---|---|")
+    for n, d, s in CASES + [(8192, 128, 0.9), (8192, 64, 0.8), (16384, 64, 0.8)]:
+        q, k, v, tau = stripes(1, 2048 // d, 2048 // d, n, n, d, s)
+        with torch.no_grad():
+            plain, tma = timed(lambda: pruned.pruned_attention(q, k, v, tau=tau, mode="exact"))
+        print(f"| N={n} D={d} s={s} | {plain:.3f} | {tma:.3f} | {plain / tma:.3f}x |", flush=True)
+    for nq, nk in [(1, 32768), (16, 32768), (1, 131072), (16, 131072)]:
+        q = torch.randn(1, 32, nq, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, 8, nk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        with torch.no_grad():
+            plain, tma = timed(lambda: pruned.pruned_attention(q, k, v, tau=0.01, mode="exact"))
+        print(f"| decoding {nq} x {nk} | {plain:.3f} | {tma:.3f} | {plain / tma:.3f}x |", flush=True)
+    _launch.TMA_ENABLED = enabled
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--predict", action="store_true", help="sweep the predictor's programs")
-    (sweep_predictor if parser.parse_args().predict else sweep_programs)()
+    parser.add_argument("--copy-engine", action="store_true", help="time the exact mode with and without the copy engine")
+    args = parser.parse_args()
+    (sweep_predictor if args.predict else copy_engine if args.copy_engine else sweep_programs)()
 
 
 if __name__ == "__main__":

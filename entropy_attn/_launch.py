@@ -6,6 +6,8 @@ flash-attention keeps its Python interface apart from its CUDA kernels.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -13,10 +15,20 @@ import torch
 from ._fastlaunch import interpreting, launch
 from ._inputs import AttentionInputs
 
+try:  # Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: plain loads only
+    TensorDescriptor = None
+
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 MAX_VALUE_DIM = 512
 LOG2E = 1.4426950408889634
+#: ``ENTROPY_ATTN_TMA=0``: kernels that can load key and value tiles through tensor descriptors
+#: (Hopper's copy engine, TMA) use plain loads instead.
+TMA_ENABLED = os.environ.get("ENTROPY_ATTN_TMA", "1") != "0" and TensorDescriptor is not None
+#: The copy engine's largest block edge (elements).
+TMA_MAX_BOX = 256
 
 
 def check_triton_inputs(inp: AttentionInputs) -> None:
@@ -115,6 +127,36 @@ def _on_device(t: torch.Tensor):
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_loadable(t: torch.Tensor, block: list) -> bool:
+    """Whether the copy engine can load ``block`` tiles of ``t``: 16-byte aligned base and strides
+    (positive), unit last stride, block edges at most ``TMA_MAX_BOX``, on Hopper or newer (or in
+    Triton's interpreter, which emulates it)."""
+    size = t.element_size()
+    return (
+        (interpreting() or _has_tma(t.device))
+        and t.numel() > 0 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+        and all(s > 0 and s * size % 16 == 0 for s in t.stride()[:-1])
+        and max(block) <= TMA_MAX_BOX
+    )
+
+
+def tma_operands(block_rows: int, *operands) -> tuple[list, bool]:
+    """``(args, tma)`` for kernels that load row blocks of ``[B, H, N, D]`` tensors through
+    ``kernels.attention_fwd.load_rows``: ``operands`` are ``(tensor, block_cols)`` pairs. Where the
+    copy engine can load every one of them (and ``TMA_ENABLED``), ``args`` are rank-4 tensor
+    descriptors with blocks ``[1, 1, block_rows, block_cols]`` and ``tma`` is True; else the tensors
+    themselves and False."""
+    blocks = [[1, 1, block_rows, cols] for _, cols in operands]
+    if TMA_ENABLED and all(_tma_loadable(t, blk) for (t, _), blk in zip(operands, blocks)):
+        return [TensorDescriptor(t, list(t.shape), list(t.stride()), blk) for (t, _), blk in zip(operands, blocks)], True
+    return [t for t, _ in operands], False
 
 
 def attention_forward(inp: AttentionInputs, entropy: bool):

@@ -7,7 +7,8 @@ that derives tile shapes, grids and splits; benchmarks/RESULTS.md). All of that 
 addresses is a function of the call's signature (shapes, strides, dtypes and 16-byte alignment of
 its input tensors, its scalar options), and so is every binary Triton picks (it specializes on the
 same things). A ``Plan`` recorded once per signature replays the call as: allocate its buffers, then
-launch each recorded binary with its recorded launcher arguments, the tensors swapped in.
+launch each recorded binary with its recorded launcher arguments, the tensors swapped in (and the
+tensor descriptors of the kernels that load through the copy engine rebuilt around them).
 
 A signature is recorded on its second call, so that calls whose shapes never repeat (decoding
 against a growing key cache) pay no recording. The plans see only their signature: code that
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ._fastlaunch import bind, direct_enabled, launch, run_bound
+from ._launch import TensorDescriptor
 
 #: Signatures kept; the cache is emptied when it would grow past this (a plan holds no tensor).
 MAX_PLANS = 256
@@ -60,10 +62,28 @@ def tensor_signature(t: torch.Tensor | None):
     return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0)
 
 
+def _carried(a) -> torch.Tensor | None:
+    """The tensor a launch argument carries: itself, or a tensor descriptor's base (None for others)."""
+    if isinstance(a, torch.Tensor):
+        return a
+    if TensorDescriptor is not None and isinstance(a, TensorDescriptor):
+        return a.base
+    return None
+
+
+def _layout(a) -> tuple | None:
+    """What a replay needs to rebuild argument ``a`` around another tensor: None for a tensor, the
+    shape, strides, block and padding of a tensor descriptor."""
+    if isinstance(a, torch.Tensor):
+        return None
+    return (list(a.shape), list(a.strides), list(a.block_shape), a.padding)
+
+
 @dataclass(frozen=True)
 class _Launch:
-    """One recorded launch: the arguments with each tensor replaced by None and named in ``slots``
-    (``(position, slot)``), and, on the direct path, the binary and its launcher arguments (same)."""
+    """One recorded launch: the arguments with each tensor (or tensor descriptor) replaced by None
+    and named in ``slots`` (``(position, slot, descriptor layout or None)``), and, on the direct path,
+    the binary and its launcher arguments (same)."""
     kernel: object
     grid: tuple
     args: tuple
@@ -74,8 +94,8 @@ class _Launch:
     def run(self, tensors: list, direct: bool) -> None:
         bound = direct and self.bound is not None
         values = list(self.bound[1] if bound else self.args)
-        for pos, slot in self.slots:
-            values[pos] = tensors[slot]
+        for pos, slot, layout in self.slots:
+            values[pos] = tensors[slot] if layout is None else TensorDescriptor(tensors[slot], *layout)
         if bound:
             run_bound(self.bound[0], self.grid, values)
         else:
@@ -83,8 +103,9 @@ class _Launch:
 
 
 def _without_tensors(values) -> tuple:
-    """``values`` with each tensor replaced by None (a plan keeps no tensor alive)."""
-    return tuple(None if isinstance(a, torch.Tensor) else a for a in values)
+    """``values`` with each tensor and tensor descriptor replaced by None (a plan keeps no tensor
+    alive)."""
+    return tuple(None if _carried(a) is not None else a for a in values)
 
 
 @dataclass(frozen=True)
@@ -141,14 +162,15 @@ class Workspace:
         launch(kernel, grid, *args, **kwargs)
         if not self.recording:
             return
-        slots = tuple((pos, self._slot.get(id(a))) for pos, a in enumerate(args) if isinstance(a, torch.Tensor))
-        if any(slot is None for _, slot in slots):
+        slots = tuple((pos, self._slot.get(id(_carried(a))), _layout(a))
+                      for pos, a in enumerate(args) if _carried(a) is not None)
+        if any(slot is None for _, slot, _ in slots):
             self._complete = False
             return
         bound = bind(kernel, args, kwargs)
         if bound is not None:
             binary, params = bound
-            if any(params[pos] is not args[pos] for pos, _ in slots):
+            if any(params[pos] is not args[pos] for pos, _, _ in slots):
                 bound = None
             else:
                 bound = (binary, _without_tensors(params))

@@ -32,7 +32,8 @@ import torch
 from ._inputs import AttentionInputs, check_inputs, score_bias
 from . import _plan
 from ._plan import PLAIN, Workspace, clear_plans, tensor_signature
-from ._launch import LOG2E, _block, _Config, _input_precision, _mask_args, _on_device, _unit_stride, cdiv, interpreting, next_pow2
+from ._launch import (LOG2E, _block, _Config, _input_precision, _mask_args, _on_device, _unit_stride, cdiv,
+                      interpreting, next_pow2, tma_operands)
 from .functional import attention_with_lse, resolve_backend
 from .reference import _CHUNK_ELEMENTS, dense_operands, masked_softmax
 
@@ -239,6 +240,18 @@ def reference_pruned(inp: AttentionInputs, tau: float, *, block=REFERENCE_BLOCK,
 # --------------------------------------------------------------------------------------------
 
 
+def _kv_operands(block_n: int, plain: bool, *operands) -> tuple[list, bool]:
+    """``(args, tma)``: the K and V arguments of a pruned kernel, given as ``(tensor, block columns)``.
+    The exact mode's kernels over whole key ranges load them through tensor descriptors where the
+    copy engine can (``tma_operands``); ``plain``: split key ranges (decoding) and the fast sweep
+    keep plain loads. H200, same machine, A/B in benchmarks/RESULTS.md: the exact mode 1-5 %
+    faster at 8k-64k with the copy engine, but decoding (short split programs) 14-35 % slower and
+    the fast sweep 12-29 % slower."""
+    if plain:
+        return [t for t, _ in operands], False
+    return tma_operands(block_n, *operands)
+
+
 def _exact_first_pass(inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_args, ws: Workspace = PLAIN):
     """Pass 1: ``(tile_max [BH, NQB, NKB], mpart [S, BH, Nq], lpart [S, BH, Nq], unmasked [BH, Nq] or
     None)``, the partial row max and sum (base 2) of each of the S key-range splits."""
@@ -254,13 +267,14 @@ def _exact_first_pass(inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_ar
     cnt = ws.empty((splits, BH, Nq) if stats else (1,), torch.int32, dev)
     from .kernels.pruned import pruned_scores
 
+    (k_arg,), tma = _kv_operands(cfg.block_n, splits > 1, (k, _block(D)))
     ws.launch(pruned_scores, (nqb, BH, splits),
-        q, k, tile_max, mpart, lpart, cnt, mask, kpm,
+        q, k_arg, tile_max, mpart, lpart, cnt, mask, kpm,
         *q.stride(), *k.stride(), *mstr, *pstr,
         H, inp.groups, Nq, Nk, nqb, nkb, kb_per, inp.scale * LOG2E,
         D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D),
         CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind,
-        STATS=stats, PRECISION=_input_precision(q.dtype),
+        STATS=stats, TMA=tma, PRECISION=_input_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     unmasked = cnt.sum(0) if stats else None
@@ -485,15 +499,16 @@ def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits
     masked = inp.causal or mkind != 0 or pkind != 0 or Nk % cfg.block_n != 0
     fallback = not exact and not split  # the fast sweep recomputes lost rows itself (no split combine)
     sweep = _sweep_config(cfg, D, Dv)
+    (k_arg, v_arg), tma = _kv_operands(cfg.block_n, split or not exact, (k, _block(D)), (v, _block(Dv)))
     ws.launch(pruned_attn, (cdiv(Nq, sweep.block_m), BH, n_split),
-        q, k, v, out, idx, count, thr if thr is not None else lpart, lse2 if lse2 is not None else lpart,
+        q, k_arg, v_arg, out, idx, count, thr if thr is not None else lpart, lse2 if lse2 is not None else lpart,
         opart, mpart, lpart, lall, kept, kcnt, mask, kpm, kp, ko, kbias, kobias,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr, *pstr, *kp_str, *kb_str,
         Hq, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, tau,
         D=D, DV=Dv, LIST_M=cfg.block_m, BLOCK_M=sweep.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D),
         BLOCK_DV=_block(Dv), CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, MASKED=masked,
         EXACT=exact, FIXED=fallback and tau < 1, SPLIT=split, FALLBACK=fallback, STATS=stats,
-        LSE_BOUND=bound, CHUNK=chunk, PRECISION=_input_precision(q.dtype),
+        LSE_BOUND=bound, CHUNK=chunk, TMA=tma, PRECISION=_input_precision(q.dtype),
         num_warps=sweep.num_warps, num_stages=sweep.num_stages,
     )
     if split:

@@ -29,6 +29,20 @@ def load_tile(ptr, rows, cols, n_rows, n_cols, stride_r, stride_c, ROW_CHECK: tl
 
 
 @triton.jit
+def load_rows(X, b, h, start, rows, cols, n_rows, n_cols, stride_r, stride_c,
+              ROW_CHECK: tl.constexpr, COL_CHECK: tl.constexpr, TMA: tl.constexpr):
+    """The rows ``rows = start + arange(R)`` and columns ``cols`` of the (batch ``b``, head ``h``)
+    slice of a ``[B, H, N, D]`` tensor, zeros outside ``[0, n_rows) x [0, n_cols)``. With ``TMA``,
+    ``X`` is a tensor descriptor of the whole tensor (block ``[1, 1, R, len(cols)]``): the copy engine
+    loads the block and fills what lies outside the tensor with zeros. Otherwise ``X`` points at the
+    slice (``load_tile``)."""
+    if TMA:
+        return tl.reshape(X.load([b, h, start, 0]), (rows.shape[0], cols.shape[0]))
+    else:
+        return load_tile(X, rows, cols, n_rows, n_cols, stride_r, stride_c, ROW_CHECK, COL_CHECK)
+
+
+@triton.jit
 def _fwd_key_blocks(
     acc, m, l, t, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m, offs_d, offs_dv, start, end, b, h, Nq, Nk, qk_scale,

@@ -55,7 +55,7 @@ outlier key, and for long query sequences the sampled vertical estimate):
 import triton
 import triton.language as tl
 
-from .attention_fwd import load_tile
+from .attention_fwd import load_rows, load_tile
 from .masks import M_INIT, MIN_EXP2, NO_MASK, apply_masks, dot, key_range
 #: Pooled query rows per query block in the fast predictor (the smallest tl.dot M).
 POOL_ROWS = tl.constexpr(16)
@@ -84,11 +84,11 @@ def _base2_scores(
 
 @triton.jit
 def _scores_blocks(
-    m, l, cnt, q, K, TileMax, stride_kn, stride_kd, offs_m, offs_d, kb_lo, kb_hi, b, h, Nq, Nk, qk_scale,
+    m, l, cnt, q, K, TileMax, stride_kn, stride_kd, offs_m, offs_d, kb_lo, kb_hi, b, h, hk, Nq, Nk, qk_scale,
     Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_kb, stride_kpn,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
-    STATS: tl.constexpr, MAX_STORE: tl.constexpr, PRECISION: tl.constexpr,
+    STATS: tl.constexpr, MAX_STORE: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Fold the scores of key blocks ``[kb_lo, kb_hi)`` into the running max ``m`` and sum ``l``
     (base 2) of each row, and with ``STATS`` its unmasked count ``cnt``. ``MAX_STORE``: ``'tile'``
@@ -96,7 +96,7 @@ def _scores_blocks(
     at ``TileMax + kb * BLOCK_M + r`` (``BLOCK_M`` = the number of rows)."""
     for kb in range(kb_lo, kb_hi):
         offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, MASKED, BLOCK_D != D)
+        k = load_rows(K, b, hk, kb * BLOCK_N, offs_n, offs_d, Nk, D, stride_kn, stride_kd, MASKED, BLOCK_D != D, TMA)
         qk, unit = _base2_scores(q, k, offs_m, offs_n, b, h, Nq, Nk, qk_scale,
                                  Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_kb, stride_kpn,
                                  MASKED, CAUSAL, MASK_KIND, KPM_KIND, PRECISION)
@@ -126,14 +126,15 @@ def pruned_scores(
     H, GROUPS, Nq, Nk, NQB, NKB, KB_PER_SPLIT, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
-    STATS: tl.constexpr, PRECISION: tl.constexpr,
+    STATS: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Pass 1 of the exact mode: ``BLOCK_M`` rows of one (batch, head) against the key blocks
     ``[split * KB_PER_SPLIT, (split + 1) * KB_PER_SPLIT)``.
 
     TileMax ``[B*H, NQB, NKB]`` float32 (pre-filled with -inf by the host: tiles past the causal end
     are never written); Mpart, Lpart ``[splits, B*H, Nq]`` float32 partial max and sum (base 2);
-    Cnt ``[splits, B*H, Nq]`` int32 unmasked entries per row (``STATS`` only).
+    Cnt ``[splits, B*H, Nq]`` int32 unmasked entries per row (``STATS`` only). With ``TMA``, K is a
+    tensor descriptor of the ``[B, Hkv, Nk, D]`` keys (``load_rows``).
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -142,7 +143,8 @@ def pruned_scores(
     h = bh % H
     hk = h // GROUPS
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    if not TMA:
+        K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     TileMax += (bh.to(tl.int64) * NQB + pid_m) * NKB
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -164,13 +166,13 @@ def pruned_scores(
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     cnt = tl.zeros([BLOCK_M], dtype=tl.int32)
     m, l, cnt = _scores_blocks(
-        m, l, cnt, q, K, TileMax, stride_kn, stride_kd, offs_m, offs_d, kb_lo, mid, b, h, Nq, Nk, qk_scale,
+        m, l, cnt, q, K, TileMax, stride_kn, stride_kd, offs_m, offs_d, kb_lo, mid, b, h, hk, Nq, Nk, qk_scale,
         Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
-        D, BLOCK_N, BLOCK_D, False, CAUSAL, MASK_KIND, KPM_KIND, STATS, "tile", PRECISION)
+        D, BLOCK_N, BLOCK_D, False, CAUSAL, MASK_KIND, KPM_KIND, STATS, "tile", TMA, PRECISION)
     m, l, cnt = _scores_blocks(
-        m, l, cnt, q, K, TileMax, stride_kn, stride_kd, offs_m, offs_d, mid, kb_hi, b, h, Nq, Nk, qk_scale,
+        m, l, cnt, q, K, TileMax, stride_kn, stride_kd, offs_m, offs_d, mid, kb_hi, b, h, hk, Nq, Nk, qk_scale,
         Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
-        D, BLOCK_N, BLOCK_D, True, CAUSAL, MASK_KIND, KPM_KIND, STATS, "tile", PRECISION)
+        D, BLOCK_N, BLOCK_D, True, CAUSAL, MASK_KIND, KPM_KIND, STATS, "tile", TMA, PRECISION)
 
     rows = (split * tl.num_programs(1) + bh).to(tl.int64) * Nq + offs_m
     row_mask = offs_m < Nq
@@ -479,12 +481,12 @@ def _pooled_lse_bound(
 @triton.jit
 def _attn_tile(
     acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, rowsel,
-    stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk, qk_scale, tau,
+    stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale, tau,
     Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
     EXACT: tl.constexpr, FIXED: tl.constexpr, ROWSEL: tl.constexpr, FIRST: tl.constexpr, SEEN_ALL: tl.constexpr,
-    STATS: tl.constexpr, PRECISION: tl.constexpr,
+    STATS: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Fold key block ``kb`` into the accumulators (see the module docstring). Fast mode: ``FIRST``,
     the first listed tile, whose whole sum enters the lse bound before its own entries are tested;
@@ -497,13 +499,13 @@ def _attn_tile(
     caller recomputes rows whose ``p_max`` passes 2^64 (``pruned_attn``). Otherwise (online) ``m`` is
     the running max and ``p_max`` is unused."""
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, MASKED, BLOCK_D != D)
+    k = load_rows(K, b, hk, kb * BLOCK_N, offs_n, offs_d, Nk, D, stride_kn, stride_kd, MASKED, BLOCK_D != D, TMA)
     qk, unit = _base2_scores(q, k, offs_m, offs_n, b, h, Nq, Nk, qk_scale,
                              Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
                              MASKED, CAUSAL, MASK_KIND, KPM_KIND, PRECISION)
     if ROWSEL:
         qk = tl.where(rowsel[:, None], qk, float("-inf"))
-    v = load_tile(V, offs_n, offs_dv, Nk, DV, stride_vn, stride_vd, MASKED, BLOCK_DV != DV)
+    v = load_rows(V, b, hk, kb * BLOCK_N, offs_n, offs_dv, Nk, DV, stride_vn, stride_vd, MASKED, BLOCK_DV != DV, TMA)
     if EXACT:
         u = qk * unit
         keep = u >= thr[:, None]
@@ -605,7 +607,7 @@ def pruned_attn(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, MASKED: tl.constexpr,
     EXACT: tl.constexpr, FIXED: tl.constexpr, SPLIT: tl.constexpr, FALLBACK: tl.constexpr, STATS: tl.constexpr,
-    LSE_BOUND: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+    LSE_BOUND: tl.constexpr, CHUNK: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Pass 2: ``BLOCK_M`` rows of one (batch, head) over its share of the key blocks listed for
     their query block of ``LIST_M`` rows (split ``program_id(2)`` of ``num_programs(2)`` takes an
@@ -617,7 +619,9 @@ def pruned_attn(
     unnormalized Opart ``[S, B*H, Nq, DV]`` and Mpart, Lpart (and Lall, fast: the seen sum
     ``l_seen``, here the sum over every entry seen) ``[S, B*H, Nq]`` float32 for ``split_combine``.
     ``tau`` is the threshold itself (fast mode; the exact mode reads Thr).
-    ``STATS``: Kept (true kept mass, fast only) and Kcnt (kept entries) ``[S, B*H, Nq]``.
+    ``STATS``: Kept (true kept mass, fast only) and Kcnt (kept entries) ``[S, B*H, Nq]``. With ``TMA``,
+    K and V are tensor descriptors of the ``[B, Hkv, Nk, D]`` keys and ``[B, Hkv, Nk, DV]`` values
+    (``load_rows``).
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -627,8 +631,9 @@ def pruned_attn(
     h = bh % H
     hk = h // GROUPS
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if not TMA:
+        K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     qb = pid_m * BLOCK_M // LIST_M  # the query block of the tile lists (LIST_M rows, a multiple of BLOCK_M)
     Idx += (bh.to(tl.int64) * NQB + qb) * NKB
 
@@ -669,19 +674,19 @@ def pruned_attn(
         if lo < hi:
             acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
                 acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, tl.load(Idx + lo), thr, lse2, lse_lb, row_mask,
-                stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk, qk_scale,
+                stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale,
                 tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
                 D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, MASKED, CAUSAL, MASK_KIND, KPM_KIND,
-                EXACT, FIXED, False, True, SPLIT, STATS, PRECISION)
+                EXACT, FIXED, False, True, SPLIT, STATS, TMA, PRECISION)
             start = lo + 1
     for t in range(start, hi):
         kb = tl.load(Idx + t)
         acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
             acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, row_mask,
-            stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk, qk_scale, tau,
+            stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale, tau,
             Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
             D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, MASKED, CAUSAL, MASK_KIND, KPM_KIND,
-            EXACT, FIXED, False, False, SPLIT, STATS, PRECISION)
+            EXACT, FIXED, False, False, SPLIT, STATS, TMA, PRECISION)
 
     if FALLBACK:
         # Rows recomputed from scratch over every key block with the online softmax: those that kept
@@ -701,11 +706,11 @@ def pruned_attn(
             for kb in range(0, tl.cdiv(end, BLOCK_N)):
                 acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
                     acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, redo,
-                    stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, Nq, Nk,
+                    stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk,
                     qk_scale, tau,
                     Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
                     D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, MASK_KIND, KPM_KIND,
-                    EXACT, False, True, False, False, STATS, PRECISION)
+                    EXACT, False, True, False, False, STATS, TMA, PRECISION)
 
     srows = (split * tl.num_programs(1) + bh).to(tl.int64) * Nq + offs_m
     if SPLIT:

@@ -120,9 +120,9 @@ def vertical_sample(
     m, l, _ = _scores_blocks(
         tl.full([BLOCK_S], M_INIT, dtype=tl.float32), tl.zeros([BLOCK_S], dtype=tl.float32),
         tl.zeros([BLOCK_S], dtype=tl.int32), q, K, BlockMax + bh.to(tl.int64) * NKB * BLOCK_S,
-        stride_kn, stride_kd, rows, offs_d, kb_lo, kb_hi, b, h, Nq, Nk, qk_scale,
+        stride_kn, stride_kd, rows, offs_d, kb_lo, kb_hi, b, h, hk, Nq, Nk, qk_scale,
         Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
-        D, BLOCK_N, BLOCK_D, True, CAUSAL, MASK_KIND, KPM_KIND, False, "rows", PRECISION)
+        D, BLOCK_N, BLOCK_D, True, CAUSAL, MASK_KIND, KPM_KIND, False, "rows", False, PRECISION)
 
     part = (split * tl.num_programs(0) + bh).to(tl.int64) * BLOCK_S + offs_s
     tl.store(Mpart + part, m)

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from entropy_attn import entropy_attention
 from entropy_attn._inputs import check_inputs
-from entropy_attn._launch import _mask_args, interpreting
+from entropy_attn._launch import TMA_ENABLED, _mask_args, interpreting
 from entropy_attn.kernels.pruned import POOL_ROWS, pooled_queries
 from entropy_attn.pruned import _config, pruned_attention, pruned_triton, reference_pruned
 
@@ -482,8 +482,10 @@ def test_launch_plan_replays_the_call(monkeypatch, mode, case):
 
     monkeypatch.setattr(pr, "VERT_MIN_NQ", 16)  # the vertical sample's kernels too (fast prefill)
     monkeypatch.setattr(pr, "VERT_SAMPLES", 8)
-    # decoding: grouped-query heads packed, split key range and the split combine
-    B, H, Hkv, Nq, Nk = {"prefill": (1, 2, 2, 70, 96), "masked": (2, 2, 1, 45, 61), "decoding": (2, 4, 2, 1, 200)}[case]
+    # decoding: grouped-query heads packed, split key range and the split combine. Prefill on the GPU:
+    # enough programs for an unsplit key range, whose exact-mode launches take tensor descriptors.
+    prefill = (2, 80, 80, 70, 96) if DEV == "cuda" else (1, 2, 2, 70, 96)
+    B, H, Hkv, Nq, Nk = {"prefill": prefill, "masked": (2, 2, 1, 45, 61), "decoding": (2, 4, 2, 1, 200)}[case]
 
     def call(seed, q_storage_offset=0):
         q, k, v = clustered(B, H, Hkv, Nq, Nk, 16, seed=seed)
@@ -503,6 +505,9 @@ def test_launch_plan_replays_the_call(monkeypatch, mode, case):
     (plan,) = plans()
     # On the direct launch path (CUDA, Triton 3.6) every launch replays its recorded binary.
     assert all(step.bound is not None for step in plan.launches) == _fastlaunch.direct_enabled()
+    if case == "prefill" and mode == "exact":  # the copy engine's tensor descriptors, rebuilt on replay
+        descriptors = any(layout is not None for step in plan.launches for _, _, layout in step.slots)
+        assert descriptors == (TMA_ENABLED and (interpreting() or torch.cuda.get_device_capability()[0] >= 9))
     replayed = call(2)
     misaligned = [call(2, q_storage_offset=1) for _ in range(3)]  # a 4-byte aligned q: seen, recorded, replayed
     assert len(plans()) == 2
@@ -521,6 +526,79 @@ def test_launch_plan_replays_the_call(monkeypatch, mode, case):
     del q, k, v
     gc.collect()
     assert all(r() is None for r in alive)
+
+
+@triton_ok
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("case", ["masked", "decoding"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_copy_engine_loads_match_plain_loads(monkeypatch, mode, case, dtype):
+    """The exact mode's kernels (and the first pass that the fast mode's stats run) load K and V
+    through tensor descriptors where the copy engine (TMA) can (Hopper or newer; the interpreter
+    emulates it) and the key range is not split. Its zero fill outside the tensor must stand in for
+    the plain loads' bounds masks: the same output and stats as with plain loads (bitwise in the
+    interpreter), on ragged N and D (D = 40: 64 columns per tile) and masks; split programs keep
+    plain loads."""
+    import entropy_attn._launch as launch_mod
+    import entropy_attn.pruned as pr
+
+    taken = []  # per launch of pass 1 and the sweep, in order: loads through the copy engine?
+    kv_operands = pr._kv_operands
+
+    def spy(*args):
+        ops, tma = kv_operands(*args)
+        taken.append(tma)
+        return ops, tma
+
+    monkeypatch.setattr(pr, "_kv_operands", spy)
+    B, H, Hkv, Nq, Nk = {"masked": (2, 2, 1, 45, 61), "decoding": (2, 4, 2, 1, 200)}[case]
+    q, k, v = clustered(B, H, Hkv, Nq, Nk, 40, dtype=dtype, seed=5)
+    kw = {}
+    if case == "masked":
+        kw = dict(causal=True, key_padding_mask=(torch.rand(B, Nk, generator=torch.Generator().manual_seed(5)) < 0.2).to(DEV))
+    inp = check_inputs(q.to(DEV), k.to(DEV), v.to(DEV), **kw)
+    capable = interpreting() or torch.cuda.get_device_capability()[0] >= 9
+    for splits in (1, 4):
+        results = []
+        for enabled in (True, False):
+            monkeypatch.setattr(launch_mod, "TMA_ENABLED", enabled)
+            taken.clear()
+            results.append(pruned_triton(inp, 0.01, mode, stats=True, splits=splits))
+            whole = enabled and capable and splits == 1
+            assert taken == [whole, whole and mode == "exact"]
+        (out, st), (plain, st_plain) = results
+        assert not torch.isnan(out).any()
+        if interpreting():
+            assert torch.equal(out, plain)
+            assert all(torch.equal(val, st_plain[name]) for name, val in st.items())
+        else:
+            torch.testing.assert_close(out, plain, atol=TOL[dtype], rtol=0)
+            for name, val in st.items():
+                torch.testing.assert_close(val, st_plain[name], atol=1e-3, rtol=0)
+
+
+def test_copy_engine_operands_only_where_loadable(monkeypatch):
+    """``tma_operands`` builds tensor descriptors only when every operand's base and strides are
+    16-byte aligned, its last stride is 1 and the blocks fit the copy engine; otherwise the kernels
+    get the tensors (plain loads)."""
+    import entropy_attn._launch as launch_mod
+    from entropy_attn._launch import tma_operands
+
+    monkeypatch.setattr(launch_mod, "_has_tma", lambda device: True)
+    k = torch.zeros(2, 3, 50, 40, dtype=torch.float16)
+    v = torch.zeros(2, 3, 50, 64, dtype=torch.float16)
+    (kd, vd), tma = tma_operands(64, (k, 64), (v, 64))
+    assert tma and (kd.base, vd.base) == (k, v)
+    assert (list(kd.shape), list(kd.strides), list(kd.block_shape)) == ([2, 3, 50, 40], list(k.stride()), [1, 1, 64, 64])
+    shifted = torch.zeros(k.numel() + 8, dtype=torch.float16)[1:k.numel() + 1].view_as(k)  # 2-byte aligned base
+    for bad, cols in [(torch.zeros(2, 3, 50, 36, dtype=torch.float16), 64),  # rows of 72 bytes
+                      (shifted, 64),
+                      (k.transpose(-1, -2), 64),  # last stride not 1
+                      (torch.zeros(2, 3, 50, 512, dtype=torch.float16), 512)]:  # block wider than 256
+        ops, tma = tma_operands(64, (bad, cols), (v, 64))
+        assert not tma and ops[0] is bad and ops[1] is v
+    monkeypatch.setattr(launch_mod, "TMA_ENABLED", False)
+    assert tma_operands(64, (k, 64), (v, 64)) == ([k, v], False)
 
 
 def stripes(B, H, N, D, n_hot, *, block=16, seed=0, strength=None):
