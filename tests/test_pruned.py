@@ -551,7 +551,8 @@ def test_copy_engine_loads_match_plain_loads(monkeypatch, mode, case, dtype):
         return ops, tma
 
     monkeypatch.setattr(pr, "_kv_operands", spy)
-    B, H, Hkv, Nq, Nk = {"masked": (2, 2, 1, 45, 61), "decoding": (2, 4, 2, 1, 200)}[case]
+    # Nk: at least 4 key blocks on the GPU too, so that 4 splits are 4 (no split is left empty)
+    B, H, Hkv, Nq, Nk = {"masked": (2, 2, 1, 45, 261), "decoding": (2, 4, 2, 1, 200)}[case]
     q, k, v = clustered(B, H, Hkv, Nq, Nk, 40, dtype=dtype, seed=5)
     kw = {}
     if case == "masked":
