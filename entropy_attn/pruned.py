@@ -590,7 +590,7 @@ def pruned_attention(
             returns NaN and never empties a row that has an unmasked key. It pays off for long
             prefill on attention with block structure (sinks, vertical stripes, clustered keys;
             measured on an H200, bf16, D = 128, against the dense kernel at tile sparsity 0.9 /
-            0.95: 7.9x / 12.5x at N = 32k, 8.7x / 15.9x at 64k; at 8k-16k the host's work per
+            0.95: 7.7-7.9x / 12.1-12.5x at N = 32k, 8.5-8.7x / 15.1-15.9x at 64k (two machines); at 8k-16k the host's work per
             call (0.15-0.25 ms) bounds it (3.8x-8.7x called directly), unless it is replayed
             from a CUDA graph (4.7x-10.1x); max |fast - exact| 0.05 - 0.1 on sink-key inputs). On the attention of the example
             LMs (8k tokens) its prediction misses tiles (relative error 2-8 %) or visits nearly all
