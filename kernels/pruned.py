@@ -17,6 +17,9 @@ Exact mode, three launches:
    of the list combine by plain sums.
 
 Split programs (few queries) add a fourth launch, ``split_combine``, which folds their partials.
+The exact mode's launches over whole key ranges (no split) get K and V as tensor descriptors where
+the copy engine (TMA) can load them, and load their tiles with it (``TMA``, ``load_rows``; the fast
+sweep measured slower with it).
 
 Fast mode, two launches after the kernels of ``pruned_pool.py`` (pooled keys, each key block's
 outlier key, and for long query sequences the sampled vertical estimate):
