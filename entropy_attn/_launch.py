@@ -15,7 +15,9 @@ import torch
 from ._fastlaunch import interpreting, launch
 from ._inputs import AttentionInputs
 
-try:  # Triton >= 3.4
+import triton
+
+try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton: plain loads only
     TensorDescriptor = None
@@ -24,9 +26,15 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 MAX_VALUE_DIM = 512
 LOG2E = 1.4426950408889634
-#: ``ENTROPY_ATTN_TMA=0``: kernels that can load key and value tiles through tensor descriptors
-#: (Hopper's copy engine, TMA) use plain loads instead.
-TMA_ENABLED = os.environ.get("ENTROPY_ATTN_TMA", "1") != "0" and TensorDescriptor is not None
+#: Kernels that can load key and value tiles through tensor descriptors (Hopper's copy engine, TMA)
+#: do so with Triton >= 3.6 (checked: 3.6 on the GPU, 3.8 in the interpreter; 3.4's interpreter
+#: rejects strides that are not multiples of 16 elements); ``ENTROPY_ATTN_TMA=0`` makes them use
+#: plain loads.
+TMA_ENABLED = (
+    os.environ.get("ENTROPY_ATTN_TMA", "1") != "0"
+    and TensorDescriptor is not None
+    and tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)
+)
 #: The copy engine's largest block edge (elements).
 TMA_MAX_BOX = 256
 

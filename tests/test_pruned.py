@@ -13,7 +13,7 @@ import triton.language as tl
 
 from entropy_attn import entropy_attention
 from entropy_attn._inputs import check_inputs
-from entropy_attn._launch import TMA_ENABLED, _mask_args, interpreting
+from entropy_attn._launch import TMA_ENABLED, TensorDescriptor, _mask_args, interpreting
 from entropy_attn.kernels.pruned import POOL_ROWS, pooled_queries
 from entropy_attn.pruned import _config, pruned_attention, pruned_triton, reference_pruned
 
@@ -529,6 +529,7 @@ def test_launch_plan_replays_the_call(monkeypatch, mode, case):
 
 
 @triton_ok
+@pytest.mark.skipif(not TMA_ENABLED, reason="copy-engine loads are off (Triton < 3.6 or ENTROPY_ATTN_TMA=0)")
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 @pytest.mark.parametrize("case", ["masked", "decoding"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -578,6 +579,7 @@ def test_copy_engine_loads_match_plain_loads(monkeypatch, mode, case, dtype):
                 torch.testing.assert_close(val, st_plain[name], atol=1e-3, rtol=0)
 
 
+@pytest.mark.skipif(TensorDescriptor is None, reason="this Triton has no tensor descriptors")
 def test_copy_engine_operands_only_where_loadable(monkeypatch):
     """``tma_operands`` builds tensor descriptors only when every operand's base and strides are
     16-byte aligned, its last stride is 1 and the blocks fit the copy engine; otherwise the kernels
@@ -586,6 +588,7 @@ def test_copy_engine_operands_only_where_loadable(monkeypatch):
     from entropy_attn._launch import tma_operands
 
     monkeypatch.setattr(launch_mod, "_has_tma", lambda device: True)
+    monkeypatch.setattr(launch_mod, "TMA_ENABLED", True)
     k = torch.zeros(2, 3, 50, 40, dtype=torch.float16)
     v = torch.zeros(2, 3, 50, 64, dtype=torch.float16)
     (kd, vd), tma = tma_operands(64, (k, 64), (v, 64))
