@@ -11,7 +11,9 @@ Prefill at 8k and 16k (s >= 0.8) is also timed replayed from a CUDA graph, every
 at 8k-32k (s >= 0.8) called back to back, 131072 / N calls per synchronization (``stream``: each
 call's host work overlaps the kernels of the calls before it, as in a model's forward pass).
 Decoding: Nq = 1 and 16 queries against Nk = 32k and 128k keys (B = 4, 32 query heads, 8 kv heads),
-each called directly and replayed from a CUDA graph.
+each called directly and replayed from a CUDA graph; ``pruned_fast_summary`` is a decoding step of
+the fast mode with a ``KeySummary`` kept between steps: the summary's update for one new key (the
+last key block pooled again), then the call.
 
     pytest benchmarks/bench_pruned.py --benchmark-enable --benchmark-json=out.json   # ~3 min, H100
     pytest benchmarks/bench_pruned.py -m slow ...                                  # adds N = 64k
@@ -23,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from entropy_attn import entropy_attention
+from entropy_attn import KeySummary, entropy_attention
 from entropy_attn.flops import attention_flops
 from entropy_attn.pruned import pruned_attention
 
@@ -179,7 +181,7 @@ def test_prefill_stream(measure, impl, n, d, s):
 def decode_cases(nks):
     for nk in nks:
         for nq in (1, 16):
-            for impl in (*DENSE, "pruned_exact", "pruned_fast"):
+            for impl in (*DENSE, "pruned_exact", "pruned_fast", "pruned_fast_summary"):
                 for graph in (False, True):
                     yield impl, nq, nk, graph
 
@@ -210,6 +212,12 @@ def _decode(measure, impl, nq, nk, graph):
     q, k, v, tau = _INPUTS[key]
     labels = dict(group="pruned decoding (bf16, B=4, H=32, Hkv=8, D=128)", impl=impl, Nq=nq, Nk=nk, graph=graph)
     fn = impl_call(impl, q, k, v, tau, s, labels)
+    if impl == "pruned_fast_summary":  # the step: pool the newest key's block again, then the call
+        summary = KeySummary(k)
+
+        def fn():
+            summary.update(k, start=nk - 1)
+            return pruned_attention(q, k, v, tau=tau, mode="fast", key_summary=summary)
     try:
         with torch.no_grad():
             fn()

@@ -111,22 +111,26 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _kernel_mask(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.bool else t
+
+
+def _padding_args(kpm: torch.Tensor | None, placeholder: torch.Tensor):
+    """(padding tensor, 2 strides, kind) of a ``key_padding_mask`` for the kernels (``placeholder``
+    as the pointer where there is none)."""
+    if kpm is None:
+        return (placeholder, 0, 0, 0)
+    return (_kernel_mask(kpm), *kpm.stride(), 1 if kpm.dtype == torch.bool else 2)
+
+
 def _mask_args(inp: AttentionInputs):
     """(mask tensor, 4 strides, kind) and (padding tensor, 2 strides, kind) for the kernels."""
-    def as_kernel(t):
-        return t.view(torch.uint8) if t.dtype == torch.bool else t
-
-    mask, kpm = inp.attn_mask, inp.key_padding_mask
-    q = inp.q
+    mask = inp.attn_mask
     if mask is None:
-        mask_args = (q, 0, 0, 0, 0, 0)
+        mask_args = (inp.q, 0, 0, 0, 0, 0)
     else:
-        mask_args = (as_kernel(mask), *mask.stride(), 1 if mask.dtype == torch.bool else 2)
-    if kpm is None:
-        kpm_args = (q, 0, 0, 0)
-    else:
-        kpm_args = (as_kernel(kpm), *kpm.stride(), 1 if kpm.dtype == torch.bool else 2)
-    return mask_args, kpm_args
+        mask_args = (_kernel_mask(mask), *mask.stride(), 1 if mask.dtype == torch.bool else 2)
+    return mask_args, _padding_args(inp.key_padding_mask, inp.q)
 
 
 def _on_device(t: torch.Tensor):

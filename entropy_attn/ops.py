@@ -104,18 +104,22 @@ class AttentionFunction(torch.autograd.Function):
 def pruned_fwd(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
     causal: bool, scale: float, tau: float, mode: str, slack: float, stats: bool,
+    kp: Tensor | None = None, ko: Tensor | None = None, kbias: Tensor | None = None, kobias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(out [B, H, Nq, Dv] in q's dtype, stats)``: with ``stats``, float32 ``[3, H]``, the rows in
-    ``STAT_NAMES`` order; else an empty float32 ``[0]``. ``tau > 0``, checked inputs."""
+    ``STAT_NAMES`` order; else an empty float32 ``[0]``. ``tau > 0``, checked inputs. ``kp, ko,
+    kbias, kobias``: the fast mode's pooled keys (a ``KeySummary``'s), or None."""
     inp = _inputs(q, k, v, attn_mask, key_padding_mask, causal, scale)
+    pooled = None if kp is None else (kp, ko, kbias, kobias)
     if not stats:
-        return pruned_triton(inp, tau, mode, slack=slack), q.new_empty((0,), dtype=torch.float32)
-    out, st = pruned_triton(inp, tau, mode, stats=True, slack=slack)
+        return pruned_triton(inp, tau, mode, slack=slack, pooled=pooled), q.new_empty((0,), dtype=torch.float32)
+    out, st = pruned_triton(inp, tau, mode, stats=True, slack=slack, pooled=pooled)
     return out, torch.stack([st[name] for name in STAT_NAMES])
 
 
 @pruned_fwd.register_fake
-def _(q, k, v, attn_mask, key_padding_mask, causal, scale, tau, mode, slack, stats):
+def _(q, k, v, attn_mask, key_padding_mask, causal, scale, tau, mode, slack, stats, kp=None, ko=None, kbias=None,
+      kobias=None):
     B, H, Nq, _ = q.shape
     out = q.new_empty((B, H, Nq, v.shape[-1]))
     return out, q.new_empty((3, H) if stats else (0,), dtype=torch.float32)

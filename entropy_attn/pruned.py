@@ -35,6 +35,7 @@ from ._plan import PLAIN, Workspace, clear_plans, tensor_signature
 from ._launch import (LOG2E, _block, _Config, _input_precision, _mask_args, _on_device, _unit_stride, cdiv,
                       interpreting, next_pow2, tma_operands)
 from .functional import attention_with_lse, resolve_backend
+from .key_summary import KeySummary, _pool_keys
 from .reference import _CHUNK_ELEMENTS, dense_operands, masked_softmax
 
 MODES = ("exact", "fast")
@@ -299,35 +300,6 @@ def _select(tile_max, mpart, lpart, tau, cfg, nqb, nkb, Nq, ws: Workspace = PLAI
     return idx, count, nvalid, lse2, thr
 
 
-def _pool_keys(k, kpm_args, cfg, nkb, ws: Workspace = PLAIN):
-    """The fast predictor's pooled keys (kernel ``pool_keys``; the predictor pools the queries itself),
-    with the padding mask ``kpm_args`` (``_mask_args``' second):
-
-    - kp ``[B, Hkv, NKB, D]`` (k's dtype): per key block the mean key weighted by the padding mask
-      (weight 0 for a padded key, ``exp(mask)`` for a float mask, 1 without one).
-    - ko ``[B, Hkv, NKB, D]`` (k's dtype): per key block the outlier key, the unmasked key farthest
-      from kp (0 where the block has none).
-    - kbias ``[B or 1, NKB]`` float32 (one row without a padding mask): log2 of the block's total key
-      weight (-inf if 0); kobias, same shape: log2 of the outlier key's weight alone, 0 where the
-      block has an unmasked key, else -inf (all -inf with a float padding mask).
-    """
-    B, Hkv, Nk, D = k.shape
-    dev = k.device
-    kpm, *pstr, pkind = kpm_args
-    kp = ws.empty((B, Hkv, nkb, D), k.dtype, dev)
-    ko = ws.empty((B, Hkv, nkb, D), k.dtype, dev)
-    kbias = ws.empty((B if pkind else 1, nkb), torch.float32, dev)
-    kobias = ws.empty((B if pkind else 1, nkb), torch.float32, dev)
-    from .kernels.pruned_pool import pool_keys
-
-    ws.launch(pool_keys, (nkb, B * Hkv),
-        k, kp, ko, kbias, kobias, kpm, *k.stride(), *kp.stride(), *pstr, kbias.stride(0),
-        Hkv, Nk,
-        D=D, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), KPM_KIND=pkind, num_warps=4,
-    )
-    return kp, ko, kbias, kobias
-
-
 def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN):
     """``[B*H, NKB]`` float32: log2 of the largest softmax weight that ``VERT_SAMPLES`` query rows,
     evenly spaced (row ``round(r (Nq - 1) / (VERT_SAMPLES - 1))``), give to a key of each key block
@@ -363,8 +335,10 @@ def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN):
     return vert
 
 
-def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None = None, ws: Workspace = PLAIN):
-    """The fast mode's tile lists: the pooled keys (``_pool_keys``), the vertical estimate
+def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None = None, ws: Workspace = PLAIN,
+             pooled: tuple | None = None):
+    """The fast mode's tile lists: the pooled keys (``pooled``, a ``KeySummary``'s, or
+    ``_pool_keys``), the vertical estimate
     (``_vertical``) and the kernel ``pruned_predict`` on ``q [B, H, Nq, D]`` (unit stride), at the
     threshold ``log2_thr = log2 (tau * slack)``, with the masks ``masks = _mask_args(inp)``, ``chunk``
     key blocks per step (by default
@@ -373,7 +347,7 @@ def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None
     B, H, Nq, D = q.shape
     BH = B * H
     dev = q.device
-    kp, ko, kbias, kobias = _pool_keys(k, masks[1], cfg, nkb, ws)
+    kp, ko, kbias, kobias = pooled or _pool_keys(k, masks[1], cfg.block_n, nkb, ws)
     vert = _vertical(inp, q, k, cfg, nkb, masks, ws)
     idx = ws.empty((BH, nqb, nkb), torch.int32, dev)
     count = ws.empty((BH, nqb), torch.int32, dev)
@@ -422,9 +396,10 @@ def _packed_groups(inp: AttentionInputs) -> int:
 
 
 def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stats: bool = False,
-                  splits: int | None = None, slack: float = FAST_SLACK):
+                  splits: int | None = None, slack: float = FAST_SLACK, pooled: tuple | None = None):
     """The Triton path on checked inputs with ``tau > 0``. ``splits`` forces the number of
-    programs per query block (decoding); None picks it from the shapes.
+    programs per query block (decoding); None picks it from the shapes. ``pooled``: the fast mode's
+    pooled keys ``(kp, ko, kbias, kobias)`` (a ``KeySummary``'s), else pooled here.
 
     Without ``stats`` the call is recorded as a launch plan (``_plan.py``) on the second call with
     its signature and replayed on later ones, which skips most of its host time."""
@@ -434,7 +409,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
         inp = replace(inp, q=inp.q.reshape(B, H // pack, pack * Nq_in, inp.q.shape[3]), causal=False)
     q, k, v = (_unit_stride(t) for t in (inp.q, inp.k, inp.v))
     mask_args, kpm_args = _mask_args(inp)
-    inputs = (q, k, v, mask_args[0], kpm_args[0])
+    inputs = (q, k, v, mask_args[0], kpm_args[0], *(pooled or ()))
     signature = None
     if not stats:
         signature = (mode, tau, slack, splits, inp.causal, inp.scale, _input_precision(q.dtype), q.device,
@@ -445,14 +420,14 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
         if plan is not None:
             return plan.run(inputs, q.device).view(shape)
         ws = Workspace(inputs) if record else PLAIN
-        out, st = _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits, slack, pack, ws)
+        out, st = _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits, slack, pack, pooled, ws)
     if record:
         _plan.store(signature, ws.plan(out))
     out = out.view(shape)
     return (out, st) if stats else out
 
 
-def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits, slack, pack, ws: Workspace):
+def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits, slack, pack, pooled, ws: Workspace):
     """``pruned_triton``'s allocations and launches, through ``ws``, on the prepared inputs (q packed
     for grouped-query decoding, unit last strides). Returns ``(out [B, Hq, Nq, Dv] or [B*Hq, Nq, Dv],
     stats dict or None)``."""
@@ -474,7 +449,8 @@ def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits
             inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_args, ws)
         idx, count, nvalid, lse2, thr = _select(tile_max, mpart1, lpart1, tau, cfg, nqb, nkb, Nq, ws)
     if not exact:
-        idx, count, (kp, ko, kbias, kobias) = _predict(inp, q, k, cfg, nqb, nkb, math.log2(tau * slack), (mask_args, kpm_args), ws=ws)
+        idx, count, (kp, ko, kbias, kobias) = _predict(inp, q, k, cfg, nqb, nkb, math.log2(tau * slack),
+                                                       (mask_args, kpm_args), ws=ws, pooled=pooled)
     # Splitting the fast mode needs every row covered by the predictor (no in-kernel fallback).
     can_split = exact or (inp.attn_mask is None and not (inp.causal and inp.key_padding_mask is not None))
     if splits is None:
@@ -559,6 +535,7 @@ def pruned_attention(
     return_stats: bool = False,
     backend: str = "auto",
     fast_slack: float = FAST_SLACK,
+    key_summary: KeySummary | None = None,
 ):
     """Attention with every weight below ``tau`` pruned and each row renormalized over what is kept
     (shared MATH.md section 5): ``A_ij = P_ij [P_ij >= tau] / sum_l P_il [P_il >= tau]``, where each
@@ -596,7 +573,8 @@ def pruned_attention(
             LMs (8k tokens) its prediction misses tiles (relative error 2-8 %) or visits nearly all
             of them, and it is at most 1.5x faster than dense (benchmarks/RESULTS.md): check its
             error on your model (``return_stats``, or against ``'exact'``) before serving with it. For decoding
-            (Nq <= 16) it re-pools the whole key cache on every call: prefer ``'exact'`` there.
+            (Nq <= 16) pass a ``key_summary``: without one it re-pools the whole key cache on every
+            call and is slower than ``'exact'``.
             Rows whose weights are all near tau (diffuse rows) are its weak case: it may keep
             entries that the exact mode prunes.
             The reference backend evaluates the exact definition in both modes.
@@ -604,6 +582,10 @@ def pruned_attention(
         backend: ``'triton'``, ``'reference'`` or ``'auto'`` (Triton for CUDA inputs), as in
             ``entropy_attention``.
         fast_slack: the predictor's safety factor (mode='fast' only): smaller visits more tiles.
+        key_summary: mode='fast' only: the pooled keys of ``k`` (``entropy_attn.KeySummary``), kept
+            between calls (decoding: ``update`` it after each write to the key cache), so that the
+            call does not pool the keys itself. It must match ``k`` and ``key_padding_mask`` and be
+            up to date (``ValueError`` otherwise). The output is the same as without it.
 
     Returns:
         ``out`` ``[B, H, Nq, Dv]`` in q's dtype (rows with no unmasked key are 0), or
@@ -634,6 +616,13 @@ def pruned_attention(
         raise ValueError(f"fast_slack must be a positive finite number, got {fast_slack}")
     path = resolve_backend(backend, inp)
     H = q.shape[1]
+    pooled = None
+    if key_summary is not None:
+        if mode != "fast":
+            raise ValueError(f"key_summary is used by mode='fast' only, got mode={mode!r}")
+        if not isinstance(key_summary, KeySummary):
+            raise TypeError(f"key_summary must be an entropy_attn.KeySummary, got {type(key_summary).__name__}")
+        pooled = key_summary.pooled(inp.k, inp.key_padding_mask, v.shape[3])
     with torch.no_grad():
         if tau == 0.0:
             out, _, _ = attention_with_lse(inp, entropy=False, backend=path)
@@ -641,10 +630,10 @@ def pruned_attention(
         if path == "reference":
             return reference_pruned(inp, tau, stats=return_stats)
         if not torch.compiler.is_compiling():  # eager: the kernels directly, without the op's dispatch
-            return pruned_triton(inp, tau, mode, stats=return_stats, slack=fast_slack)
+            return pruned_triton(inp, tau, mode, stats=return_stats, slack=fast_slack, pooled=pooled)
         out, st = torch.ops.entropy_attn.pruned_fwd(q, k, v, inp.attn_mask, inp.key_padding_mask, inp.causal,
-                                                    inp.scale, tau, mode, fast_slack, return_stats)
+                                                    inp.scale, tau, mode, fast_slack, return_stats, *(pooled or ()))
     return (out, dict(zip(STAT_NAMES, st.unbind(0)))) if return_stats else out
 
 
-__all__ = ["pruned_attention", "reference_pruned", "pruned_triton", "clear_plans", "STAT_NAMES"]
+__all__ = ["pruned_attention", "KeySummary", "reference_pruned", "pruned_triton", "clear_plans", "STAT_NAMES"]

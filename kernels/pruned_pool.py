@@ -25,10 +25,11 @@ def pool_keys(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_pb, stride_pn, stride_bb,
-    HKV, Nk,
+    HKV, Nk, KB0,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KPM_KIND: tl.constexpr,
 ):
-    """Summary of key block ``kb`` of one (batch, kv head).
+    """Summary of key block ``kb = KB0 + program_id(0)`` of one (batch, kv head) (``KB0 > 0``
+    re-pools the blocks of a grown key cache from there on).
 
     With ``w_j`` the weight of key j (1; 0 for a key padded by a boolean ``Kpm`` ``[B, Nk]`` or past
     Nk; ``exp(Kpm[b, j])`` for a float ``Kpm``):
@@ -42,7 +43,7 @@ def pool_keys(
       of the outlier key alone: 0 where the block has a key with ``w_j > 0``, else -inf (always -inf
       for a float Kpm, whose weights differ per key).
     """
-    kb = tl.program_id(0)
+    kb = KB0 + tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
     hk = bh % HKV

@@ -7,6 +7,7 @@
 #          after a CUDA smoke run of both scripts) | all
 # $OUT gets logs.tgz (every log and JSON) and one markdown table per benchmark.
 # STAGE_TIMEOUT (seconds, default 1800) bounds each stage; benchmarks marked `slow` run only with SLOW=1;
+# BENCH_K=EXPR runs only the benchmarks pytest's -k EXPR selects;
 # STUDY_BUDGET_S overrides the study preset's total training seconds.
 set -uo pipefail
 OUT=${OUT:-/tmp/entropy_attn_out}
@@ -42,7 +43,7 @@ for stage in "${STAGES[@]}"; do
       name=${stage#bench:}
       file=benchmarks/bench_${name}.py
       [ -f "$file" ] || { summary+=("$stage: no $file"); continue; }
-      timeout "${STAGE_TIMEOUT:-1800}" python3 -m pytest "$file" -q -p no:cacheprovider -m "${SLOW:+slow or }not slow" --benchmark-enable --benchmark-json="$LOGS/bench_${name}.json" \
+      timeout "${STAGE_TIMEOUT:-1800}" python3 -m pytest "$file" -q -p no:cacheprovider -m "${SLOW:+slow or }not slow" ${BENCH_K:+-k "$BENCH_K"} --benchmark-enable --benchmark-json="$LOGS/bench_${name}.json" \
         >"$LOGS/bench_${name}.log" 2>&1
       rc=$?; status=$((status | rc))
       python3 benchmarks/report.py "$LOGS/bench_${name}.json" --markdown >"$OUT/bench_${name}.md" 2>>"$LOGS/bench_${name}.log"

@@ -3,7 +3,7 @@ torch.library.opcheck validates their schema, fake tensor and autograd registrat
 import pytest
 import torch
 
-from entropy_attn import EntropyAttention, entropy_attention, pruned_attention
+from entropy_attn import EntropyAttention, KeySummary, entropy_attention, pruned_attention
 from oracle import rel_err
 
 
@@ -66,6 +66,25 @@ def test_pruned_compile_fullgraph_matches_eager(device, mode):
     assert stats.keys() == eager_stats.keys()
     for name, val in stats.items():
         assert val.shape == (4,) and torch.equal(val, eager_stats[name]), name
+
+
+def test_pruned_compile_with_key_summary(device):
+    """The fast mode with a ``KeySummary`` (decoding: one query against a padded cache) compiles
+    with ``fullgraph=True``; its pooled keys go to the op as tensors."""
+    q, k, v, kpm = _pruned_inputs(device)
+    q = q[:, :, :1]
+    summary = KeySummary(k, kpm)
+
+    def fn(q, k, v):
+        return pruned_attention(q, k, v, tau=0.05, key_padding_mask=kpm, mode="fast", key_summary=summary,
+                                backend="triton")
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
+    assert torch.equal(out, fn(q, k, v))
+    assert torch.equal(out, pruned_attention(q, k, v, tau=0.05, key_padding_mask=kpm, mode="fast", backend="triton"))
+    torch.library.opcheck(torch.ops.entropy_attn.pruned_fwd.default,
+                          (q, k, v, None, kpm, False, 0.25, 0.05, "fast", 1.0, False, *summary.pooled(k, kpm, 16)))
 
 
 def test_entropy_attention_eval_pruned_compiles(device):

@@ -817,7 +817,7 @@ def test_pooled_keys_match_definition(dtype, tiles, kpm_kind):
     """Pooled keys weighted by the padding mask (a ragged last block, a fully padded block), the
     block biases and the outlier keys, GQA."""
     from entropy_attn._launch import _Config
-    from entropy_attn.pruned import _pool_keys
+    from entropy_attn.key_summary import _pool_keys
 
     cfg = _config(64, 24, 24) if tiles == "kernel" else _Config(*tiles, 4, 1)
     bn = cfg.block_n
@@ -826,7 +826,7 @@ def test_pooled_keys_match_definition(dtype, tiles, kpm_kind):
     q, k, _ = random_qkv(B, H, Hkv, 8, Nk, D, dtype, seed=31)
     kpm = padding_mask(kpm_kind, B, Nk, bn, seed=32)
     inp = check_inputs(q.to(DEV), k.to(DEV), k.to(DEV), key_padding_mask=None if kpm is None else kpm.to(DEV))
-    kp, ko, kbias, kobias = (t.cpu() for t in _pool_keys(inp.k, _mask_args(inp)[1], cfg, nkb))
+    kp, ko, kbias, kobias = (t.cpu() for t in _pool_keys(inp.k, _mask_args(inp)[1], cfg.block_n, nkb))
     kp_ref, kbias_ref, kobias_ref, w = pooled_keys_definition(k, kpm, bn)
 
     assert kp.shape == ko.shape == (B, Hkv, nkb, D) and kp.dtype == ko.dtype == dtype
