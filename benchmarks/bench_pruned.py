@@ -133,6 +133,13 @@ def impl_call(impl, q, k, v, tau, s, labels):
         return lambda: DENSE[impl](q, k, v)
     mode = impl.split("_")[1]
     labels.update(s_target=s, **sparse_labels(q, k, v, tau))
+    if impl == "pruned_fast_summary":  # a decoding step: the newest key's block pooled again, then the call
+        summary = KeySummary(k)
+
+        def step():
+            summary.update(k, start=k.shape[2] - 1)
+            return pruned_attention(q, k, v, tau=tau, mode=mode, key_summary=summary)
+        return step
     return lambda: pruned_attention(q, k, v, tau=tau, mode=mode)
 
 
@@ -212,12 +219,6 @@ def _decode(measure, impl, nq, nk, graph):
     q, k, v, tau = _INPUTS[key]
     labels = dict(group="pruned decoding (bf16, B=4, H=32, Hkv=8, D=128)", impl=impl, Nq=nq, Nk=nk, graph=graph)
     fn = impl_call(impl, q, k, v, tau, s, labels)
-    if impl == "pruned_fast_summary":  # the step: pool the newest key's block again, then the call
-        summary = KeySummary(k)
-
-        def fn():
-            summary.update(k, start=nk - 1)
-            return pruned_attention(q, k, v, tau=tau, mode="fast", key_summary=summary)
     try:
         with torch.no_grad():
             fn()
