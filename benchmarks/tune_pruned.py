@@ -94,12 +94,48 @@ def copy_engine():
     _launch.TMA_ENABLED = enabled
 
 
+def bound_chunk():
+    """The fast mode's time per call, replayed from a CUDA graph (its kernels only), with 16, 32 or
+    64 listed key blocks per step of the sweep's pooled lse bound (``_bound_chunk``), alternating,
+    the better of two rounds."""
+    chunks = (16, 32, 64)
+    print("| fast mode, CUDA graph | " + " | ".join(f"{c} blocks ms" for c in chunks) + " |\n|---" * (len(chunks) + 1) + "|")
+    for n, d, s in [(8192, 128, 0.95), (8192, 64, 0.8), (8192, 128, 0.8), (16384, 128, 0.9), (16384, 64, 0.8),
+                    (32768, 128, 0.9), (32768, 64, 0.9), (65536, 128, 0.95), (65536, 64, 0.9)]:
+        q, k, v, tau = stripes(1, 2048 // d, 2048 // d, n, n, d, s)
+        best = {}
+        with torch.no_grad():
+            for _ in range(2):
+                for c in chunks:
+                    pruned._bound_chunk = lambda c=c: c
+                    pruned.clear_plans()
+                    graph = graphed(lambda: pruned.pruned_attention(q, k, v, tau=tau, mode="fast"))
+                    best[c] = min(best.get(c, float("inf")), time_ms(graph.replay))
+        print(f"| N={n} D={d} s={s} | " + " | ".join(f"{best[c]:.3f}" for c in chunks) + " |", flush=True)
+
+
+def graphed(fn) -> torch.cuda.CUDAGraph:
+    """``fn`` captured in a CUDA graph after warm-up calls on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--predict", action="store_true", help="sweep the predictor's programs")
     parser.add_argument("--copy-engine", action="store_true", help="time the exact mode with and without the copy engine")
+    parser.add_argument("--bound-chunk", action="store_true", help="time the fast sweep's lse bound steps")
     args = parser.parse_args()
-    (sweep_predictor if args.predict else copy_engine if args.copy_engine else sweep_programs)()
+    (sweep_predictor if args.predict else copy_engine if args.copy_engine else bound_chunk if args.bound_chunk
+     else sweep_programs)()
 
 
 if __name__ == "__main__":

@@ -72,6 +72,11 @@ def _chunk() -> int:
     return 16 if interpreting() else 64
 
 
+def _bound_chunk() -> int:
+    """Listed key blocks per step of the fast sweep's pooled lse bound (``_pooled_lse_bound``)."""
+    return _chunk()
+
+
 def _sweep_config(cfg: _Config, d: int, dv: int) -> _Config:
     """Rows, warps and stages of the ``pruned_attn`` programs: its key tiles are ``cfg``'s and its rows
     divide ``cfg.block_m``, the query blocks of the tile lists. 128-row blocks at D = 128 are swept by
@@ -440,7 +445,7 @@ def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits
     nqb, nkb = cdiv(Nq, cfg.block_m), cdiv(Nk, cfg.block_n)
     (mask, *mstr, mkind), (kpm, *pstr, pkind) = mask_args, kpm_args
     exact = mode == "exact"
-    chunk = _chunk()
+    chunk = _bound_chunk()
     from .kernels.pruned import pruned_attn
 
     lse2 = thr = None
