@@ -99,7 +99,8 @@ def bound_chunk():
     64 listed key blocks per step of the sweep's pooled lse bound (``_bound_chunk``), alternating,
     the better of two rounds."""
     chunks = (16, 32, 64)
-    print("| fast mode, CUDA graph | " + " | ".join(f"{c} blocks ms" for c in chunks) + " |\n|---" * (len(chunks) + 1) + "|")
+    print("| fast mode, CUDA graph | " + " | ".join(f"{c} blocks ms" for c in chunks) + " |")
+    print("|---" * (len(chunks) + 1) + "|")
     for n, d, s in [(8192, 128, 0.95), (8192, 64, 0.8), (8192, 128, 0.8), (16384, 128, 0.9), (16384, 64, 0.8),
                     (32768, 128, 0.9), (32768, 64, 0.9), (65536, 128, 0.95), (65536, 64, 0.9)]:
         q, k, v, tau = stripes(1, 2048 // d, 2048 // d, n, n, d, s)
