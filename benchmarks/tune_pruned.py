@@ -108,7 +108,7 @@ def bound_chunk():
         with torch.no_grad():
             for _ in range(2):
                 for c in chunks:
-                    pruned._bound_chunk = lambda c=c: c
+                    pruned._bound_chunk = lambda nkb, c=c: c
                     pruned.clear_plans()
                     graph = graphed(lambda: pruned.pruned_attention(q, k, v, tau=tau, mode="fast"))
                     best[c] = min(best.get(c, float("inf")), time_ms(graph.replay))

@@ -359,7 +359,10 @@ def pruned_predict(
     over the block's pooled rows, against each row's running lse after the key chunk c of j, and
     ``LseRun`` = ``lse_r^(c)``. The listing then tests ``Share - min_r (lse_r - lse_r^(c)) >= log2_thr``
     without recomputing an estimate: every tile that passes the share test for some pooled row passes
-    it (a superset; the same tiles where the rows' lse grow alike after chunk c).
+    it (a superset; the same tiles where the rows' lse grow alike after chunk c). Each pooled row's
+    best block gets Share = +inf between the two loops, so the listing's one test lists it too
+    (against testing every block against the 16 rows' best blocks in the listing: 0.6-1.3 % faster
+    fast calls at 8k-64k on the H200, one case -2 %).
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -407,6 +410,11 @@ def pruned_predict(
     # The listing reads Share and LseRun in other threads' layout: make the sweep's stores visible.
     tl.debug_barrier()
     live = l > 0.0
+    # The best block of every pooled row is listed: its share becomes +inf (after the sweep's stores,
+    # before the listing's loads).
+    qb_r = offs_r // POOL_ROWS
+    tl.store(Share + (bh.to(tl.int64) * NQB + qb_r) * NKB + best, float("inf"), mask=live & (qb_r < NQB))
+    tl.debug_barrier()
     lse = tl.where(live, m + tl.log2(tl.where(live, l, 1.0)), float("inf"))
     # Each query block's first tile: the best block of its most concentrated pooled row.
     conc = tl.reshape(tl.where(live, m - lse, float("-inf")), (QB, POOL_ROWS))
@@ -417,8 +425,8 @@ def pruned_predict(
     tl.store(Idx + base, first, mask=qb_ok & (first >= 0))
     n = (first >= 0).to(tl.int32)
     # The listing: visit a tile if its share, less the smallest growth of a pooled row's lse after its
-    # chunk (rows that had seen no block then do not count), is >= tau * slack, or it is the best
-    # block of one of the query block's pooled rows.
+    # chunk (rows that had seen no block then do not count), is >= tau * slack (+inf: the best block
+    # of one of the query block's pooled rows).
     for c in range(0, NKB, CHUNK):
         kb = c + tl.arange(0, CHUNK)
         lse_c = tl.load(lse_run + (c // CHUNK) * n_pooled, mask=offs_r < n_pooled, other=float("inf"))
@@ -426,9 +434,7 @@ def pruned_predict(
         growth_min = tl.min(tl.reshape(growth, (QB, POOL_ROWS)), 1)
         share = tl.load(Share + base[:, None] + kb[None, :], mask=qb_ok[:, None] & (kb[None, :] < NKB),
                         other=float("-inf"))
-        is_best = tl.max(tl.reshape(((kb[None, :] == best[:, None]) & live[:, None]).to(tl.int32),
-                                    (QB, POOL_ROWS, CHUNK)), 1) > 0
-        keep = ((share - growth_min[:, None] >= log2_thr) | is_best) & (kb[None, :] < NKB)
+        keep = (share - growth_min[:, None] >= log2_thr) & (kb[None, :] < NKB)
         keep = keep & (kb[None, :] != first[:, None])
         if VERT:
             vert = tl.load(Vert + bh.to(tl.int64) * NKB + kb, mask=kb < NKB, other=float("-inf"))
