@@ -16,7 +16,9 @@
 Few queries (decoding, ``Nq <= 16``) split the key range (pass 1) or the tile list (pass 2) over
 several programs, flash-decoding style; a kernel (``split_combine``) combines the partials. With
 grouped-query attention the query heads of a kv head run as the rows of one tile
-(``_packed_groups``), so the key cache is read once per kv head, not once per query head.
+(``_packed_groups``), so the key cache is read once per kv head, not once per query head. The fast
+mode's pooled keys can be kept between decoding calls (``key_summary.KeySummary``), so that a call
+does not pool the whole key cache again.
 
 The PyTorch reference (``reference_pruned``) materializes the scores chunk by chunk over the queries,
 runs on any device and in float64, and is the ground truth of the tests.
