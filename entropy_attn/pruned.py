@@ -579,15 +579,16 @@ def pruned_attention(
             mass of tiles it does not visit and may keep entries the exact mode prunes; it never
             returns NaN and never empties a row that has an unmasked key. It pays off for long
             prefill on attention with block structure (sinks, vertical stripes, clustered keys;
-            measured on an H200, bf16, D = 128, against the dense kernel at tile sparsity 0.9 /
-            0.95: 7.7-7.9x / 12.1-12.5x at N = 32k, 8.5-8.7x / 15.1-15.9x at 64k (two machines); at 8k-16k the host's work per
-            call (0.15-0.25 ms) bounds it (3.8x-8.7x called directly), unless it is replayed
-            from a CUDA graph (4.7x-10.1x); max |fast - exact| 0.05 - 0.1 on sink-key inputs). On the attention of the example
+            measured on H200s, bf16, D = 128, against the dense kernel at tile sparsity 0.9 /
+            0.95: 7.6-8.0x / 11.9-12.9x at N = 32k, 8.5-8.8x / 15.1-15.9x at 64k (several
+            machines); at 8k-16k the host's work per call (0.15-0.45 ms, by machine) bounds it
+            (3.2x-8.8x called directly), unless it is replayed from a CUDA graph (4.7x-10.5x);
+            max |fast - exact| 0.05 - 0.1 on sink-key inputs). On the attention of the example
             LMs (8k tokens) its prediction misses tiles (relative error 2-8 %) or visits nearly all
             of them, and it is at most 1.5x faster than dense (benchmarks/RESULTS.md): check its
             error on your model (``return_stats``, or against ``'exact'``) before serving with it. For decoding
-            (Nq <= 16) pass a ``key_summary``: without one it re-pools the whole key cache on every
-            call and is slower than ``'exact'``.
+            (Nq <= 16) pass a ``key_summary``: without one it pools the whole key cache on every
+            call and is slower than ``'exact'`` with one query.
             Rows whose weights are all near tau (diffuse rows) are its weak case: it may keep
             entries that the exact mode prunes.
             The reference backend evaluates the exact definition in both modes.
