@@ -16,7 +16,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pruned import stripes  # noqa: E402
+from bench_pruned import cuda_graph, stripes  # noqa: E402
 
 from entropy_attn import _launch, entropy_attention, pruned  # noqa: E402
 
@@ -110,23 +110,9 @@ def bound_chunk():
                 for c in chunks:
                     pruned._bound_chunk = lambda nkb, c=c: c
                     pruned.clear_plans()
-                    graph = graphed(lambda: pruned.pruned_attention(q, k, v, tau=tau, mode="fast"))
-                    best[c] = min(best.get(c, float("inf")), time_ms(graph.replay))
+                    replay = cuda_graph(lambda: pruned.pruned_attention(q, k, v, tau=tau, mode="fast"))
+                    best[c] = min(best.get(c, float("inf")), time_ms(replay))
         print(f"| N={n} D={d} s={s} | " + " | ".join(f"{best[c]:.3f}" for c in chunks) + " |", flush=True)
-
-
-def graphed(fn) -> torch.cuda.CUDAGraph:
-    """``fn`` captured in a CUDA graph after warm-up calls on a side stream."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def main():
