@@ -213,3 +213,37 @@ def test_inference_mode_tensors():
             pruned_attention(q, kc[:, :, 1:41], vc[:, :, 1:41], mode="fast", key_summary=summary, backend="triton")
         summary.update(kc[:, :, :55])
         assert_same_pooled(summary, kc[:, :, :55], None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("nq", [1, 16])
+def test_decoding_step_replayed_from_a_cuda_graph(nq):
+    """A serving step captured once in a CUDA graph (the summary's update for the newest key, then
+    the fast call), replayed after new keys and queries are written into the captured buffers in
+    place, gives exactly the fast call that pools the cache itself (grouped-query heads, split
+    programs, 5000 keys of D = 128, bf16)."""
+    B, H, Hkv, D, n = 2, 8, 2, 128, 5000
+    k, v, _ = cache(B, Hkv, n, D, torch.bfloat16, None)
+    q = torch.randn(B, H, nq, D, device=DEV).bfloat16()
+    summary = KeySummary(k)
+
+    def step():
+        summary.update(k, start=n - 1)
+        return pruned_attention(q, k, v, tau=0.01, mode="fast", key_summary=summary)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for _ in range(3):
+        k[:, :, n - 1] = 4 * torch.randn(B, Hkv, D, device=DEV).bfloat16()  # a new, strong last key
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        ref = pruned_attention(q, k, v, tau=0.01, mode="fast")
+        assert torch.isfinite(out).all() and torch.equal(out, ref)
