@@ -117,6 +117,7 @@ class KeySummary:
         self.value_dim = value_dim
         self._spec = (B, Hkv, D, k.dtype, k.device, _kpm_kind(key_padding_mask))
         self._pooled = None  # the four buffers, with room for _capacity key blocks
+        self._views = None  # their first cdiv(num_keys, block_n) blocks
         self._capacity = 0
         self.num_keys = 0
         self.update(k, key_padding_mask, start=0)
@@ -160,8 +161,8 @@ class KeySummary:
                     for new, old in zip(grown, self._pooled):
                         _blocks(new, kb0).copy_(_blocks(old, kb0))
                 self._pooled, self._capacity = grown, cap
-            _pool_keys(_unit_stride(k), _padding_args(key_padding_mask, k), self.block_n, nkb,
-                       out=self._pooled, kb0=kb0)
+            self._views = _pool_keys(_unit_stride(k), _padding_args(key_padding_mask, k), self.block_n, nkb,
+                                     out=self._pooled, kb0=kb0)
 
     def pooled(self, k: torch.Tensor, key_padding_mask: torch.Tensor | None, value_dim: int) -> tuple | None:
         """The pooled keys ``(kp, ko, kbias, kobias)`` (``_pool_keys``' layout) for a call on keys
@@ -180,10 +181,7 @@ class KeySummary:
             raise ValueError("key_summary is stale: k or key_padding_mask was written (or is another tensor) "
                              "since the summary's last update; call key_summary.update(k, key_padding_mask) "
                              "after writing to the key cache")
-        if self._pooled is None:
-            return None
-        nkb = cdiv(self.num_keys, self.block_n)
-        return tuple(_blocks(t, nkb) for t in self._pooled)
+        return self._views
 
     def _check_layout(self, k, key_padding_mask, check_length: bool) -> None:
         _check_tensor("k", k, 4)
