@@ -232,14 +232,10 @@ def test_decoding_step_replayed_from_a_cuda_graph(nq):
         summary.update(k, start=n - 1)
         return pruned_attention(q, k, v, tau=0.01, mode="fast", key_summary=summary)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
+    step()  # compiles, and fills the launch caches outside the capture
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph):  # captures on a side stream of its own
         out = step()
     for _ in range(3):
         k[:, :, n - 1] = 4 * torch.randn(B, Hkv, D, device=DEV).bfloat16()  # a new, strong last key
