@@ -55,6 +55,15 @@ def _check_mask(name: str, mask, q: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {mask.device} but q is on {q.device}")
 
 
+def check_padding_mask(key_padding_mask, B: int, Nk: int, ref: torch.Tensor) -> None:
+    """A ``key_padding_mask`` must be a boolean or floating ``[B, Nk]`` tensor on ``ref``'s device."""
+    _check_mask("key_padding_mask", key_padding_mask, ref)
+    if tuple(key_padding_mask.shape) != (B, Nk):
+        raise ValueError(
+            f"key_padding_mask must have shape [B, Nk] = {[B, Nk]}, got {tuple(key_padding_mask.shape)}"
+        )
+
+
 def check_inputs(
     q, k, v, *, causal: bool = False, scale: float | None = None, attn_mask=None, key_padding_mask=None
 ) -> AttentionInputs:
@@ -105,11 +114,7 @@ def check_inputs(
                 f"{[B, H, Nq, Nk]}"
             ) from None
     if key_padding_mask is not None:
-        _check_mask("key_padding_mask", key_padding_mask, q)
-        if tuple(key_padding_mask.shape) != (B, Nk):
-            raise ValueError(
-                f"key_padding_mask must have shape [B, Nk] = {[B, Nk]}, got {tuple(key_padding_mask.shape)}"
-            )
+        check_padding_mask(key_padding_mask, B, Nk, q)
     return AttentionInputs(q, k, v, attn_mask, key_padding_mask, bool(causal), scale)
 
 

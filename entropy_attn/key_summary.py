@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._inputs import _check_mask, _check_tensor
+from ._inputs import _check_tensor, check_padding_mask
 from ._launch import MAX_HEAD_DIM, TRITON_DTYPES, _block, _on_device, _padding_args, _unit_stride, cdiv, interpreting
 from ._plan import PLAIN, Workspace
 
@@ -200,10 +200,7 @@ class KeySummary:
             raise ValueError(f"key_summary was built with a {kind or 'no'} key_padding_mask, got "
                              f"{_kpm_kind(key_padding_mask) or 'none'}")
         if key_padding_mask is not None:
-            _check_mask("key_padding_mask", key_padding_mask, k)
-            if tuple(key_padding_mask.shape) != (B, k.shape[2]):
-                raise ValueError(f"key_padding_mask must have shape [B, Nk] = {[B, k.shape[2]]}, "
-                                 f"got {tuple(key_padding_mask.shape)}")
+            check_padding_mask(key_padding_mask, B, k.shape[2], k)
 
     def __repr__(self) -> str:
         B, Hkv, D, dtype, device, kind = self._spec

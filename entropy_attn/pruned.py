@@ -351,10 +351,9 @@ def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN):
 def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None = None, ws: Workspace = PLAIN,
              pooled: tuple | None = None):
     """The fast mode's tile lists: the pooled keys (``pooled``, a ``KeySummary``'s, or
-    ``_pool_keys``), the vertical estimate
-    (``_vertical``) and the kernel ``pruned_predict`` on ``q [B, H, Nq, D]`` (unit stride), at the
-    threshold ``log2_thr = log2 (tau * slack)``, with the masks ``masks = _mask_args(inp)``, ``chunk``
-    key blocks per step (by default
+    ``_pool_keys``), the vertical estimate (``_vertical``) and the kernel ``pruned_predict`` on
+    ``q [B, H, Nq, D]`` (unit stride), at the threshold ``log2_thr = log2 (tau * slack)``, with the
+    masks ``masks = _mask_args(inp)``, ``chunk`` key blocks per step (by default
     ``_predict_config``'s). Returns ``(idx [B*H, NQB, NKB] int32 (first ``count`` entries valid),
     count [B*H, NQB] int32, (kp, ko, kbias, kobias))``, the pooled keys for the sweep's lse bound."""
     B, H, Nq, D = q.shape
