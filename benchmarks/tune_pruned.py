@@ -3,8 +3,9 @@ the 128-row tile lists of prefill) on the GPU and print the time of each, beside
 ``python benchmarks/tune_pruned.py``; ``--predict`` sweeps the fast predictor's programs instead
 (``pruned_predict``: query blocks, warps, stages per program), and ``--copy-engine`` times the exact
 mode with and without the copy engine's loads of K and V (``_kv_operands``: tensor descriptors where
-the key range is not split, or plain loads everywhere), alternating, the better of two rounds. The
-winners go into ``entropy_attn/pruned.py`` (``_sweep_config``, ``_predict_config``, ``_kv_operands``).
+the key range is not split, or plain loads everywhere), alternating, the better of two rounds.
+``--small`` runs the first two at 8k-16k instead, each call replayed from a CUDA graph (its kernels
+only: called directly, a call's host time would hide its kernels there). The winners go into ``entropy_attn/pruned.py`` (``_sweep_config``, ``_predict_config``, ``_kv_operands``).
 Inputs: the sink-key inputs of ``bench_pruned.py`` (bf16, B = 1, H = 2048 / D); decoding: 32 query
 heads on 8 kv heads, D = 128, random.
 """
@@ -21,46 +22,52 @@ from bench_pruned import cuda_graph, stripes  # noqa: E402
 from entropy_attn import _launch, entropy_attention, pruned  # noqa: E402
 
 #: (rows, warps, stages) of one sweep program; rows divide the 128-row query blocks.
-SWEEP = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 2), (64, 8, 3), (128, 8, 2), (128, 8, 3), (128, 4, 2)]
+SWEEP = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 2), (64, 8, 3), (128, 8, 2), (128, 8, 3), (128, 4, 2),
+         (32, 4, 2), (32, 2, 2)]
 #: (N, D, s)
 CASES = [(65536, 128, 0.95), (65536, 128, 0.9), (65536, 64, 0.9), (65536, 64, 0.8), (32768, 128, 0.9),
          (16384, 128, 0.8)]
+#: (N, D, s) of ``--small``.
+SMALL_CASES = [(8192, 128, 0.8), (8192, 128, 0.95), (8192, 64, 0.8), (8192, 64, 0.9), (16384, 128, 0.8),
+               (16384, 128, 0.9), (16384, 64, 0.8)]
 
 
 #: (query blocks, key blocks per step, warps, stages) of one predictor program.
-PREDICT = [(4, 64, 4, 3), (4, 32, 4, 3), (4, 32, 4, 4), (8, 32, 8, 3), (4, 128, 8, 3), (4, 64, 4, 2), (8, 64, 8, 3)]
+PREDICT = [(4, 64, 4, 3), (4, 32, 4, 3), (4, 32, 4, 4), (8, 32, 8, 3), (4, 128, 8, 3), (4, 64, 4, 2), (8, 64, 8, 3),
+           (2, 64, 4, 3), (1, 64, 4, 3), (2, 32, 4, 3)]
 
 
-def time_ms(fn) -> float:
-    return triton.testing.do_bench(fn, return_mode="median")
+def time_ms(fn, graphed: bool = False) -> float:
+    """Median ms of ``fn``, or of its replay from a CUDA graph (``graphed``)."""
+    return triton.testing.do_bench(cuda_graph(fn) if graphed else fn, return_mode="median")
 
 
-def sweep_predictor():
+def sweep_predictor(cases=CASES, graphed=False):
     """The fast mode's time per call with each predictor shape of ``PREDICT``."""
-    for n, d, s in CASES:
+    for n, d, s in cases:
         q, k, v, tau = stripes(1, 2048 // d, 2048 // d, n, n, d, s)
         print(f"N={n} D={d} s={s}", flush=True)
         with torch.no_grad():
             for qb, chunk, warps, stages in PREDICT:
                 pruned._predict_config = lambda nqb, bh, dev, c=(qb, chunk, warps, stages): c
                 pruned.clear_plans()  # the recorded launch plans hold the previous shape
-                ms = time_ms(lambda: pruned.pruned_attention(q, k, v, tau=tau, mode="fast"))
+                ms = time_ms(lambda: pruned.pruned_attention(q, k, v, tau=tau, mode="fast"), graphed)
                 print(f"  fast predict={qb}qb x{chunk}kb x{warps}w{stages}s: {ms:.3f} ms", flush=True)
 
 
-def sweep_programs():
+def sweep_programs(cases=CASES, graphed=False):
     """The pruned call's time per call with each sweep shape of ``SWEEP``, beside the dense kernel."""
-    for n, d, s in CASES:
+    for n, d, s in cases:
         q, k, v, tau = stripes(1, 2048 // d, 2048 // d, n, n, d, s)
         with torch.no_grad():
-            dense = time_ms(lambda: entropy_attention(q, k, v, return_entropy=False))
+            dense = time_ms(lambda: entropy_attention(q, k, v, return_entropy=False), graphed)
             print(f"N={n} D={d} s={s}: dense {dense:.3f} ms", flush=True)
             for rows, warps, stages in SWEEP:
                 pruned._sweep_config = lambda cfg, d, dv, c=(rows, warps, stages): pruned._Config(c[0], cfg.block_n, c[1], c[2])
                 pruned.clear_plans()
                 for mode in ("fast", "exact") if n == 65536 and d == 128 and s == 0.9 else ("fast",):
                     try:
-                        ms = time_ms(lambda: pruned.pruned_attention(q, k, v, tau=tau, mode=mode))
+                        ms = time_ms(lambda: pruned.pruned_attention(q, k, v, tau=tau, mode=mode), graphed)
                         print(f"  {mode} sweep={rows}x{warps}w{stages}s: {ms:.3f} ms ({dense / ms:.2f}x dense)", flush=True)
                     except Exception as e:  # noqa: BLE001 - report and go on with the sweep
                         print(f"  {mode} sweep={rows}x{warps}w{stages}s: {type(e).__name__}: {e}", flush=True)
@@ -120,9 +127,13 @@ def main():
     parser.add_argument("--predict", action="store_true", help="sweep the predictor's programs")
     parser.add_argument("--copy-engine", action="store_true", help="time the exact mode with and without the copy engine")
     parser.add_argument("--bound-chunk", action="store_true", help="time the fast sweep's lse bound steps")
+    parser.add_argument("--small", action="store_true", help="sweep (or --predict) at 8k-16k, from CUDA graphs")
     args = parser.parse_args()
-    (sweep_predictor if args.predict else copy_engine if args.copy_engine else bound_chunk if args.bound_chunk
-     else sweep_programs)()
+    if args.copy_engine or args.bound_chunk:
+        (copy_engine if args.copy_engine else bound_chunk)()
+    else:
+        cases = dict(cases=SMALL_CASES, graphed=True) if args.small else {}
+        (sweep_predictor if args.predict else sweep_programs)(**cases)
 
 
 if __name__ == "__main__":

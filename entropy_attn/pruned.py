@@ -132,13 +132,14 @@ def _key_splits(programs: int, nkb: int, device, splits: int | None = None) -> t
 def _predict_config(nqb: int, bh: int, device) -> tuple[int, int, int, int]:
     """``(QB, CHUNK, num_warps, num_stages)`` of the predictor's programs: up to 4 query blocks per
     program share each load of the pooled keys (64 pooled rows: one tensor-core tile), fewer where
-    the grid would no longer fill the GPU; ``_chunk()`` key blocks per step, 4
-    warps, 3 stages (``benchmarks/tune_pruned.py --predict``, H200,
-    fast mode, 64k D128 s 0.95: 4.67 ms against 4.73-4.97 for 2 or 8 query blocks, 8 warps, 2 or 4
-    stages; 32 or 128 key blocks per step: 4.76-4.84 against 4.70 in a second run; within +-3 % of
-    the best at 16k-64k, D = 64 and 128)."""
+    the grid would have fewer programs than the GPU has multiprocessors; ``_chunk()`` key blocks per
+    step, 4 warps, 3 stages (``benchmarks/tune_pruned.py --predict``, H200, fast mode, 64k D128
+    s 0.95: 4.67 ms against 4.73-4.97 for 2 or 8 query blocks, 8 warps, 2 or 4 stages; 32 or 128 key
+    blocks per step: 4.76-4.84 against 4.70 in a second run; within +-3 % of the best at 16k-64k,
+    D = 64 and 128. ``--predict --small``, graphed: at 8k D128, 256 programs of 4 query blocks
+    against 512 of 2, s 0.8 0.327 against 0.337 ms, s 0.95 0.151 against 0.162)."""
     qb = 4
-    while qb > 1 and cdiv(nqb, qb) * bh < 2 * _sm_count(device):
+    while qb > 1 and cdiv(nqb, qb) * bh < _sm_count(device):
         qb //= 2
     return qb, _chunk(), 4, 3
 
