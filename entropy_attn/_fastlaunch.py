@@ -82,10 +82,17 @@ def bind(kernel, args: tuple, kwargs: dict):
     return None if binary is None else (binary, list(params.values()))
 
 
-def run_bound(binary, grid: tuple, params) -> None:
-    """Launch ``binary`` (from ``bind``) on ``grid`` with the launcher arguments ``params`` on the
-    current device and stream, as ``JITFunction.run`` does last. No launch metadata and no hooks:
-    the caller checked ``direct_enabled()``."""
+def current_stream() -> int:
+    """The raw handle of the current CUDA stream of the current device (what ``run_bound`` takes)."""
+    return triton.runtime.driver.active.get_current_stream(torch.cuda.current_device())
+
+
+def run_bound(binary, grid: tuple, params, stream: int | None = None) -> None:
+    """Launch ``binary`` (from ``bind``) on ``grid`` with the launcher arguments ``params`` on
+    ``stream`` (default: the current device's current stream, ``current_stream()``), as
+    ``JITFunction.run`` does last. No launch metadata and no hooks: the caller checked
+    ``direct_enabled()``."""
     g0, g1, g2 = (*grid, 1, 1)[:3]
-    stream = triton.runtime.driver.active.get_current_stream(torch.cuda.current_device())
+    if stream is None:
+        stream = current_stream()
     binary.run(g0, g1, g2, stream, binary.function, binary.packed_metadata, None, None, None, *params)

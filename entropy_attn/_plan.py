@@ -10,6 +10,14 @@ same things). A ``Plan`` recorded once per signature replays the call as: alloca
 launch each recorded binary with its recorded launcher arguments, the tensors swapped in (and the
 tensor descriptors of the kernels that load through the copy engine rebuilt around them).
 
+On the direct launch path (``_fastlaunch``), where every recorded launch replays its binary, the
+buffers that only the kernels see (not the output, not filled, not wrapped in a tensor descriptor)
+are carved out of one allocation (the plan's arena) and handed to the launcher as addresses, which
+Triton's launcher takes as they are: one ``torch.empty`` per call instead of one per buffer
+(a dozen for a fast call), and no ``data_ptr()`` lookups (H200, same-process A/B against the
+plans without it: host time per call issued back to back, fast 8k 0.188 -> 0.115 ms, exact 8k
+0.192 -> 0.140, exact decoding 0.151 -> 0.109; outputs bitwise equal).
+
 A signature is recorded on its second call, so that calls whose shapes never repeat (decoding
 against a growing key cache) pay no recording. The plans see only their signature: code that
 changes a configuration another way (a module constant, a monkeypatched config function, as
@@ -17,15 +25,18 @@ changes a configuration another way (a module constant, a monkeypatched config f
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from ._fastlaunch import bind, direct_enabled, launch, run_bound
+from ._fastlaunch import bind, current_stream, direct_enabled, launch, run_bound
 from ._launch import TensorDescriptor
 
 #: Signatures kept; the cache is emptied when it would grow past this (a plan holds no tensor).
 MAX_PLANS = 256
+#: Byte alignment of each buffer in a plan's arena (Triton specializes pointers on 16 bytes).
+ARENA_ALIGN = 256
 #: signature -> its Plan; None: seen once, record on the next call; False: could not be recorded.
 _plans: dict = {}
 
@@ -91,13 +102,13 @@ class _Launch:
     slots: tuple
     bound: tuple | None
 
-    def run(self, tensors: list, direct: bool) -> None:
+    def run(self, tensors: list, direct: bool, stream: int | None = None) -> None:
         bound = direct and self.bound is not None
         values = list(self.bound[1] if bound else self.args)
         for pos, slot, layout in self.slots:
             values[pos] = tensors[slot] if layout is None else TensorDescriptor(tensors[slot], *layout)
         if bound:
-            run_bound(self.bound[0], self.grid, values)
+            run_bound(self.bound[0], self.grid, values, stream)
         else:
             launch(self.kernel, self.grid, *values, **self.kwargs)
 
@@ -111,24 +122,54 @@ def _without_tensors(values) -> tuple:
 @dataclass(frozen=True)
 class Plan:
     """A recorded call: ``allocs`` ((shape, dtype, fill value or None) per buffer, in order), the
-    ``launches`` and the slot of its output. Slots number the inputs, then the buffers."""
+    ``launches`` and the slot of its output. Slots number the inputs, then the buffers. ``arena``:
+    (byte offset or None) per buffer, and ``arena_bytes`` its size; buffers with an offset live in
+    the arena on the direct launch path (None: no arena, every launch needs tensors)."""
     allocs: tuple
     launches: tuple
     out: int
+    arena: tuple | None = None
+    arena_bytes: int = 0
 
     def run(self, inputs, device) -> torch.Tensor:
         """Replay on ``inputs`` (same signature as the recording's) on the current stream; returns
         the output tensor."""
         tensors = list(inputs)
-        for shape, dtype, fill in self.allocs:
-            if fill is None:
+        direct = direct_enabled()
+        base = None
+        if direct and self.arena is not None:
+            arena = torch.empty(self.arena_bytes, dtype=torch.uint8, device=device)
+            base = arena.data_ptr()
+        for i, (shape, dtype, fill) in enumerate(self.allocs):
+            if base is not None and self.arena[i] is not None:
+                tensors.append(base + self.arena[i])
+            elif fill is None:
                 tensors.append(torch.empty(shape, dtype=dtype, device=device))
             else:
                 tensors.append(torch.full(shape, fill, dtype=dtype, device=device))
-        direct = direct_enabled()
+        stream = current_stream() if direct else None  # one lookup for every launch
         for step in self.launches:
-            step.run(tensors, direct)
+            step.run(tensors, direct, stream)
         return tensors[self.out]
+
+
+def _arena(allocs: tuple, launches: tuple, out: int, n_inputs: int) -> tuple[tuple | None, int]:
+    """``(offsets, bytes)`` of the buffers that can live in a plan's arena: not the output, not
+    filled, not wrapped in a tensor descriptor; ``(None, 0)`` unless every launch replays a binary
+    (the plain launch path needs tensors)."""
+    if not launches or any(step.bound is None for step in launches):
+        return None, 0
+    wrapped = {slot for step in launches for _, slot, layout in step.slots if layout is not None}
+    offsets, size = [], 0
+    for i, (shape, dtype, fill) in enumerate(allocs):
+        slot = n_inputs + i
+        if fill is not None or slot == out or slot in wrapped:
+            offsets.append(None)
+            continue
+        offsets.append(size)
+        nbytes = math.prod(shape) * dtype.itemsize
+        size += -(-nbytes // ARENA_ALIGN) * ARENA_ALIGN
+    return tuple(offsets), size
 
 
 class Workspace:
@@ -180,7 +221,8 @@ class Workspace:
         slot = self._slot.get(id(out))
         if not (self.recording and self._complete) or slot is None:
             return None
-        return Plan(tuple(self._allocs), tuple(self._launches), slot)
+        allocs, launches = tuple(self._allocs), tuple(self._launches)
+        return Plan(allocs, launches, slot, *_arena(allocs, launches, slot, len(self._tensors) - len(allocs)))
 
 
 #: A workspace that only allocates and launches.

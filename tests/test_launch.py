@@ -76,3 +76,24 @@ def test_direct_launch_respects_specialization(monkeypatch):
             first = len(plain_runs)
     assert len(plain_runs) == first, "repeat launches went through JITFunction.run"
     assert len(_fastlaunch._binaries) == first >= 6  # distinct specializations got distinct binaries
+
+
+def test_plan_arena_layout():
+    """A launch plan's arena (``entropy_attn._plan``) holds the buffers that only its kernels see, each
+    at an offset aligned for Triton's pointer specialization, and none of the output, a filled buffer
+    or one wrapped in a tensor descriptor; no arena when some launch has no binary to replay."""
+    from entropy_attn._plan import ARENA_ALIGN, _arena, _Launch
+
+    def step(slots, bound=("binary", ())):
+        return _Launch(None, (1,), (), {}, slots, bound)
+
+    f32 = torch.float32
+    # Buffers 0-5 are slots 2-7 (two inputs first): 60 and 28 bytes, a filled one, one in a tensor
+    # descriptor, the output, an empty one.
+    allocs = (((3, 5), f32, None), ((7,), torch.int32, None), ((2, 2), f32, 0.0), ((4,), torch.bfloat16, None),
+              ((9,), f32, None), ((0,), f32, None))
+    launches = (step(((0, 0, None), (1, 2, None), (2, 5, ("layout",)))), step(((0, 3, None), (1, 6, None), (2, 7, None))))
+    a = ARENA_ALIGN
+    assert a >= 64 and a % 16 == 0
+    assert _arena(allocs, launches, 6, 2) == ((0, a, None, None, None, 2 * a), 2 * a)
+    assert _arena(allocs, launches + (step((), bound=None),), 6, 2) == (None, 0)

@@ -505,6 +505,8 @@ def test_launch_plan_replays_the_call(monkeypatch, mode, case):
     (plan,) = plans()
     # On the direct launch path (CUDA, Triton 3.6) every launch replays its recorded binary.
     assert all(step.bound is not None for step in plan.launches) == _fastlaunch.direct_enabled()
+    # There its scratch buffers are carved out of one arena (their addresses go to the launcher).
+    assert (plan.arena is not None and any(o is not None for o in plan.arena)) == _fastlaunch.direct_enabled()
     if case == "prefill" and mode == "exact":  # the copy engine's tensor descriptors, rebuilt on replay
         descriptors = any(layout is not None for step in plan.launches for _, _, layout in step.slots)
         assert descriptors == (TMA_ENABLED and (interpreting() or torch.cuda.get_device_capability()[0] >= 9))
