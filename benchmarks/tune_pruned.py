@@ -5,7 +5,8 @@ the 128-row tile lists of prefill) on the GPU and print the time of each, beside
 mode with and without the copy engine's loads of K and V (``_kv_operands``: tensor descriptors where
 the key range is not split, or plain loads everywhere), alternating, the better of two rounds.
 ``--small`` runs the first two at 8k-16k instead, each call replayed from a CUDA graph (its kernels
-only: called directly, a call's host time would hide its kernels there). The winners go into ``entropy_attn/pruned.py`` (``_sweep_config``, ``_predict_config``, ``_kv_operands``).
+only: called directly, a call's host time would hide its kernels there). The winners go into
+``entropy_attn/pruned.py`` (``_sweep_config``, ``_predict_config``, ``_kv_operands``).
 Inputs: the sink-key inputs of ``bench_pruned.py`` (bf16, B = 1, H = 2048 / D); decoding: 32 query
 heads on 8 kv heads, D = 128, random.
 """
