@@ -78,6 +78,7 @@ class _Config:
     block_n: int
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None  # registers per thread ptxas may use (None: its own choice)
 
 
 def _fwd_config(d: int, dv: int, dtype: torch.dtype) -> _Config:

@@ -92,11 +92,16 @@ def _sweep_config(cfg: _Config, d: int, dv: int) -> _Config:
     0.81 -> 0.70). At D <= 64 one program of 128 rows, 8 warps and 2 stages sweeps the block (H200,
     ``benchmarks/tune_pruned.py``, fast mode, 64k: s 0.8 20.5 -> 18.7 ms, s 0.9 10.3 -> 10.1, against
     64 x 4 warps x 2 stages; 3 stages: 27.4 and 14.5 ms; H100, 128 rows x 4 warps x 3 stages: s 0.9
-    11.5 ms). The exact mode shares the shape: 2-4 % faster at 64k, within +-2 % at 16k."""
+    11.5 ms). The exact mode shares the shape: 2-4 % faster at 64k, within +-2 % at 16k. Its programs
+    may use at most 128 registers per thread, so that two of them (8 warps each) fit in a
+    multiprocessor's 65536: Triton 3.6's ptxas takes 128 by itself, Triton 3.8's 129, which would
+    leave room for one (``python benchmarks/ttgir_pruned.py --d 64``, compiled for sm_90 on the CPU;
+    with the cap 126 and 128, no spills). On the H200 with Triton 3.6 the cap changes nothing
+    (same-process A/B, graphed: 0.98x-1.01x, outputs bitwise equal)."""
     if cfg.block_m <= 64:
         return cfg
     if max(_block(d), _block(dv)) <= 64:
-        return _Config(cfg.block_m, cfg.block_n, 8, 2)
+        return _Config(cfg.block_m, cfg.block_n, 8, 2, maxnreg=128)
     return _Config(64, cfg.block_n, 4, 2)
 
 
@@ -498,7 +503,7 @@ def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits
         BLOCK_DV=_block(Dv), CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, MASKED=masked,
         EXACT=exact, FIXED=fallback and tau < 1, SPLIT=split, FALLBACK=fallback, STATS=stats,
         LSE_BOUND=bound, CHUNK=chunk, TMA=tma, PRECISION=_input_precision(q.dtype),
-        num_warps=sweep.num_warps, num_stages=sweep.num_stages,
+        num_warps=sweep.num_warps, num_stages=sweep.num_stages, maxnreg=sweep.maxnreg,
     )
     if split:
         out, wsplit = _combine(opart, mpart, lpart, lall, q.dtype, math.log2(tau), exact, stats, ws)
