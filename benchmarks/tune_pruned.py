@@ -74,17 +74,24 @@ def sweep_programs(cases=CASES, graphed=False):
                         print(f"  {mode} sweep={rows}x{warps}w{stages}s: {type(e).__name__}: {e}", flush=True)
 
 
+def alternate(variants, apply, fn, graphed: bool = False, rounds: int = 2) -> dict:
+    """The better of ``rounds`` medians of ``fn`` under each of ``variants`` (``apply(variant)`` sets
+    one up), by variant: the variants alternate, and the launch plans are cleared between them."""
+    best = {}
+    for _ in range(rounds):
+        for variant in variants:
+            apply(variant)
+            pruned.clear_plans()
+            best[variant] = min(best.get(variant, float("inf")), time_ms(fn, graphed))
+    return best
+
+
 def copy_engine():
     """The exact mode's time per call with the copy engine's loads (``_launch.TMA_ENABLED``) and without."""
     enabled = _launch.TMA_ENABLED
 
     def timed(fn):
-        best = {}
-        for _ in range(2):
-            for tma in (False, True):
-                _launch.TMA_ENABLED = tma
-                pruned.clear_plans()
-                best[tma] = min(best.get(tma, float("inf")), time_ms(fn))
+        best = alternate((False, True), lambda tma: setattr(_launch, "TMA_ENABLED", tma), fn)
         return best[False], best[True]
 
     print("| exact mode | plain ms | copy engine ms | speed-up |\n|---|---|---|---|")
@@ -112,14 +119,9 @@ def bound_chunk():
     for n, d, s in [(8192, 128, 0.95), (8192, 64, 0.8), (8192, 128, 0.8), (16384, 128, 0.9), (16384, 64, 0.8),
                     (32768, 128, 0.9), (32768, 64, 0.9), (65536, 128, 0.95), (65536, 64, 0.9)]:
         q, k, v, tau = stripes(1, 2048 // d, 2048 // d, n, n, d, s)
-        best = {}
         with torch.no_grad():
-            for _ in range(2):
-                for c in chunks:
-                    pruned._bound_chunk = lambda nkb, c=c: c
-                    pruned.clear_plans()
-                    replay = cuda_graph(lambda: pruned.pruned_attention(q, k, v, tau=tau, mode="fast"))
-                    best[c] = min(best.get(c, float("inf")), time_ms(replay))
+            best = alternate(chunks, lambda c: setattr(pruned, "_bound_chunk", lambda nkb: c),
+                             lambda: pruned.pruned_attention(q, k, v, tau=tau, mode="fast"), graphed=True)
         print(f"| N={n} D={d} s={s} | " + " | ".join(f"{best[c]:.3f}" for c in chunks) + " |", flush=True)
 
 

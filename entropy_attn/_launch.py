@@ -11,11 +11,10 @@ import os
 from dataclasses import dataclass
 
 import torch
+import triton
 
 from ._fastlaunch import interpreting, launch
 from ._inputs import AttentionInputs
-
-import triton
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor

@@ -39,13 +39,10 @@ def _pool_keys(k, kpm_args, block_n: int, nkb: int, ws: Workspace = PLAIN, out=N
     buffers of ``nkb`` blocks (allocated by ``ws``, which records their launch).
     """
     B, Hkv, Nk, D = k.shape
-    dev = k.device
     kpm, *pstr, pkind = kpm_args
     given = out is not None
     if not given:
-        out = (ws.empty((B, Hkv, nkb, D), k.dtype, dev), ws.empty((B, Hkv, nkb, D), k.dtype, dev),
-               ws.empty((B if pkind else 1, nkb), torch.float32, dev),
-               ws.empty((B if pkind else 1, nkb), torch.float32, dev))
+        out = _pooled_buffers(B, Hkv, D, k.dtype, k.device, B if pkind else 1, nkb, ws)
     kp, ko, kbias, kobias = out
     from .kernels.pruned_pool import pool_keys
 
@@ -56,6 +53,13 @@ def _pool_keys(k, kpm_args, block_n: int, nkb: int, ws: Workspace = PLAIN, out=N
             D=D, BLOCK_N=block_n, BLOCK_D=_block(D), KPM_KIND=pkind, num_warps=2,
         )
     return tuple(_blocks(t, nkb) for t in out) if given else out
+
+
+def _pooled_buffers(B: int, Hkv: int, D: int, dtype, device, rows: int, nkb: int, ws: Workspace = PLAIN) -> tuple:
+    """Uninitialized ``(kp, ko, kbias, kobias)`` of ``nkb`` key blocks (``_pool_keys``' layout; ``rows``:
+    B with a padding mask, else 1), allocated by ``ws``."""
+    return (ws.empty((B, Hkv, nkb, D), dtype, device), ws.empty((B, Hkv, nkb, D), dtype, device),
+            ws.empty((rows, nkb), torch.float32, device), ws.empty((rows, nkb), torch.float32, device))
 
 
 def _blocks(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -152,11 +156,7 @@ class KeySummary:
         with _on_device(k):
             if nkb > self._capacity:  # grow (doubling), keeping the blocks below kb0
                 cap = max(nkb, 2 * self._capacity)
-                rows = B if kind else 1
-                grown = (torch.empty((B, Hkv, cap, D), dtype=dtype, device=device),
-                         torch.empty((B, Hkv, cap, D), dtype=dtype, device=device),
-                         torch.empty((rows, cap), dtype=torch.float32, device=device),
-                         torch.empty((rows, cap), dtype=torch.float32, device=device))
+                grown = _pooled_buffers(B, Hkv, D, dtype, device, B if kind else 1, cap)
                 if self._pooled is not None:
                     for new, old in zip(grown, self._pooled):
                         _blocks(new, kb0).copy_(_blocks(old, kb0))
