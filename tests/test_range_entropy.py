@@ -89,7 +89,11 @@ def test_low_when_mass_is_local_high_when_spread():
     anchors = init_anchors(positions, 8)
     k = torch.randn(1, 1, n, D)
     v = torch.randn(1, 1, n, D)
-    local = k[:, :, 10:11] * 8  # each query aligned with key 10 only
+    # The query aligns with key 10 only: with |k10| = 8 its score (8 |k10|^2 / sqrt(D) = 128) beats
+    # the others (std 16) on any draw; with |k10| left random, about 1 draw in 75 let other keys take
+    # enough mass to fail (h_local 1.05 against h_spread 2.05 in a fresh-clone CI run).
+    k[..., 10, :] *= 8.0 / k[..., 10, :].norm()
+    local = k[:, :, 10:11] * 8
     spread = torch.zeros(1, 1, 1, D)  # uniform attention
     # alpha acts on [0, 1] coordinates: with 8 anchors 1/7 apart, alpha ~ k^2 gives sharp cells
     _, h_local = entropy_attention(local, k, v, entropy="range", anchors=anchors, alpha=200.0)
