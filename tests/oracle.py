@@ -2,6 +2,12 @@
 library's reference path. Used as ground truth for every attention test."""
 import torch
 
+def fresh_generator(stream=0):
+    """A CPU ``torch.Generator`` for input stream ``stream`` of a test, seeded from the test's fresh
+    seed (tests/conftest.py): new inputs each run, the same again with the run's TEST_SEED."""
+    return torch.Generator().manual_seed(torch.initial_seed() + stream)
+
+
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
 
 

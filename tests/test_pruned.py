@@ -16,6 +16,7 @@ from entropy_attn._inputs import check_inputs
 from entropy_attn._launch import TMA_ENABLED, TensorDescriptor, _mask_args, interpreting
 from entropy_attn.kernels.pruned import POOL_ROWS, pooled_queries
 from entropy_attn.pruned import _config, pruned_attention, pruned_triton, reference_pruned
+from oracle import fresh_generator
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 triton_ok = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
@@ -105,9 +106,12 @@ def fast_error_bound(st_ref, v):
     return 2 * m / (1 - m).clamp_min(1e-12) * v.double().abs().max()
 
 
-def check_close(out, ref, amb, dtype, max_amb_frac=0.1):
+def check_close(out, ref, amb, dtype, max_amb_frac=0.25):
+    """``out`` within TOL of ``ref`` on the rows that are not ambiguous (``definition``). At most a
+    quarter of the rows (or one row) may be ambiguous: of 400 draws of ``test_large_logits``' 16
+    rows, 25 had 2 or 3 ambiguous rows and none more (a limit of 0.1 failed there 1 draw in 16)."""
     assert torch.isfinite(out).all()
-    assert amb.float().mean() <= max_amb_frac, "too many rows at the threshold: change the seed"
+    assert amb.sum() <= max(1, max_amb_frac * amb.numel()), "too many rows at the threshold to check"
     err = (out.double().cpu() - ref).abs().amax(-1)
     err = err.masked_fill(amb, 0.0)
     assert err.max().item() <= TOL[dtype] * max(1.0, ref.abs().max().item()), err.max().item()
@@ -121,7 +125,7 @@ def clustered(B, H, Hkv, Nq, Nk, D, *, dtype=torch.float32, block=16, strength=6
     """Sparse attention on purpose: keys come in contiguous clusters of ``block`` keys around a
     center, and each block of ``block`` queries points at one cluster, so each query has a few
     strong matches and most tiles hold no kept entry."""
-    g = torch.Generator().manual_seed(seed)
+    g = fresh_generator(seed)
     nc = max(1, -(-Nk // block))
     centers = torch.nn.functional.normalize(torch.randn(B, Hkv, nc, D, generator=g), dim=-1) * math.sqrt(D)
     cid = torch.arange(Nk) // block
@@ -134,7 +138,7 @@ def clustered(B, H, Hkv, Nq, Nk, D, *, dtype=torch.float32, block=16, strength=6
 
 
 def random_qkv(B, H, Hkv, Nq, Nk, D, dtype=torch.float32, seed=0, qscale=2.0):
-    g = torch.Generator().manual_seed(seed)
+    g = fresh_generator(seed)
     return (randn(B, H, Nq, D, dtype=dtype, scale=qscale, gen=g), randn(B, Hkv, Nk, D, dtype=dtype, gen=g),
             randn(B, Hkv, Nk, D, dtype=dtype, gen=g))
 
@@ -202,7 +206,7 @@ def test_stats_random_with_masks():
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_masks_and_fully_masked_rows(kind):
     q, k, v = random_qkv(1, 2, 2, 21, 35, 16, seed=4)
-    g = torch.Generator().manual_seed(5)
+    g = fresh_generator(5)
     keep = torch.rand(1, 1, 21, 35, generator=g) > 0.4
     keep[..., 3, :] = False  # a fully masked row
     mask = keep if kind == "bool" else torch.where(keep, torch.randn(1, 1, 21, 35, generator=g), -math.inf)
@@ -360,11 +364,15 @@ def test_fast_clustered_close_to_exact():
     ref, st_ref, _ = definition(q, k, v, 0.01)
     out, st = run(q, k, v, tau=0.01, mode="fast", return_stats=True)
     err = (out.double().cpu() - ref).abs().amax(-1)
-    # Measured (this seed): max |fast - exact| ~1e-3 in the interpreter (16 x 16 tiles), 0.058 on the
-    # H100 (64 x 64 tiles: more background entries kept before the running lse bound tightens).
+    # Measured: mean |fast - exact| over rows <= 1.1e-3 in the interpreter (16 x 16 tiles, 110 draws;
+    # most rows equal the exact mode's); max 0.058 on one H100 draw (64 x 64 tiles: more background
+    # entries kept before the running lse bound tightens). The bound is loose (~0.9 here).
     assert (err <= fast_error_bound(st_ref, v) + 1e-3).all(), (err.max(), fast_error_bound(st_ref, v).max())
-    assert err.max() < 0.1  # the bound is loose (~0.9 here); this is the measured one, with margin
-    assert (st["tile_sparsity"] > 0.5).all()
+    assert err.mean() < 0.05, err.mean()
+    # The fast mode visits a superset of the exact mode's tiles, yet skips many: 0.39-0.83 of them
+    # over the 110 draws (the exact mode 0.72-0.83).
+    assert (st["tile_sparsity"] <= st_ref["tile_sparsity"] + 1e-6).all(), (st, st_ref)
+    assert (st["tile_sparsity"] > 0.25).all(), st
     assert (st["pruned_mass"].double().cpu() < st_ref["pruned_mass"] + 0.01).all(), (st, st_ref)
 
 
@@ -389,7 +397,7 @@ def large_logits(dtype, masked):
     no first-tile maximum, and the mask turns off the pooled lse bound that otherwise catches row 1)."""
     bn = kernel_tiles(16, 16)[1]
     nk = 4 * bn
-    g = torch.Generator().manual_seed(21)
+    g = fresh_generator(21)
     q, k, v = torch.randn(1, 1, 16, 16, generator=g), torch.randn(1, 1, nk, 16, generator=g), torch.randn(1, 1, nk, 16, generator=g)
     e = torch.eye(16)
     q[0, 0, 0], k[0, 0, 3 * bn + 5] = 20 * e[0], 12 * e[0]  # scale 1/4: +60
@@ -493,7 +501,7 @@ def test_launch_plan_replays_the_call(monkeypatch, mode, case):
             q = torch.empty(q.numel() + q_storage_offset, device=DEV)[q_storage_offset:].view_as(q).copy_(q)
         kw = {}
         if case == "masked":
-            kw = dict(causal=True, key_padding_mask=torch.rand(B, Nk, generator=torch.Generator().manual_seed(seed)) < 0.2)
+            kw = dict(causal=True, key_padding_mask=torch.rand(B, Nk, generator=fresh_generator(seed)) < 0.2)
         return run(q, k, v, tau=0.01, mode=mode, **kw)
 
     def plans():
@@ -559,7 +567,7 @@ def test_copy_engine_loads_match_plain_loads(monkeypatch, mode, case, dtype):
     q, k, v = clustered(B, H, Hkv, Nq, Nk, 40, dtype=dtype, seed=5)
     kw = {}
     if case == "masked":
-        kw = dict(causal=True, key_padding_mask=(torch.rand(B, Nk, generator=torch.Generator().manual_seed(5)) < 0.2).to(DEV))
+        kw = dict(causal=True, key_padding_mask=(torch.rand(B, Nk, generator=fresh_generator(5)) < 0.2).to(DEV))
     inp = check_inputs(q.to(DEV), k.to(DEV), v.to(DEV), **kw)
     capable = interpreting() or torch.cuda.get_device_capability()[0] >= 9
     for splits in (1, 4):
@@ -611,7 +619,7 @@ def stripes(B, H, N, D, n_hot, *, block=16, seed=0, strength=None):
     """Vertical stripes (attention sinks): every query puts most of its mass on the same ``n_hot``
     keys, one per distinct ``block``-key block; the rest is near-uniform background. (The
     benchmark builds the same with 64-key blocks.)"""
-    g = torch.Generator().manual_seed(seed)
+    g = fresh_generator(seed)
     q = 0.3 * torch.randn(B, H, N, D, generator=g)
     k = torch.randn(B, H, N, D, generator=g)
     hot = torch.randperm(N // block, generator=g)[:n_hot] * block + torch.randint(0, block, (n_hot,), generator=g)
@@ -690,7 +698,6 @@ def test_validation_and_no_grad():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("nq", [1, 16, 700])
 def test_gpu_exact_vs_reference(causal, nq):
-    torch.manual_seed(0)
     q, k, v = clustered(2, 4, 2, max(nq, 64), 2000, 64, dtype=torch.bfloat16, block=64)
     q = q[:, :, -nq:].contiguous()
     q, k, v = q.cuda(), k.cuda(), v.cuda()
@@ -746,7 +753,7 @@ def padding_mask(kind, B, Nk, bn, seed):
     block 1 of batch 0 (a float mask: -inf there, random finite values elsewhere)."""
     if kind is None:
         return None
-    g = torch.Generator().manual_seed(seed)
+    g = fresh_generator(seed)
     pad = torch.rand(B, Nk, generator=g) < 0.3
     pad[0, bn:2 * bn] = True
     if kind == "bool":
@@ -781,7 +788,7 @@ def test_pooled_queries_match_definition(dtype, bm):
     bm = bm or _config(64, 24, 24).block_m
     Nq, D = bm + 22, 24
     nqb = -(-Nq // bm)
-    q = randn(Nq, D, dtype=dtype, gen=torch.Generator().manual_seed(30)).to(DEV)
+    q = randn(Nq, D, dtype=dtype, gen=fresh_generator(30)).to(DEV)
     qp = torch.empty((nqb * 16, D), dtype=dtype, device=DEV)
     _pooled_queries_kernel[(nqb,)](q, qp, Nq, D=D, BLOCK_M=bm, BLOCK_D=32)
     g = bm // 16
@@ -974,7 +981,7 @@ def test_vertical_matches_definition(monkeypatch, case):
     cfg = _config(Nq, D, D) if c["tiles"] is None else _Config(*c["tiles"], 4, 1)
     nkb = -(-Nk // cfg.block_n)
     q, k, _ = random_qkv(B, H, Hkv, Nq, Nk, D, c["dtype"], seed=33)
-    g = torch.Generator().manual_seed(34)
+    g = fresh_generator(34)
     kpm = padding_mask(c["kpm"], B, Nk, cfg.block_n, seed=35)
     mask = None
     if c["mask"] is not None:

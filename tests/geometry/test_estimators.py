@@ -11,13 +11,14 @@ import torch
 from entropy_attn.geometry import (BallEntropy, HalfspaceEntropy, ball_assignments, ball_entropy,
                                    default_num_anchors, halfspace_entropy, kmeans_pp,
                                    normalize_points)
+from oracle import fresh_generator
 
 D = torch.float64
 
 
 def _points(n=40, d=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, dtype=D, generator=g)
+    """Fresh standard normal points ``[n, d]`` float64; one stream per ``seed`` within a test."""
+    return torch.randn(n, d, dtype=D, generator=fresh_generator(seed))
 
 
 def _direct_ball(x: np.ndarray, c: np.ndarray, alpha: float) -> float:
