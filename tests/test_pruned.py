@@ -282,16 +282,18 @@ def test_gqa():
 def test_decoding_splits(mode):
     q, k, v = clustered(1, 2, 1, 3, 160, 16, seed=11)
     q = q[:, :, :3]
-    ref, _, amb = definition(q, k, v, 0.01, causal=True)
+    ref, st_ref, amb = definition(q, k, v, 0.01, causal=True)
     inp = check_inputs(q.to(DEV), k.to(DEV), v.to(DEV), causal=True)
     one = pruned_triton(inp, 0.01, mode, splits=1)
     four = pruned_triton(inp, 0.01, mode, splits=4)
     if mode == "exact":
         assert torch.allclose(one, four, atol=1e-5)
         check_close(four, ref, amb, torch.float32)
-    else:  # each split prunes against its own running bound: close, not equal
+    else:  # each split prunes against its own running bound: close, not equal (a superset of the
+        # exact mode's entries; max |fast - exact| 0.056 over 100 draws in the interpreter)
         for out in (one, four):
-            assert (out.double().cpu() - ref).abs().max() < 0.05
+            err = (out.double().cpu() - ref).abs().amax(-1)
+            assert (err <= fast_error_bound(st_ref, v) + 1e-3).all() and err.max() < 0.15, err
 
 
 @triton_ok
@@ -644,14 +646,18 @@ def test_fast_attention_sinks(monkeypatch, vertical):
     q, k, v = stripes(1, 2, 6 * bn, 16, 3, block=bn, seed=14)
     ref, st_ref, _ = definition(q, k, v, 0.01)
     out, st = run(q, k, v, tau=0.01, mode="fast", return_stats=True)
-    # Measured (interpreter): max |fast - exact| 0.05 (a few background entries near tau kept before
-    # the sink tile tightens the running lse bound); without the outlier keys it was 0.2.
+    # The fast mode keeps a superset of the exact mode's entries: the background entries near tau
+    # kept before the sink tile tightens the running lse bound. Measured in the interpreter over 60
+    # draws: mean |fast - exact| over rows 0.0006-0.043 (max 0.27), pruned mass up to 0.057 below the
+    # exact mode's; with the outlier keys' bias turned off, means of 0.03-0.09.
     err = (out.double().cpu() - ref).abs().amax(-1)
     assert (err <= fast_error_bound(st_ref, v) + 1e-3).all(), (err.max(), fast_error_bound(st_ref, v).max())
-    assert ((st["pruned_mass"].double().cpu() - st_ref["pruned_mass"]).abs() < 0.01).all()
+    assert err.mean() < 0.1, err.mean()
+    assert (st["pruned_mass"].double().cpu() <= st_ref["pruned_mass"] + 1e-4).all(), (st, st_ref)
     # (At this small N the background mass of a key block is above tau: the predictor, which tests
-    # block mass, may visit every tile, while the exact skip test drops the half without a sink.)
-    assert (st_ref["tile_sparsity"] > 0.3).all()
+    # block mass, may visit every tile, while the exact skip test drops the half without a sink:
+    # 0.39-0.50 of the tiles over 120 draws.)
+    assert (st_ref["tile_sparsity"] > 0.25).all()
 
 
 # ------------------------------------------------------------------------------------------------
