@@ -31,17 +31,26 @@ def device():
     return DEVICE
 
 
-#: Fresh random inputs every run; rerun with TEST_SEED=<seed> (printed in the header) to reproduce.
-SEED = int(os.environ.get("TEST_SEED") or int(os.environ.get("PYTEST_XDIST_TESTRUNUID", "") or "%x" % random.randrange(2**31), 16) % 2**31)
+def pytest_configure(config):
+    """Fresh random inputs every run: the run's seed is TEST_SEED when set, else drawn here (by
+    pytest-xdist's controller, which hands it to its workers). The header prints it."""
+    worker = getattr(config, "workerinput", None)
+    config.test_seed = int(os.environ.get("TEST_SEED") or (worker["test_seed"] if worker else random.randrange(2**31)))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist: each worker draws with the controller's seed, the one the header prints."""
+    node.workerinput["test_seed"] = node.config.test_seed
 
 
 def pytest_report_header(config):
-    return f"TEST_SEED={SEED} TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')} device={DEVICE}"
+    return f"TEST_SEED={config.test_seed} TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')} device={DEVICE}"
 
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    torch.manual_seed(SEED ^ zlib.crc32(request.node.nodeid.encode()))
+    torch.manual_seed(request.config.test_seed ^ zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture(autouse=True)
