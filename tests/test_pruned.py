@@ -647,17 +647,17 @@ def test_fast_attention_sinks(monkeypatch, vertical):
     ref, st_ref, _ = definition(q, k, v, 0.01)
     out, st = run(q, k, v, tau=0.01, mode="fast", return_stats=True)
     # The fast mode keeps a superset of the exact mode's entries: the background entries near tau
-    # kept before the sink tile tightens the running lse bound. Measured in the interpreter over 60
-    # draws: mean |fast - exact| over rows 0.0006-0.043 (max 0.27), pruned mass up to 0.057 below the
-    # exact mode's; with the outlier keys' bias turned off, means of 0.03-0.09.
+    # kept before the sink tile tightens the running lse bound. Measured in the interpreter over 360
+    # draws: mean |fast - exact| over rows 0-0.057 (max 0.31), pruned mass up to 0.057 below the
+    # exact mode's; with the outlier keys' bias turned off, means of 0.03-0.09 (20 draws).
     err = (out.double().cpu() - ref).abs().amax(-1)
     assert (err <= fast_error_bound(st_ref, v) + 1e-3).all(), (err.max(), fast_error_bound(st_ref, v).max())
     assert err.mean() < 0.1, err.mean()
     assert (st["pruned_mass"].double().cpu() <= st_ref["pruned_mass"] + 1e-4).all(), (st, st_ref)
     # (At this small N the background mass of a key block is above tau: the predictor, which tests
     # block mass, may visit every tile, while the exact skip test drops the half without a sink:
-    # 0.39-0.50 of the tiles over 120 draws.)
-    assert (st_ref["tile_sparsity"] > 0.25).all()
+    # 0.33-0.50 of the tiles over 360 draws.)
+    assert (st_ref["tile_sparsity"] > 0.15).all()
 
 
 # ------------------------------------------------------------------------------------------------
