@@ -1,6 +1,8 @@
 """Float64 evaluation of shared MATH.md section 1, materialized, written independently of the
-library's reference path. Used as ground truth for every attention test."""
+library's reference path. Used as ground truth for every attention test; also the generator that
+the tests drawing several input streams seed from the test's fresh seed."""
 import torch
+
 
 def fresh_generator(stream=0):
     """A CPU ``torch.Generator`` for input stream ``stream`` of a test, seeded from the test's fresh
