@@ -7,7 +7,7 @@ programs fit on a multiprocessor. ``python benchmarks/ttgir_pruned.py [--d 128] 
 The kernel is specialized as Triton specializes it on the device for the benchmark's inputs (bf16,
 B = 1, H = 2048 / D, N queries and keys, no mask): pointers 16-byte aligned, integers equal to 1
 made constants, integers divisible by 16 marked so; tiles, warps and stages from
-``entropy_attn.pruned``. Triton's bundled ptxas compiles it; nothing runs. Used to read the
+``entropy_attn.pruned``; launched early (``PDL``, as on Hopper). Triton's bundled ptxas compiles it; nothing runs. Used to read the
 pipelining of the sweep before spending GPU time (``benchmarks/RESULTS.md``, issue 5).
 """
 import argparse
@@ -46,7 +46,7 @@ def specialization(n: int, d: int):
     constants = dict(D=d, DV=d, LIST_M=cfg.block_m, BLOCK_M=sweep.block_m, BLOCK_N=cfg.block_n, BLOCK_D=d, BLOCK_DV=d,
                      CAUSAL=False, MASK_KIND=0, KPM_KIND=0, MASKED=n % cfg.block_n != 0, EXACT=False, FIXED=True,
                      SPLIT=False, FALLBACK=True, STATS=False, LSE_BOUND=True, CHUNK=pruned._bound_chunk(nkb),
-                     TMA=False, PRECISION="tf32")
+                     TMA=False, PRECISION="tf32", PDL=True)
     signature, attrs = {}, {}
     for i, name in enumerate(pruned_attn.arg_names):
         if name in constants:
@@ -95,7 +95,8 @@ def main():
     signature, constants, attrs, sweep = specialization(args.n, args.d)
     src = ASTSource(fn=pruned_attn, signature=signature, constexprs=constants, attrs=attrs)
     binary = triton.compile(src, target=GPUTarget("cuda", args.arch, 32),
-                            options=dict(num_warps=sweep.num_warps, num_stages=sweep.num_stages, maxnreg=sweep.maxnreg))
+                            options=dict(num_warps=sweep.num_warps, num_stages=sweep.num_stages, maxnreg=sweep.maxnreg,
+                                         launch_pdl=True))
     ir = binary.asm["ttgir"]
     regs, spills = registers(binary.asm["ptx"], args.arch)
     # Registers are allocated per warp in units of 256; shared memory per program plus 1 KiB.

@@ -4,6 +4,9 @@ the 128-row tile lists of prefill) on the GPU and print the time of each, beside
 (``pruned_predict``: query blocks, warps, stages per program), and ``--copy-engine`` times the exact
 mode with and without the copy engine's loads of K and V (``_kv_operands``: tensor descriptors where
 the key range is not split, or plain loads everywhere), alternating, the better of two rounds.
+``--early`` times the pruned call with and without early launches (programmatic dependent launch,
+``kernels/pdl.py``) and ``--occupancy`` the fast mode with sweep programs that fit more of them on a
+multiprocessor, each alternating against what is in use.
 ``--small`` runs the first two at 8k-16k instead, each call replayed from a CUDA graph (its kernels
 only: called directly, a call's host time would hide its kernels there). The winners go into
 ``entropy_attn/pruned.py`` (``_sweep_config``, ``_predict_config``, ``_kv_operands``).
@@ -25,6 +28,11 @@ from entropy_attn import _launch, entropy_attention, pruned  # noqa: E402
 #: (rows, warps, stages) of one sweep program; rows divide the 128-row query blocks.
 SWEEP = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 2), (64, 8, 3), (128, 8, 2), (128, 8, 3), (128, 4, 2),
          (32, 4, 2), (32, 2, 2)]
+#: (rows, warps, stages, registers per thread) of sweep programs more of which share a multiprocessor
+#: than of the shapes in use (two): its 65536 registers hold three programs of 4 warps at 168
+#: registers per thread, four at 128; one stage where shared memory would hold no more than two.
+OCCUPANCY = {128: [(64, 4, 1, None), (64, 4, 1, 168), (64, 4, 1, 128)],
+             64: [(64, 4, 2, 168), (64, 4, 2, 128), (64, 4, 1, 128)]}
 #: (N, D, s)
 CASES = [(65536, 128, 0.95), (65536, 128, 0.9), (65536, 64, 0.9), (65536, 64, 0.8), (32768, 128, 0.9),
          (16384, 128, 0.8)]
@@ -72,6 +80,26 @@ def sweep_programs(cases=CASES, graphed=False):
                         print(f"  {mode} sweep={rows}x{warps}w{stages}s: {ms:.3f} ms ({dense / ms:.2f}x dense)", flush=True)
                     except Exception as e:  # noqa: BLE001 - report and go on with the sweep
                         print(f"  {mode} sweep={rows}x{warps}w{stages}s: {type(e).__name__}: {e}", flush=True)
+
+
+def occupancy():
+    """The fast mode's time per call, replayed from a CUDA graph, with the sweep shape in use and
+    with each of ``OCCUPANCY``, alternating, the better of two rounds."""
+    in_use = pruned._sweep_config
+    for n, d, s in [(8192, 128, 0.8), (8192, 128, 0.95), (16384, 128, 0.9), (65536, 128, 0.95), (8192, 64, 0.8),
+                    (16384, 64, 0.8), (65536, 64, 0.9)]:
+        q, k, v, tau = stripes(1, 2048 // d, 2048 // d, n, n, d, s)
+
+        def apply(shape):
+            pruned._sweep_config = in_use if shape is None else (
+                lambda cfg, d_, dv, c=shape: pruned._Config(c[0], cfg.block_n, c[1], c[2], maxnreg=c[3]))
+
+        with torch.no_grad():
+            best = alternate([None] + OCCUPANCY[d], apply, lambda: pruned.pruned_attention(q, k, v, tau=tau, mode="fast"),
+                             graphed=True)
+        print(f"N={n} D={d} s={s}: " + ", ".join(
+            ("in use" if c is None else "{}x{}w{}s/{}r".format(*c)) + f" {ms:.3f} ms" for c, ms in best.items()), flush=True)
+    pruned._sweep_config = in_use
 
 
 def alternate(variants, apply, fn, graphed: bool = False, rounds: int = 2) -> dict:
@@ -125,14 +153,52 @@ def bound_chunk():
         print(f"| N={n} D={d} s={s} | " + " | ".join(f"{best[c]:.3f}" for c in chunks) + " |", flush=True)
 
 
+def early_launch():
+    """The pruned call's time with and without early launches (``_launch.PDL_ENABLED``: programmatic
+    dependent launch, ``kernels/pdl.py``), alternating, the better of three rounds, replayed from a
+    CUDA graph and called directly (``do_bench``: calls back to back); outputs compared bitwise."""
+    enabled = _launch.PDL_ENABLED
+    print("| call | graphed off ms | graphed on ms | speed-up | direct off ms | direct on ms | speed-up | equal |")
+    print("|---|---|---|---|---|---|---|---|")
+    cases = [(f"fast {n // 1024}k D{d} s {s}", "fast", stripes(1, 2048 // d, 2048 // d, n, n, d, s))
+             for n, d, s in SMALL_CASES + [(65536, 128, 0.95), (65536, 64, 0.9)]]
+    cases += [(f"exact {n // 1024}k D{d} s {s}", "exact", stripes(1, 2048 // d, 2048 // d, n, n, d, s))
+              for n, d, s in [(8192, 128, 0.9), (16384, 64, 0.8)]]
+    cases += [(f"{mode} decoding {nq} x {nk // 1024}k", mode, stripes(4, 32, 8, nq, nk, 128, 0.9, seed=1))
+              for mode in ("fast", "exact") for nq, nk in [(1, 32768), (16, 131072)]]
+    for name, mode, (q, k, v, tau) in cases:
+        def call():
+            return pruned.pruned_attention(q, k, v, tau=tau, mode=mode)
+
+        def apply(on):
+            _launch.PDL_ENABLED = on and enabled
+
+        with torch.no_grad():
+            outs = {}
+            for on in (False, True):
+                apply(on)
+                pruned.clear_plans()
+                outs[on] = [call() for _ in range(3)][-1]
+            graphed = alternate((False, True), apply, call, graphed=True, rounds=3)
+            direct = alternate((False, True), apply, call, rounds=3)
+        equal = torch.equal(outs[False], outs[True])
+        print(f"| {name} | {graphed[False]:.3f} | {graphed[True]:.3f} | {graphed[False] / graphed[True]:.3f}x | "
+              f"{direct[False]:.3f} | {direct[True]:.3f} | {direct[False] / direct[True]:.3f}x | {equal} |", flush=True)
+    _launch.PDL_ENABLED = enabled
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--predict", action="store_true", help="sweep the predictor's programs")
     parser.add_argument("--copy-engine", action="store_true", help="time the exact mode with and without the copy engine")
     parser.add_argument("--bound-chunk", action="store_true", help="time the fast sweep's lse bound steps")
+    parser.add_argument("--early", action="store_true", help="time the pruned call with and without early launches")
+    parser.add_argument("--occupancy", action="store_true", help="time sweep shapes with more programs per multiprocessor")
     parser.add_argument("--small", action="store_true", help="sweep (or --predict) at 8k-16k, from CUDA graphs")
     args = parser.parse_args()
-    if args.copy_engine or args.bound_chunk:
+    if args.early or args.occupancy:
+        (early_launch if args.early else occupancy)()
+    elif args.copy_engine or args.bound_chunk:
         (copy_engine if args.copy_engine else bound_chunk)()
     else:
         cases = dict(cases=SMALL_CASES, graphed=True) if args.small else {}

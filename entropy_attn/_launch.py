@@ -15,6 +15,7 @@ import triton
 
 from ._fastlaunch import interpreting, launch
 from ._inputs import AttentionInputs
+from .kernels.pdl import AVAILABLE as PDL_AVAILABLE
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -36,6 +37,10 @@ TMA_ENABLED = (
 )
 #: The copy engine's largest block edge (elements).
 TMA_MAX_BOX = 256
+#: The kernels of one pruned call are launched early on Hopper or newer (programmatic dependent
+#: launch: each starts while the one before it finishes, ``kernels/pdl.py``); ``ENTROPY_ATTN_PDL=0``
+#: launches each only after the one before it has finished.
+PDL_ENABLED = os.environ.get("ENTROPY_ATTN_PDL", "1") != "0" and PDL_AVAILABLE
 
 
 def check_triton_inputs(inp: AttentionInputs) -> None:
@@ -144,6 +149,12 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _has_tma(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def early_launch(device: torch.device) -> bool:
+    """Whether kernels on ``device`` may be launched early (``PDL_ENABLED``, Hopper or newer, not in
+    Triton's interpreter): what ``_plan.Workspace`` takes as ``early``."""
+    return PDL_ENABLED and not interpreting() and _has_tma(device)
 
 
 def _tma_loadable(t: torch.Tensor, block: list) -> bool:

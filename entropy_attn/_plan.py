@@ -176,9 +176,14 @@ class Workspace:
     """Where a call allocates its buffers (``empty``, ``full``) and launches its kernels
     (``launch``). Built with the call's ``inputs`` it also records them: ``plan(out)`` returns the
     ``Plan``, or None if some launch took a tensor that is neither an input nor one of its buffers.
-    Built without, it only allocates and launches."""
+    Built without, it only allocates and launches. With ``early``, the kernels launched with
+    ``chained=True`` start before the kernel launched before them has finished (programmatic
+    dependent launch, ``kernels/pdl.py``), all but the workspace's first launch, which starts after
+    everything before the call as usual."""
 
-    def __init__(self, inputs=None):
+    def __init__(self, inputs=None, early: bool = False):
+        self.early = early
+        self._launched = 0
         self.recording = inputs is not None
         self._tensors = list(inputs or ())  # every recorded tensor stays alive, so that ids stay unique
         self._slot = {id(t): i for i, t in enumerate(self._tensors)}
@@ -199,7 +204,12 @@ class Workspace:
             self._allocs.append(spec)
         return t
 
-    def launch(self, kernel, grid: tuple, *args, **kwargs) -> None:
+    def launch(self, kernel, grid: tuple, *args, chained: bool = False, **kwargs) -> None:
+        """``kernel[grid](*args, **kwargs)``, recorded. ``chained``: the kernel takes the constexpr
+        ``PDL`` and waits for the kernel before it where ``kernels/pdl.py`` says."""
+        if chained and self.early:
+            kwargs.update(PDL=True, launch_pdl=self._launched > 0)
+        self._launched += 1
         launch(kernel, grid, *args, **kwargs)
         if not self.recording:
             return

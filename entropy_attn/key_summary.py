@@ -50,7 +50,7 @@ def _pool_keys(k, kpm_args, block_n: int, nkb: int, ws: Workspace = PLAIN, out=N
         ws.launch(pool_keys, (nkb - kb0, B * Hkv),
             k, kp, ko, kbias, kobias, kpm, *k.stride(), *kp.stride(), *pstr, kbias.stride(0),
             Hkv, Nk, kb0,
-            D=D, BLOCK_N=block_n, BLOCK_D=_block(D), KPM_KIND=pkind, num_warps=2,
+            D=D, BLOCK_N=block_n, BLOCK_D=_block(D), KPM_KIND=pkind, num_warps=2, chained=True,
         )
     return tuple(_blocks(t, nkb) for t in out) if given else out
 

@@ -35,7 +35,7 @@ from ._inputs import AttentionInputs, check_inputs, score_bias
 from . import _plan
 from ._plan import PLAIN, Workspace, clear_plans, tensor_signature
 from ._launch import (LOG2E, _block, _Config, _input_precision, _mask_args, _on_device, _unit_stride, cdiv,
-                      interpreting, next_pow2, tma_operands)
+                      early_launch, interpreting, next_pow2, tma_operands)
 from .functional import attention_with_lse, resolve_backend
 from .key_summary import KeySummary, _pool_keys
 from .reference import _CHUNK_ELEMENTS, dense_operands, masked_softmax
@@ -293,7 +293,7 @@ def _exact_first_pass(inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_ar
         D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D),
         CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind,
         STATS=stats, TMA=tma, PRECISION=_input_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, chained=True,
     )
     unmasked = cnt.sum(0) if stats else None
     return tile_max, mpart, lpart, unmasked
@@ -313,7 +313,7 @@ def _select(tile_max, mpart, lpart, tau, cfg, nqb, nkb, Nq, ws: Workspace = PLAI
 
     chunk = min(256, max(16, next_pow2(nkb)))
     ws.launch(pruned_select, (nqb, BH), tile_max, mpart, lpart, lse2, thr, idx, count, nvalid, Nq, nqb, nkb,
-                             mpart.shape[0], math.log2(tau), BLOCK_M=cfg.block_m, CHUNK=chunk)
+                             mpart.shape[0], math.log2(tau), BLOCK_M=cfg.block_m, CHUNK=chunk, chained=True)
     return idx, count, nvalid, lse2, thr
 
 
@@ -347,10 +347,11 @@ def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN):
         H, inp.groups, Nq, Nk, nkb, kb_per, VERT_SAMPLES, inp.scale * LOG2E,
         D=D, BLOCK_S=block_s, BLOCK_N=cfg.block_n, BLOCK_D=_block(D),
         CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, PRECISION=_input_precision(q.dtype),
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, chained=True,
     )
     chunk = _chunk()
-    ws.launch(vertical_combine, (BH, cdiv(nkb, chunk)), block_max, mpart, lpart, vert, nkb, splits, BLOCK_S=block_s, CHUNK=chunk)
+    ws.launch(vertical_combine, (BH, cdiv(nkb, chunk)), block_max, mpart, lpart, vert, nkb, splits,
+              BLOCK_S=block_s, CHUNK=chunk, chained=True)
     return vert
 
 
@@ -381,7 +382,7 @@ def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None
         H, inp.groups, Nq, k.shape[2], nqb, nkb, inp.scale * LOG2E, log2_thr,
         D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), QB=qb, CHUNK=chunk,
         CAUSAL=inp.causal, VERT=vert is not None, PRECISION=_input_precision(q.dtype),
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, chained=True,
     )
     return idx, count, (kp, ko, kbias, kobias)
 
@@ -398,7 +399,7 @@ def _combine(opart, mpart, lpart, lall, dtype, log2_tau: float, exact: bool, sta
 
     block_r = 16
     ws.launch(split_combine, (cdiv(Nq, block_r), BH), opart, mpart, lpart, lall, out, w, Nq, S, log2_tau,
-           DV=Dv, BLOCK_R=block_r, BLOCK_DV=_block(Dv), EXACT=exact, STATS=weights)
+           DV=Dv, BLOCK_R=block_r, BLOCK_DV=_block(Dv), EXACT=exact, STATS=weights, chained=True)
     return out, (w if weights else None)
 
 
@@ -437,7 +438,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
         plan, record = _plan.lookup(signature) if signature is not None else (None, False)
         if plan is not None:
             return plan.run(inputs, q.device).view(shape)
-        ws = Workspace(inputs) if record else PLAIN
+        ws = Workspace(inputs if record else None, early=early_launch(q.device))
         out, st = _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits, slack, pack, pooled, ws)
     if record:
         _plan.store(signature, ws.plan(out))
@@ -503,7 +504,7 @@ def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits
         BLOCK_DV=_block(Dv), CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, MASKED=masked,
         EXACT=exact, FIXED=fallback and tau < 1, SPLIT=split, FALLBACK=fallback, STATS=stats,
         LSE_BOUND=bound, CHUNK=chunk, TMA=tma, PRECISION=_input_precision(q.dtype),
-        num_warps=sweep.num_warps, num_stages=sweep.num_stages, maxnreg=sweep.maxnreg,
+        num_warps=sweep.num_warps, num_stages=sweep.num_stages, maxnreg=sweep.maxnreg, chained=True,
     )
     if split:
         out, wsplit = _combine(opart, mpart, lpart, lall, q.dtype, math.log2(tau), exact, stats, ws)

@@ -60,6 +60,7 @@ import triton.language as tl
 
 from .attention_fwd import load_rows, load_tile
 from .masks import M_INIT, MIN_EXP2, NO_MASK, apply_masks, dot, key_range
+from .pdl import wait_previous
 #: Pooled query rows per query block in the fast predictor (the smallest tl.dot M).
 POOL_ROWS = tl.constexpr(16)
 
@@ -129,7 +130,7 @@ def pruned_scores(
     H, GROUPS, Nq, Nk, NQB, NKB, KB_PER_SPLIT, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
-    STATS: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr,
+    STATS: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Pass 1 of the exact mode: ``BLOCK_M`` rows of one (batch, head) against the key blocks
     ``[split * KB_PER_SPLIT, (split + 1) * KB_PER_SPLIT)``.
@@ -153,6 +154,7 @@ def pruned_scores(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_tile(Q, offs_m, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D)
+    wait_previous(PDL)
 
     kb_lo = split * KB_PER_SPLIT
     kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, NKB)
@@ -206,6 +208,7 @@ def split_lse(Mpart, Lpart, offs, mask, SPLITS, split_stride):
 def split_combine(
     Opart, Mpart, Lpart, Lall, Out, W, Nq, SPLITS, log2_tau,
     DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr, EXACT: tl.constexpr, STATS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Fold the ``SPLITS`` split programs of ``BLOCK_R`` rows of one (batch, head) into their output
     (flash-decoding's combine). Opart ``[S, B*H, Nq, DV]`` and Mpart, Lpart, Lall ``[S, B*H, Nq]``
@@ -220,6 +223,7 @@ def split_combine(
     the whole row; ``out = sum_s w_s O_s / sum_s w_s l_s`` (0 where that is 0). ``STATS``: W
     ``[S, B*H, Nq]`` float32 = ``w_s``.
     """
+    wait_previous(PDL)
     bh = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < Nq
@@ -253,7 +257,7 @@ def split_combine(
 @triton.jit
 def pruned_select(
     TileMax, Mpart, Lpart, Lse2, Thr, Idx, Count, NValid, Nq, NQB, NKB, SPLITS, log2_tau,
-    BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """The exact tile skip test of query block ``pid_m``: each row's lse2 and threshold from the
     first pass's split partials, then the list of key blocks whose tile maximum reaches
@@ -265,6 +269,7 @@ def pruned_select(
     ``[B*H, NQB, NKB]`` int32 (first Count entries valid, in key order), Count and NValid
     ``[B*H, NQB]`` int32: listed tiles and tiles with at least one unmasked entry.
     """
+    wait_previous(PDL)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -339,6 +344,7 @@ def pruned_predict(
     H, GROUPS, Nq, Nk, NQB, NKB, qk_scale, log2_thr,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     QB: tl.constexpr, CHUNK: tl.constexpr, CAUSAL: tl.constexpr, VERT: tl.constexpr, PRECISION: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Fast-mode tile prediction for the ``QB`` query blocks ``[pid QB, (pid + 1) QB)`` of one
     (batch, head): their ``QB * 16`` pooled rows share every load of the pooled keys.
@@ -383,6 +389,7 @@ def pruned_predict(
     qb_ok = qb < NQB
     offs_d = tl.arange(0, BLOCK_D)
     qp = pooled_queries(Q, offs_r, offs_d, Nq, stride_qm, stride_qd, D, BLOCK_M, BLOCK_D)
+    wait_previous(PDL)  # the pooled keys and the vertical estimate
 
     base = (bh.to(tl.int64) * NQB + qb) * NKB
     n_pooled = NQB * POOL_ROWS
@@ -617,6 +624,7 @@ def pruned_attn(
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, MASKED: tl.constexpr,
     EXACT: tl.constexpr, FIXED: tl.constexpr, SPLIT: tl.constexpr, FALLBACK: tl.constexpr, STATS: tl.constexpr,
     LSE_BOUND: tl.constexpr, CHUNK: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Pass 2: ``BLOCK_M`` rows of one (batch, head) over its share of the key blocks listed for
     their query block of ``LIST_M`` rows (split ``program_id(2)`` of ``num_programs(2)`` takes an
@@ -652,6 +660,7 @@ def pruned_attn(
     row_mask = offs_m < Nq
     rows = bh.to(tl.int64) * Nq + offs_m
     q = load_tile(Q, offs_m, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D)
+    wait_previous(PDL)  # the tile lists (and thresholds, lse, pooled keys)
     if EXACT:
         thr = tl.load(Thr + rows, mask=row_mask, other=float("inf"))
     else:

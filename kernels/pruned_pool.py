@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .attention_fwd import load_tile
 from .masks import FLOAT_MASK, M_INIT, NO_MASK, apply_masks
+from .pdl import wait_previous
 from .pruned import _scores_blocks, split_lse
 
 
@@ -27,6 +28,7 @@ def pool_keys(
     stride_pb, stride_pn, stride_bb,
     HKV, Nk, KB0,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KPM_KIND: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Summary of key block ``kb = KB0 + program_id(0)`` of one (batch, kv head) (``KB0 > 0``
     re-pools the blocks of a grown key cache from there on).
@@ -43,6 +45,7 @@ def pool_keys(
       of the outlier key alone: 0 where the block has a key with ``w_j > 0``, else -inf (always -inf
       for a float Kpm, whose weights differ per key).
     """
+    wait_previous(PDL)
     kb = KB0 + tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -92,6 +95,7 @@ def vertical_sample(
     H, GROUPS, Nq, Nk, NKB, KB_PER_SPLIT, SAMPLES, qk_scale,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, PRECISION: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """The sampled query rows of one (batch, head) against the key blocks
     ``[split * KB_PER_SPLIT, (split + 1) * KB_PER_SPLIT)``, every mask applied.
@@ -115,6 +119,7 @@ def vertical_sample(
     rows = tl.where(offs_s < SAMPLES, (offs_s * (Nq - 1) + n_gaps // 2) // n_gaps, Nq)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_tile(Q, rows, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D)
+    wait_previous(PDL)
 
     kb_lo = split * KB_PER_SPLIT
     kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, NKB)
@@ -133,12 +138,13 @@ def vertical_sample(
 @triton.jit
 def vertical_combine(
     BlockMax, Mpart, Lpart, Vert, NKB, SPLITS,
-    BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Per (batch, head) ``bh`` and key blocks ``[pid CHUNK, (pid + 1) CHUNK)``: each sampled row's
     lse2 from the splits' partial sums (+inf for a row that sees no key), then Vert ``[B*H, NKB]``
     float32 = ``max_r (BlockMax[bh, kb, r] - lse2_r)``, the log2 of the largest softmax weight a
     sampled row gives a key of block kb (-inf if none). Inputs as written by ``vertical_sample``."""
+    wait_previous(PDL)
     bh = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
     _, lse = split_lse(Mpart, Lpart, bh.to(tl.int64) * BLOCK_S + offs_s, offs_s < BLOCK_S, SPLITS,

@@ -541,6 +541,83 @@ def test_launch_plan_replays_the_call(monkeypatch, mode, case):
 
 
 @triton_ok
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("case", ["prefill", "decoding", "stats"])
+def test_early_launches_chain_the_call(monkeypatch, mode, case):
+    """With early launches (programmatic dependent launch, ``kernels/pdl.py``), every kernel of a
+    pruned call waits for the kernel before it (``PDL``), and every one but the call's first starts
+    early (``launch_pdl``): the first waits for everything before the call, as a plain launch does.
+    Checked on the launches a call makes and on those its launch plan replays (the flags are taken
+    off before the launch here: the interpreter has no grid dependency control)."""
+    import entropy_attn.pruned as pr
+    from entropy_attn import _plan
+
+    monkeypatch.setattr(pr, "VERT_MIN_NQ", 16)
+    monkeypatch.setattr(pr, "VERT_SAMPLES", 8)
+    monkeypatch.setattr(pr, "early_launch", lambda device: True)
+    calls = []
+
+    def launch(kernel, grid, *args, **kwargs):
+        calls.append((kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), kwargs.pop("PDL", None),
+                      kwargs.pop("launch_pdl", None)))
+        real_launch(kernel, grid, *args, **kwargs)
+
+    real_launch = _plan.launch
+    monkeypatch.setattr(_plan, "launch", launch)
+    monkeypatch.setattr(_plan, "direct_enabled", lambda: False)  # replays go through ``launch`` too
+    _plan.clear_plans()
+    B, H, Hkv, Nq, Nk = (1, 2, 2, 40, 90) if case != "decoding" else (2, 4, 2, 1, 200)
+    q, k, v = (t.to(DEV) for t in clustered(B, H, Hkv, Nq, Nk, 16, seed=40))
+    for rep in range(3 if case != "stats" else 1):  # seen, recorded, replayed
+        calls.clear()
+        run(q, k, v, tau=0.01, mode=mode, return_stats=case == "stats")
+        names = [name for name, _, _ in calls]
+        assert "pruned_attn" in names and len(calls) >= 2, calls
+        assert all(pdl is True for _, pdl, _ in calls), calls
+        assert [early for _, _, early in calls] == [False] + [True] * (len(calls) - 1), calls
+    _plan.clear_plans()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("nq", [1, 16, 1500])
+def test_early_launches_match_plain_launches(monkeypatch, mode, nq):
+    """Early launches change when kernels start, never what they compute: 12 calls issued back to
+    back with no synchronization (each reading what the one before wrote into its own buffers would
+    show a missing wait), and the same calls replayed from a CUDA graph, give bitwise what plain
+    launches give."""
+    from entropy_attn import _launch, _plan
+
+    if not _launch.early_launch(torch.device("cuda")):
+        pytest.skip("early launches need Hopper or newer and ENTROPY_ATTN_PDL unset")
+    shapes = (2, 8, 2, nq, 3000, 64)
+    inputs = [[t.cuda() for t in clustered(*shapes, dtype=torch.bfloat16, block=64, seed=s)] for s in range(4)]
+    mask = torch.zeros(2, 3000, dtype=torch.bool, device="cuda")
+    mask[1, 2500:] = True
+
+    def calls():
+        return [pruned_attention(*inputs[i % 4], tau=0.01, mode=mode, key_padding_mask=mask) for i in range(12)]
+
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(_launch, "PDL_ENABLED", on)
+        _plan.clear_plans()
+        outs[on] = calls()  # the first call of each input is seen, the second records its plan
+        outs[on] += calls()  # replayed plans
+        static = [t.clone() for t in inputs[0]]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = pruned_attention(*static, tau=0.01, mode=mode, key_padding_mask=mask)
+        for t, new in zip(static, inputs[1]):
+            t.copy_(new)
+        graph.replay()
+        outs[on].append(out.clone())
+    _plan.clear_plans()
+    assert all(torch.isfinite(o).all() for o in outs[True])
+    assert all(torch.equal(a, b) for a, b in zip(outs[False], outs[True]))
+
+
+@triton_ok
 @pytest.mark.skipif(not TMA_ENABLED, reason="copy-engine loads are off (Triton < 3.6 or ENTROPY_ATTN_TMA=0)")
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 @pytest.mark.parametrize("case", ["masked", "decoding"])
