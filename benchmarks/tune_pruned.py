@@ -31,8 +31,7 @@ SWEEP = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 2), (64, 8, 3), (128, 8, 2)
 #: (rows, warps, stages, registers per thread) of sweep programs more of which share a multiprocessor
 #: than of the shapes in use (two): its 65536 registers hold three programs of 4 warps at 168
 #: registers per thread, four at 128; one stage where shared memory would hold no more than two.
-OCCUPANCY = {128: [(64, 4, 1, None), (64, 4, 1, 168), (64, 4, 1, 128)],
-             64: [(64, 4, 2, 168), (64, 4, 2, 128), (64, 4, 1, 128)]}
+OCCUPANCY = {128: [(64, 4, 1, 168)], 64: [(64, 4, 2, 128), (64, 4, 3, 128), (64, 4, 2, 96)]}
 #: (N, D, s)
 CASES = [(65536, 128, 0.95), (65536, 128, 0.9), (65536, 64, 0.9), (65536, 64, 0.8), (32768, 128, 0.9),
          (16384, 128, 0.8)]
@@ -83,11 +82,14 @@ def sweep_programs(cases=CASES, graphed=False):
 
 
 def occupancy():
-    """The fast mode's time per call, replayed from a CUDA graph, with the sweep shape in use and
-    with each of ``OCCUPANCY``, alternating, the better of two rounds."""
+    """The pruned call's time, replayed from a CUDA graph, with the sweep shape in use and with each
+    of ``OCCUPANCY``, alternating, the better of two rounds (fast mode; exact mode where marked)."""
     in_use = pruned._sweep_config
-    for n, d, s in [(8192, 128, 0.8), (8192, 128, 0.95), (16384, 128, 0.9), (65536, 128, 0.95), (8192, 64, 0.8),
-                    (16384, 64, 0.8), (65536, 64, 0.9)]:
+    for n, d, s, mode in [(8192, 128, 0.8, "fast"), (8192, 128, 0.95, "fast"), (16384, 128, 0.9, "fast"),
+                          (65536, 128, 0.95, "fast"), (8192, 64, 0.8, "fast"), (8192, 64, 0.95, "fast"),
+                          (16384, 64, 0.8, "fast"), (16384, 64, 0.95, "fast"), (32768, 64, 0.8, "fast"),
+                          (32768, 64, 0.9, "fast"), (65536, 64, 0.9, "fast"), (8192, 64, 0.8, "exact"),
+                          (16384, 64, 0.9, "exact"), (32768, 64, 0.9, "exact")]:
         q, k, v, tau = stripes(1, 2048 // d, 2048 // d, n, n, d, s)
 
         def apply(shape):
@@ -95,9 +97,9 @@ def occupancy():
                 lambda cfg, d_, dv, c=shape: pruned._Config(c[0], cfg.block_n, c[1], c[2], maxnreg=c[3]))
 
         with torch.no_grad():
-            best = alternate([None] + OCCUPANCY[d], apply, lambda: pruned.pruned_attention(q, k, v, tau=tau, mode="fast"),
+            best = alternate([None] + OCCUPANCY[d], apply, lambda: pruned.pruned_attention(q, k, v, tau=tau, mode=mode),
                              graphed=True)
-        print(f"N={n} D={d} s={s}: " + ", ".join(
+        print(f"{mode} N={n} D={d} s={s}: " + ", ".join(
             ("in use" if c is None else "{}x{}w{}s/{}r".format(*c)) + f" {ms:.3f} ms" for c, ms in best.items()), flush=True)
     pruned._sweep_config = in_use
 

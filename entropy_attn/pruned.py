@@ -293,7 +293,7 @@ def _exact_first_pass(inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_ar
         D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D),
         CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind,
         STATS=stats, TMA=tma, PRECISION=_input_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, chained=True,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     unmasked = cnt.sum(0) if stats else None
     return tile_max, mpart, lpart, unmasked

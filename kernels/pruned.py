@@ -130,7 +130,7 @@ def pruned_scores(
     H, GROUPS, Nq, Nk, NQB, NKB, KB_PER_SPLIT, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
-    STATS: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False,
+    STATS: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Pass 1 of the exact mode: ``BLOCK_M`` rows of one (batch, head) against the key blocks
     ``[split * KB_PER_SPLIT, (split + 1) * KB_PER_SPLIT)``.
@@ -154,7 +154,6 @@ def pruned_scores(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_tile(Q, offs_m, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D)
-    wait_previous(PDL)
 
     kb_lo = split * KB_PER_SPLIT
     kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, NKB)

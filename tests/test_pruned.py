@@ -373,7 +373,7 @@ def test_fast_clustered_close_to_exact():
     assert err.mean() < 0.05, err.mean()
     # The fast mode visits a superset of the exact mode's tiles, yet skips some: 3 to 15 of the 18
     # (the exact mode 13 to 15) over 300 draws, most often 10 to 12.
-    assert (st["tile_sparsity"] <= st_ref["tile_sparsity"] + 1e-6).all(), (st, st_ref)
+    assert (st["tile_sparsity"].cpu() <= st_ref["tile_sparsity"] + 1e-6).all(), (st, st_ref)
     assert (st["tile_sparsity"] > 0).all(), st
     assert (st["pruned_mass"].double().cpu() < st_ref["pruned_mass"] + 0.01).all(), (st, st_ref)
 
@@ -545,10 +545,11 @@ def test_launch_plan_replays_the_call(monkeypatch, mode, case):
 @pytest.mark.parametrize("case", ["prefill", "decoding", "stats"])
 def test_early_launches_chain_the_call(monkeypatch, mode, case):
     """With early launches (programmatic dependent launch, ``kernels/pdl.py``), every kernel of a
-    pruned call waits for the kernel before it (``PDL``), and every one but the call's first starts
-    early (``launch_pdl``): the first waits for everything before the call, as a plain launch does.
-    Checked on the launches a call makes and on those its launch plan replays (the flags are taken
-    off before the launch here: the interpreter has no grid dependency control)."""
+    pruned call but its first starts early (``launch_pdl``) and waits for the kernel before it
+    (``PDL``); the first waits for everything before the call, as a plain launch does (the exact
+    mode's first pass does not let the next kernel start before it ends: measured slower). Checked
+    on the launches a call makes and on those its launch plan replays (the flags are taken off
+    before the launch here: the interpreter has no grid dependency control)."""
     import entropy_attn.pruned as pr
     from entropy_attn import _plan
 
@@ -573,8 +574,9 @@ def test_early_launches_chain_the_call(monkeypatch, mode, case):
         run(q, k, v, tau=0.01, mode=mode, return_stats=case == "stats")
         names = [name for name, _, _ in calls]
         assert "pruned_attn" in names and len(calls) >= 2, calls
-        assert all(pdl is True for _, pdl, _ in calls), calls
-        assert [early for _, _, early in calls] == [False] + [True] * (len(calls) - 1), calls
+        assert all(pdl is True for _, pdl, _ in calls[1:]), calls
+        assert [early for _, _, early in calls] == [None if names[0] == "pruned_scores" else False] + [True] * (len(calls) - 1), calls
+        assert (names[0] == "pruned_scores") == (mode == "exact" or case == "stats"), calls
     _plan.clear_plans()
 
 
