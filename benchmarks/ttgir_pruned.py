@@ -37,7 +37,7 @@ def specialization(n: int, d: int):
     """``(signature, constants, attrs)`` of ``pruned_attn`` for the fast sweep of one benchmark input."""
     h, nkb = 2048 // d, pruned.cdiv(n, 64)
     cfg = pruned._config(n, d, d)
-    sweep = pruned._sweep_config(cfg, d, d)
+    sweep = pruned._sweep_config(cfg, d, d, n)
     ints = dict(H=h, GROUPS=1, Nq=n, Nk=n, NQB=pruned.cdiv(n, cfg.block_m), NKB=nkb,
                 stride_mb=0, stride_mh=0, stride_mm=0, stride_mn=0, stride_pb=0, stride_pn=0,
                 stride_pkb=h * nkb * d, stride_pkh=nkb * d, stride_pkn=d, stride_pkd=1, stride_bb=0, stride_bn=1)

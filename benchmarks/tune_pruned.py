@@ -71,7 +71,7 @@ def sweep_programs(cases=CASES, graphed=False):
             dense = time_ms(lambda: entropy_attention(q, k, v, return_entropy=False), graphed)
             print(f"N={n} D={d} s={s}: dense {dense:.3f} ms", flush=True)
             for rows, warps, stages in SWEEP:
-                pruned._sweep_config = lambda cfg, d, dv, c=(rows, warps, stages): pruned._Config(c[0], cfg.block_n, c[1], c[2])
+                pruned._sweep_config = lambda cfg, d, dv, nk, c=(rows, warps, stages): pruned._Config(c[0], cfg.block_n, c[1], c[2])
                 pruned.clear_plans()
                 for mode in ("fast", "exact") if n == 65536 and d == 128 and s == 0.9 else ("fast",):
                     try:
@@ -94,7 +94,7 @@ def occupancy():
 
         def apply(shape):
             pruned._sweep_config = in_use if shape is None else (
-                lambda cfg, d_, dv, c=shape: pruned._Config(c[0], cfg.block_n, c[1], c[2], maxnreg=c[3]))
+                lambda cfg, d_, dv, nk, c=shape: pruned._Config(c[0], cfg.block_n, c[1], c[2], maxnreg=c[3]))
 
         with torch.no_grad():
             best = alternate([None] + OCCUPANCY[d], apply, lambda: pruned.pruned_attention(q, k, v, tau=tau, mode=mode),

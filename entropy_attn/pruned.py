@@ -83,7 +83,11 @@ def _bound_chunk(nkb: int) -> int:
     return 32 if nkb <= 128 and not interpreting() else _chunk()
 
 
-def _sweep_config(cfg: _Config, d: int, dv: int) -> _Config:
+#: Keys up to which the D <= 64 sweep takes 64-row programs (``_sweep_config``).
+SMALL_SWEEP_MAX_NK = 16384
+
+
+def _sweep_config(cfg: _Config, d: int, dv: int, nk: int) -> _Config:
     """Rows, warps and stages of the ``pruned_attn`` programs: its key tiles are ``cfg``'s and its rows
     divide ``cfg.block_m``, the query blocks of the tile lists. 128-row blocks at D = 128 are swept by
     two programs of 64 rows (4 warps, 2 stages), two of which fit on a multiprocessor, so that one's
@@ -97,10 +101,18 @@ def _sweep_config(cfg: _Config, d: int, dv: int) -> _Config:
     multiprocessor's 65536: Triton 3.6's ptxas takes 128 by itself, Triton 3.8's 129, which would
     leave room for one (``python benchmarks/ttgir_pruned.py --d 64``, compiled for sm_90 on the CPU;
     with the cap 126 and 128, no spills). On the H200 with Triton 3.6 the cap changes nothing
-    (same-process A/B, graphed: 0.98x-1.01x, outputs bitwise equal)."""
+    (same-process A/B, graphed: 0.98x-1.01x, outputs bitwise equal).
+    Up to ``SMALL_SWEEP_MAX_NK`` keys (``nk``), where the tile lists are short and each program's
+    start weighs more, D <= 64 takes two programs of 64 rows, 4 warps, 2 stages and at most 128
+    registers instead: four fit on a multiprocessor (H200, ``tune_pruned.py --occupancy``, graphed,
+    alternating: fast 8k s 0.8 / 0.95 0.383 -> 0.361 / 0.167 -> 0.159 ms, 16k 1.286 -> 1.231 /
+    0.488 -> 0.464, exact 8k s 0.8 1.139 -> 1.115, 16k s 0.9 3.854 -> 3.813; from 32k the fast mode
+    is 0.98x-1.004x as fast: 32k s 0.8 4.727 -> 4.834, s 0.9 2.587 -> 2.576, 64k s 0.9 9.654 -> 9.853)."""
     if cfg.block_m <= 64:
         return cfg
     if max(_block(d), _block(dv)) <= 64:
+        if nk <= SMALL_SWEEP_MAX_NK:
+            return _Config(64, cfg.block_n, 4, 2, maxnreg=128)
         return _Config(cfg.block_m, cfg.block_n, 8, 2, maxnreg=128)
     return _Config(64, cfg.block_n, 4, 2)
 
@@ -493,7 +505,7 @@ def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits
     kb_str = (kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(-1)) if not exact else (0, 0)
     masked = inp.causal or mkind != 0 or pkind != 0 or Nk % cfg.block_n != 0
     fallback = not exact and not split  # the fast sweep recomputes lost rows itself (no split combine)
-    sweep = _sweep_config(cfg, D, Dv)
+    sweep = _sweep_config(cfg, D, Dv, Nk)
     (k_arg, v_arg), tma = _kv_operands(cfg.block_n, split or not exact, (k, _block(D)), (v, _block(Dv)))
     ws.launch(pruned_attn, (cdiv(Nq, sweep.block_m), BH, n_split),
         q, k_arg, v_arg, out, idx, count, thr if thr is not None else lpart, lse2 if lse2 is not None else lpart,

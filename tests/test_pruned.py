@@ -464,7 +464,7 @@ def test_sweep_programs_split_list_blocks(monkeypatch, mode, causal):
     warps_stages = (1, 1) if interpreting() else (4, 2)
     q, k, v = clustered(1, 2, 1, 70, 96, 16, block=16, seed=22)
     results = []
-    for sweep in (lambda cfg, d, dv: cfg, lambda cfg, d, dv: _Config(cfg.block_m // 2, cfg.block_n, *warps_stages)):
+    for sweep in (lambda cfg, d, dv, nk: cfg, lambda cfg, d, dv, nk: _Config(cfg.block_m // 2, cfg.block_n, *warps_stages)):
         monkeypatch.setattr(pr, "_sweep_config", sweep)
         results.append(run(q, k, v, tau=0.01, causal=causal, mode=mode, return_stats=True))
     (whole, st_whole), (halves, st_halves) = results
