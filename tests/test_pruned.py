@@ -302,16 +302,18 @@ def test_decoding_splits(mode):
 def test_gqa_decoding_packs_query_heads(mode, nq, causal, padded):
     """Grouped-query decoding runs the 4 query heads of a kv head as the rows of one tile: the output
     and the per-head entry stats are the definition's, the tile stats those of the packed tiles
-    (the union of the group's heads), shared by the group's heads."""
-    B, H, Hkv, Nk, D = 2, 8, 2, 150, 16
-    qf, k, v = clustered(B, H, Hkv, 16 * H, Nk, D, block=10, seed=16)
-    q = torch.stack([qf[:, h, 16 * h:16 * h + nq] for h in range(H)], 1)  # heads point at different keys
+    (the union of the group's heads), shared by the group's heads. The keys span ~10 key tiles (16
+    keys under the interpreter, 64 on the GPU), so that the union differs from each head's tiles."""
+    s = kernel_tiles(4 * nq, 16)[1] // 16
+    B, H, Hkv, Nk, D = 2, 8, 2, 150 * s, 16
+    qf, k, v = clustered(B, H, Hkv, 16 * s * H, Nk, D, block=10 * s, seed=16)
+    q = torch.stack([qf[:, h, 16 * s * h:16 * s * h + nq] for h in range(H)], 1)  # heads point at different keys
     if nq == 3:  # stored [B, Nq, H, D] (packing copies it)
         q = q.transpose(1, 2).contiguous().transpose(1, 2)
     kpm = None
     if padded:
         kpm = torch.zeros(B, Nk, dtype=torch.bool)
-        kpm[1, 100:] = True
+        kpm[1, 100 * s:] = True
     ref, st_ref, amb = definition(q, k, v, 0.01, causal=causal, key_padding_mask=kpm)
     packed = q.reshape(B, Hkv, 4 * nq, D)  # the packed rows, non-causal (a single query's causal mask is empty)
     _, st_packed, _ = definition(packed, k, v, 0.01, key_padding_mask=kpm)
@@ -783,20 +785,28 @@ def test_validation_and_no_grad():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("nq", [1, 16, 700])
 def test_gpu_exact_vs_reference(causal, nq):
+    """Both modes against the float64 definition at the GPU's tiles. Causal with 700 queries on 2000
+    keys, the query blocks whose cluster lies after their causal end attend diffusely: a sixth of
+    the rows lose over half their mass to the pruning, and many have entries at the threshold
+    (ambiguous rows: up to 275 of 5600 over 25 draws on the H200). On those rows the fast mode keeps
+    more entries than the exact mode (its lse bound is lower while it sweeps), so its output differs
+    by up to 2.7 (25 draws); it stays within the bound of a kept superset (by at least 0.29 in every
+    draw), and within 0.084 on rows that lose less than a tenth of their mass."""
     q, k, v = clustered(2, 4, 2, max(nq, 64), 2000, 64, dtype=torch.bfloat16, block=64)
     q = q[:, :, -nq:].contiguous()
+    ref, st_ref, amb = definition(q, k, v, 0.01, causal=causal)
     q, k, v = q.cuda(), k.cuda(), v.cuda()
-    inp = check_inputs(q.double(), k.double(), v.double(), causal=causal)
-    ref = reference_pruned(inp, 0.01)
     for mode in ("exact", "fast"):
         out, st = pruned_attention(q, k, v, tau=0.01, causal=causal, mode=mode, return_stats=True)
-        err = (out.double() - ref).abs().max().item()
-        assert torch.isfinite(out).all()
-        bad = ((out.double() - ref).abs().amax(-1) > 0.05).double().mean().item()
-        if mode == "exact":
-            assert err < 0.05, (err, bad, st)
-        else:  # measured on the H100: max error 0.07 - 0.16 (rows keep a few extra entries near tau)
-            assert err < 0.25 and (out.abs().amax(-1) > 0).all(), (err, bad, st)
+        assert torch.isfinite(out).all() and (out.abs().amax(-1) > 0).all()
+        err = (out.double().cpu() - ref).abs().amax(-1)
+        if mode == "exact":  # measured: at most 0.0156 off the ambiguous rows (bf16 outputs)
+            check_close(out, ref, amb, torch.bfloat16)
+        else:
+            assert (st["tile_sparsity"].cpu() <= st_ref["tile_sparsity"] + 1e-6).all(), (st, st_ref)
+            assert (err <= fast_error_bound(st_ref, v) + 1e-2).all(), (err - fast_error_bound(st_ref, v)).max()
+            local = st_ref["row_pruned_mass"] < 0.1
+            assert err[local].max() < 0.15, err[local].max()
 
 
 @pytest.mark.gpu
