@@ -20,6 +20,9 @@ grouped-query attention the query heads of a kv head run as the rows of one tile
 mode's pooled keys can be kept between decoding calls (``key_summary.KeySummary``), so that a call
 does not pool the whole key cache again.
 
+A call's launches are recorded once per input signature and replayed (``_plan.py``); on Hopper the
+kernels after a call's first start while the one before them finishes (``kernels/pdl.py``).
+
 The PyTorch reference (``reference_pruned``) materializes the scores chunk by chunk over the queries,
 runs on any device and in float64, and is the ground truth of the tests.
 """
