@@ -152,9 +152,9 @@ def _has_tma(device: torch.device) -> bool:
 
 
 def early_launch(device: torch.device) -> bool:
-    """Whether kernels on ``device`` may be launched early (``PDL_ENABLED``, Hopper or newer, not in
-    Triton's interpreter): what ``_plan.Workspace`` takes as ``early``."""
-    return PDL_ENABLED and not interpreting() and _has_tma(device)
+    """Whether kernels on ``device`` may be launched early (``PDL_ENABLED``, an NVIDIA GPU of compute
+    capability 9 or newer, not in Triton's interpreter): what ``_plan.Workspace`` takes as ``early``."""
+    return PDL_ENABLED and not interpreting() and torch.version.hip is None and _has_tma(device)
 
 
 def _tma_loadable(t: torch.Tensor, block: list) -> bool:
