@@ -7,8 +7,9 @@ programs fit on a multiprocessor. ``python benchmarks/ttgir_pruned.py [--d 128] 
 The kernel is specialized as Triton specializes it on the device for the benchmark's inputs (bf16,
 B = 1, H = 2048 / D, N queries and keys, no mask): pointers 16-byte aligned, integers equal to 1
 made constants, integers divisible by 16 marked so; tiles, warps and stages from
-``entropy_attn.pruned``; launched early (``PDL``, as on Hopper). Triton's bundled ptxas compiles it; nothing runs. Used to read the
-pipelining of the sweep before spending GPU time (``benchmarks/RESULTS.md``, issue 5).
+``entropy_attn.pruned``; launched early (``PDL``, as on Hopper). Triton's bundled ptxas compiles
+it; nothing runs. Used to read the pipelining of the sweep before spending GPU time
+(``benchmarks/RESULTS.md``, issue 5).
 """
 import argparse
 import math

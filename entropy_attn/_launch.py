@@ -147,14 +147,15 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _has_tma(device: torch.device) -> bool:
+def _hopper_or_newer(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9 or newer: the copy engine's loads and early launches."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def early_launch(device: torch.device) -> bool:
     """Whether kernels on ``device`` may be launched early (``PDL_ENABLED``, an NVIDIA GPU of compute
     capability 9 or newer, not in Triton's interpreter): what ``_plan.Workspace`` takes as ``early``."""
-    return PDL_ENABLED and not interpreting() and torch.version.hip is None and _has_tma(device)
+    return PDL_ENABLED and not interpreting() and torch.version.hip is None and _hopper_or_newer(device)
 
 
 def _tma_loadable(t: torch.Tensor, block: list) -> bool:
@@ -163,7 +164,7 @@ def _tma_loadable(t: torch.Tensor, block: list) -> bool:
     Triton's interpreter, which emulates it)."""
     size = t.element_size()
     return (
-        (interpreting() or _has_tma(t.device))
+        (interpreting() or _hopper_or_newer(t.device))
         and t.numel() > 0 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
         and all(s > 0 and s * size % 16 == 0 for s in t.stride()[:-1])
         and max(block) <= TMA_MAX_BOX

@@ -601,12 +601,12 @@ def pruned_attention(
             returns NaN and never empties a row that has an unmasked key. It pays off for long
             prefill on attention with block structure (sinks, vertical stripes, clustered keys;
             measured on H200s, bf16, D = 128, against the dense kernel at tile sparsity 0.9 /
-            0.95: 7.6-8.2x / 11.9-12.9x at N = 32k, 8.5-9.0x / 15.1-16.3x at 64k (several
+            0.95: 7.6-8.5x / 11.9-14.2x at N = 32k, 8.5-9.0x / 15.1-16.3x at 64k (several
             machines); at 8k-16k the host's work per call (0.1-0.45 ms, by machine) bounds it
-            (3.2x-9.1x called directly), unless it is replayed from a CUDA graph (4.7x-10.7x);
+            (3.2x-10.2x called directly), unless it is replayed from a CUDA graph (4.7x-11.2x);
             max |fast - exact| 0.05 - 0.1 on sink-key inputs). On the attention of the example
             LMs (8k tokens) its prediction misses tiles (relative error 2-8 %) or visits nearly all
-            of them, and it is at most 1.5x faster than dense (benchmarks/RESULTS.md): check its
+            of them, and it is at most 1.9x faster than dense (benchmarks/RESULTS.md): check its
             error on your model (``return_stats``, or against ``'exact'``) before serving with it. For decoding
             (Nq <= 16) pass a ``key_summary``: without one it pools the whole key cache on every
             call and is slower than ``'exact'`` with one query.

@@ -681,7 +681,7 @@ def test_copy_engine_operands_only_where_loadable(monkeypatch):
     import entropy_attn._launch as launch_mod
     from entropy_attn._launch import tma_operands
 
-    monkeypatch.setattr(launch_mod, "_has_tma", lambda device: True)
+    monkeypatch.setattr(launch_mod, "_hopper_or_newer", lambda device: True)
     monkeypatch.setattr(launch_mod, "TMA_ENABLED", True)
     k = torch.zeros(2, 3, 50, 40, dtype=torch.float16)
     v = torch.zeros(2, 3, 50, 64, dtype=torch.float16)
