@@ -6,8 +6,7 @@ mode with and without the copy engine's loads of K and V (``_kv_operands``: tens
 the key range is not split, or plain loads everywhere), alternating, the better of two rounds.
 ``--early`` times the pruned call with and without early launches (programmatic dependent launch,
 ``kernels/pdl.py``) and ``--occupancy`` the fast mode with sweep programs that fit more of them on a
-multiprocessor, each alternating against what is in use; ``--fused-pool`` the fast mode with its keys
-pooled by the vertical sample (in use) and by a kernel of their own before it.
+multiprocessor, each alternating against what is in use.
 ``--small`` runs the first two at 8k-16k instead, each call replayed from a CUDA graph (its kernels
 only: called directly, a call's host time would hide its kernels there). The winners go into
 ``entropy_attn/pruned.py`` (``_sweep_config``, ``_predict_config``, ``_kv_operands``).
@@ -190,43 +189,6 @@ def early_launch():
     _launch.PDL_ENABLED = enabled
 
 
-def fused_pool():
-    """The fast call's time with the keys pooled by the vertical sample (``_vertical``'s ``pool``, in
-    use) and by ``pool_keys`` before it, alternating, the better of three rounds, replayed from a CUDA
-    graph and called directly; outputs compared bitwise."""
-    fused = pruned._vertical
-
-    def separate(inp, q, k, cfg, nkb, masks, ws=pruned.PLAIN, pool=None):
-        if pool is not None:
-            pruned._pool_keys(k, masks[1], cfg.block_n, nkb, ws, out=pool)
-        return fused(inp, q, k, cfg, nkb, masks, ws)
-
-    def apply(on):
-        pruned._vertical = fused if on else separate
-
-    print("| fast call | graphed separate ms | graphed fused ms | speed-up | direct separate ms | direct fused ms "
-          "| speed-up | equal |\n|---|---|---|---|---|---|---|---|")
-    for n, d, s in SMALL_CASES + [(16384, 128, 0.95), (16384, 64, 0.9), (32768, 128, 0.95), (32768, 64, 0.9),
-                                  (65536, 128, 0.95), (65536, 64, 0.9)]:
-        q, k, v, tau = stripes(1, 2048 // d, 2048 // d, n, n, d, s)
-
-        def call():
-            return pruned.pruned_attention(q, k, v, tau=tau, mode="fast")
-
-        with torch.no_grad():
-            outs = {}
-            for on in (False, True):
-                apply(on)
-                pruned.clear_plans()
-                outs[on] = [call() for _ in range(3)][-1]
-            graphed = alternate((False, True), apply, call, graphed=True, rounds=3)
-            direct = alternate((False, True), apply, call, rounds=3)
-        print(f"| {n // 1024}k D{d} s {s} | {graphed[False]:.3f} | {graphed[True]:.3f} | "
-              f"{graphed[False] / graphed[True]:.3f}x | {direct[False]:.3f} | {direct[True]:.3f} | "
-              f"{direct[False] / direct[True]:.3f}x | {torch.equal(outs[False], outs[True])} |", flush=True)
-    apply(True)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--predict", action="store_true", help="sweep the predictor's programs")
@@ -234,13 +196,9 @@ def main():
     parser.add_argument("--bound-chunk", action="store_true", help="time the fast sweep's lse bound steps")
     parser.add_argument("--early", action="store_true", help="time the pruned call with and without early launches")
     parser.add_argument("--occupancy", action="store_true", help="time sweep shapes with more programs per multiprocessor")
-    parser.add_argument("--fused-pool", action="store_true",
-                        help="time the fast call with the keys pooled by the vertical sample and by pool_keys")
     parser.add_argument("--small", action="store_true", help="sweep (or --predict) at 8k-16k, from CUDA graphs")
     args = parser.parse_args()
-    if args.fused_pool:
-        fused_pool()
-    elif args.early or args.occupancy:
+    if args.early or args.occupancy:
         (early_launch if args.early else occupancy)()
     elif args.copy_engine or args.bound_chunk:
         (copy_engine if args.copy_engine else bound_chunk)()

@@ -40,7 +40,7 @@ from ._plan import PLAIN, Workspace, clear_plans, tensor_signature
 from ._launch import (LOG2E, _block, _Config, _input_precision, _mask_args, _on_device, _unit_stride, cdiv,
                       early_launch, interpreting, next_pow2, tma_operands)
 from .functional import attention_with_lse, resolve_backend
-from .key_summary import KeySummary, _pool_keys, _pooled_buffers
+from .key_summary import KeySummary, _pool_keys
 from .reference import _CHUNK_ELEMENTS, dense_operands, masked_softmax
 
 MODES = ("exact", "fast")
@@ -332,7 +332,7 @@ def _select(tile_max, mpart, lpart, tau, cfg, nqb, nkb, Nq, ws: Workspace = PLAI
     return idx, count, nvalid, lse2, thr
 
 
-def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN, pool: tuple | None = None):
+def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN):
     """``[B*H, NKB]`` float32: log2 of the largest softmax weight that ``VERT_SAMPLES`` query rows,
     evenly spaced (row ``round(r (Nq - 1) / (VERT_SAMPLES - 1))``), give to a key of each key block
     (exact weights of those rows over all keys, all masks applied; -inf where none of them sees a
@@ -340,9 +340,7 @@ def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN, pool: tuple | N
     cost too much. ``masks``: ``_mask_args(inp)``. Kernels ``vertical_sample`` (the key blocks split
     over programs; 4 warps, 2 stages: H200, graphed, against the prefill tiles' 8 warps and 3
     stages at D = 128: 64k 98.6 -> 92.9 us, 8k 27.0 -> 23.6; at D = 64, against 4 warps and 3
-    stages: 64k 100.9 -> 99.4, 8k 25.4 -> 23.9; 2 warps: 1.1-1.6x slower) and ``vertical_combine``.
-    ``pool``: the four pooled-key buffers (``_pooled_buffers``), which ``vertical_sample`` then fills
-    as ``_pool_keys`` would, reading the keys once for both."""
+    stages: 64k 100.9 -> 99.4, 8k 25.4 -> 23.9; 2 warps: 1.1-1.6x slower) and ``vertical_combine``."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     if Nq < VERT_MIN_NQ:
@@ -358,14 +356,13 @@ def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN, pool: tuple | N
     (mask, *mstr, mkind), (kpm, *pstr, pkind) = masks
     from .kernels.pruned_pool import vertical_combine, vertical_sample
 
-    kp, ko, kbias, kobias = pool or (q, q, mpart, mpart)  # placeholders where nothing is pooled
     ws.launch(vertical_sample, (BH, splits),
-        q, k, block_max, mpart, lpart, mask, kpm, kp, ko, kbias, kobias,
-        *q.stride(), *k.stride(), *mstr, *pstr, *kp.stride(), kbias.stride(0),
+        q, k, block_max, mpart, lpart, mask, kpm,
+        *q.stride(), *k.stride(), *mstr, *pstr,
         H, inp.groups, Nq, Nk, nkb, kb_per, VERT_SAMPLES, inp.scale * LOG2E,
         D=D, BLOCK_S=block_s, BLOCK_N=cfg.block_n, BLOCK_D=_block(D),
         CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, PRECISION=_input_precision(q.dtype),
-        POOL=pool is not None, num_warps=4, num_stages=2, chained=True,
+        num_warps=4, num_stages=2, chained=True,
     )
     chunk = _chunk()
     ws.launch(vertical_combine, (BH, cdiv(nkb, chunk)), block_max, mpart, lpart, vert, nkb, splits,
@@ -384,11 +381,8 @@ def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None
     B, H, Nq, D = q.shape
     BH = B * H
     dev = q.device
-    fused = pooled is None and Nq >= VERT_MIN_NQ  # the vertical sample pools the keys too
-    if fused:
-        pooled = _pooled_buffers(k.shape[0], k.shape[1], D, k.dtype, dev, B if masks[1][-1] else 1, nkb, ws)
     kp, ko, kbias, kobias = pooled or _pool_keys(k, masks[1], cfg.block_n, nkb, ws)
-    vert = _vertical(inp, q, k, cfg, nkb, masks, ws, pool=pooled if fused else None)
+    vert = _vertical(inp, q, k, cfg, nkb, masks, ws)
     idx = ws.empty((BH, nqb, nkb), torch.int32, dev)
     count = ws.empty((BH, nqb), torch.int32, dev)
     from .kernels.pruned import POOL_ROWS, pruned_predict

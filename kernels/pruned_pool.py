@@ -9,8 +9,7 @@ Scores are in base 2 (``u = s * log2 e``), as in every kernel here.
   over all keys, reduced to the largest weight each key block gets from any of them. The first
   splits the key blocks over programs and stores per (sampled row, key block) the score maximum and
   per row partial softmax sums; the second combines the sums into each row's lse and takes
-  ``max_r (blockmax_r - lse_r)`` per key block. Where both run, ``vertical_sample`` also pools the
-  keys (``POOL``), so that a call reads them once.
+  ``max_r (blockmax_r - lse_r)`` per key block.
 """
 import triton
 import triton.language as tl
@@ -19,65 +18,6 @@ from .attention_fwd import load_tile
 from .masks import FLOAT_MASK, M_INIT, NO_MASK, apply_masks
 from .pdl import wait_previous
 from .pruned import _scores_blocks, split_lse
-
-
-@triton.jit
-def _pool_block(
-    K, Kp, Ko, Kbias, Kobias, Kpm, kb, b, owner,
-    stride_kn, stride_kd, stride_on, stride_od, stride_pb, stride_pn, stride_bb, Nk,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KPM_KIND: tl.constexpr,
-):
-    """Summary of key block ``kb`` of one (batch ``b``, kv head): K, Kp and Ko point at that head's
-    ``[Nk, D]`` keys and ``[NKB, D]`` pooled rows; Kbias and Kobias are written where ``owner``.
-
-    With ``w_j`` the weight of key j (1; 0 for a key padded by a boolean ``Kpm`` ``[B, Nk]`` or past
-    Nk; ``exp(Kpm[b, j])`` for a float ``Kpm``):
-
-    - Kp row kb: the weighted mean key ``kbar = sum_j w_j k_j / W``, ``W = sum_j w_j`` (0 where
-      W = 0), rounded to Kp's dtype.
-    - Ko row kb: the outlier key, the key with ``w_j > 0`` farthest (Euclidean, float32) from the
-      rounded kbar; 0 where the block has none.
-    - Kbias, Kobias ``[B or 1, NKB]`` float32 (row stride ``stride_bb``): ``log2 W`` (-inf where
-      W = 0), and the log2 weight of the outlier key alone: 0 where the block has a key with
-      ``w_j > 0``, else -inf (always -inf for a float Kpm, whose weights differ per key).
-    """
-    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, True, BLOCK_D != D).to(tl.float32)
-    # log2 w_j: the score bias the padding mask gives key j (0, -inf or the float mask), -inf past Nk.
-    log2_w = apply_masks(tl.zeros([BLOCK_N], dtype=tl.float32), 0, offs_n, b, 0, 1, Nk,
-                         Kpm, 0, 0, 0, 0, Kpm, stride_pb, stride_pn, False, NO_MASK, KPM_KIND)
-    top = tl.max(log2_w, 0)
-    has_key = top > float("-inf")
-    w = tl.exp2(log2_w - tl.where(has_key, top, 0.0))  # w_j / max_j w_j
-    w_sum = tl.sum(w, 0)
-    kbar = tl.sum(w[:, None] * k, 0) / tl.where(has_key, w_sum, 1.0)
-    kbar = kbar.to(Kp.dtype.element_ty)
-    tl.store(Kp + kb * stride_on + offs_d * stride_od, kbar, mask=offs_d < D)
-
-    diff = k - kbar.to(tl.float32)[None, :]
-    dist = tl.where(log2_w > float("-inf"), tl.sum(diff * diff, 1), float("-inf"))
-    far = tl.argmax(dist, 0)
-    # The outlier row taken from the tile (K's values, exact in float32), not loaded again.
-    ko = tl.sum(tl.where((tl.arange(0, BLOCK_N) == far)[:, None], k, 0.0), 0)
-    ko = tl.where(has_key, ko, 0.0).to(Ko.dtype.element_ty)
-    tl.store(Ko + kb * stride_on + offs_d * stride_od, ko, mask=offs_d < D)
-
-    if owner:
-        bias = tl.where(has_key, top + tl.log2(tl.where(has_key, w_sum, 1.0)), float("-inf"))
-        tl.store(Kbias + b.to(tl.int64) * stride_bb + kb, bias)
-        obias = tl.where(has_key & (KPM_KIND != FLOAT_MASK), 0.0, float("-inf"))
-        tl.store(Kobias + b.to(tl.int64) * stride_bb + kb, obias)
-
-
-@triton.jit
-def _bias_owner(b, hk, KPM_KIND: tl.constexpr):
-    """Whether the programs of (batch b, kv head hk) write the key-block biases: kv head 0's of each
-    batch (one row per batch) with a padding mask, batch 0's (the one row) without."""
-    if KPM_KIND == NO_MASK:
-        return (hk == 0) & (b == 0)
-    else:
-        return hk == 0
 
 
 @triton.jit
@@ -90,33 +30,72 @@ def pool_keys(
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KPM_KIND: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    """Summary (``_pool_block``) of key block ``KB0 + program_id(0)`` of (batch, kv head)
-    ``program_id(1)``, for K ``[B, HKV, Nk, D]`` and Kp, Ko ``[B, HKV, NKB, D]`` (same strides);
-    ``KB0 > 0`` re-pools the blocks of a grown key cache from there on. Kbias and Kobias are written
-    by the programs of kv head 0 (one row, by batch 0's, when there is no Kpm)."""
+    """Summary of key block ``kb = KB0 + program_id(0)`` of one (batch, kv head) (``KB0 > 0``
+    re-pools the blocks of a grown key cache from there on).
+
+    With ``w_j`` the weight of key j (1; 0 for a key padded by a boolean ``Kpm`` ``[B, Nk]`` or past
+    Nk; ``exp(Kpm[b, j])`` for a float ``Kpm``):
+
+    - Kp ``[B, HKV, NKB, D]``: the weighted mean key ``kbar = sum_j w_j k_j / W``, ``W = sum_j w_j``
+      (0 where W = 0), rounded to Kp's dtype.
+    - Ko (same shape and strides, K's dtype): the outlier key, the key with ``w_j > 0`` farthest
+      (Euclidean, float32) from the rounded kbar; 0 where the block has none.
+    - Kbias, Kobias ``[B or 1, NKB]`` float32 (row stride ``stride_bb``, one row when there is no
+      Kpm; written by the programs of kv head 0): ``log2 W`` (-inf where W = 0), and the log2 weight
+      of the outlier key alone: 0 where the block has a key with ``w_j > 0``, else -inf (always -inf
+      for a float Kpm, whose weights differ per key).
+    """
     wait_previous(PDL)
+    kb = KB0 + tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
     hk = bh % HKV
-    head = b.to(tl.int64) * stride_ob + hk.to(tl.int64) * stride_oh
-    _pool_block(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, Kp + head, Ko + head,
-                Kbias, Kobias, Kpm, KB0 + tl.program_id(0), b, _bias_owner(b, hk, KPM_KIND),
-                stride_kn, stride_kd, stride_on, stride_od, stride_pb, stride_pn, stride_bb, Nk,
-                D, BLOCK_N, BLOCK_D, KPM_KIND)
+    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    Kp += b.to(tl.int64) * stride_ob + hk.to(tl.int64) * stride_oh + kb * stride_on
+    Ko += b.to(tl.int64) * stride_ob + hk.to(tl.int64) * stride_oh + kb * stride_on
+
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, True, BLOCK_D != D).to(tl.float32)
+    # log2 w_j: the score bias the padding mask gives key j (0, -inf or the float mask), -inf past Nk.
+    log2_w = apply_masks(tl.zeros([BLOCK_N], dtype=tl.float32), 0, offs_n, b, 0, 1, Nk,
+                         Kpm, 0, 0, 0, 0, Kpm, stride_pb, stride_pn, False, NO_MASK, KPM_KIND)
+    top = tl.max(log2_w, 0)
+    has_key = top > float("-inf")
+    w = tl.exp2(log2_w - tl.where(has_key, top, 0.0))  # w_j / max_j w_j
+    w_sum = tl.sum(w, 0)
+    kbar = tl.sum(w[:, None] * k, 0) / tl.where(has_key, w_sum, 1.0)
+    kbar = kbar.to(Kp.dtype.element_ty)
+    tl.store(Kp + offs_d * stride_od, kbar, mask=offs_d < D)
+
+    diff = k - kbar.to(tl.float32)[None, :]
+    dist = tl.where(log2_w > float("-inf"), tl.sum(diff * diff, 1), float("-inf"))
+    far = kb * BLOCK_N + tl.argmax(dist, 0)
+    ko = tl.load(K + far * stride_kn + offs_d * stride_kd, mask=offs_d < D, other=0.0)
+    tl.store(Ko + offs_d * stride_od, tl.where(has_key, ko, 0.0), mask=offs_d < D)
+
+    if KPM_KIND == NO_MASK:
+        owner = bh == 0
+    else:
+        owner = hk == 0
+    if owner:
+        bias = tl.where(has_key, top + tl.log2(tl.where(has_key, w_sum, 1.0)), float("-inf"))
+        tl.store(Kbias + b.to(tl.int64) * stride_bb + kb, bias)
+        obias = tl.where(has_key & (KPM_KIND != FLOAT_MASK), 0.0, float("-inf"))
+        tl.store(Kobias + b.to(tl.int64) * stride_bb + kb, obias)
 
 
 @triton.jit
 def vertical_sample(
-    Q, K, BlockMax, Mpart, Lpart, Mask, Kpm, Kp, Ko, Kbias, Kobias,
+    Q, K, BlockMax, Mpart, Lpart, Mask, Kpm,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_pb, stride_pn,
-    stride_ob, stride_oh, stride_on, stride_od, stride_bb,
     H, GROUPS, Nq, Nk, NKB, KB_PER_SPLIT, SAMPLES, qk_scale,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, PRECISION: tl.constexpr,
-    POOL: tl.constexpr, PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """The sampled query rows of one (batch, head) against the key blocks
     ``[split * KB_PER_SPLIT, (split + 1) * KB_PER_SPLIT)``, every mask applied.
@@ -126,11 +105,6 @@ def vertical_sample(
     ``[B*H, NKB, BLOCK_S]`` float32 (the maximum base-2 score of each sampled row in each key block,
     -inf where all its keys are masked) and Mpart, Lpart ``[splits, B*H, BLOCK_S]`` float32 (the
     row's running max and sum over the split's keys, ``lse2 = m + log2 l``).
-
-    With ``POOL``, the programs of the first query head of each kv group also pool the split's key
-    blocks (``_pool_block``, into Kp, Ko ``[B, HKV, NKB, D]`` with strides ``stride_o*`` and Kbias,
-    Kobias with row stride ``stride_bb``, as ``pool_keys`` does), so that the call reads the keys
-    from memory once for both: the scores then find the blocks in the L2 cache.
     """
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -149,14 +123,6 @@ def vertical_sample(
 
     kb_lo = split * KB_PER_SPLIT
     kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, NKB)
-    if POOL:
-        if h % GROUPS == 0:
-            head = b.to(tl.int64) * stride_ob + hk.to(tl.int64) * stride_oh
-            owner = _bias_owner(b, hk, KPM_KIND)
-            for kb in range(kb_lo, kb_hi):
-                _pool_block(K, Kp + head, Ko + head, Kbias, Kobias, Kpm, kb, b, owner,
-                            stride_kn, stride_kd, stride_on, stride_od, stride_pb, stride_pn, stride_bb, Nk,
-                            D, BLOCK_N, BLOCK_D, KPM_KIND)
     m, l, _ = _scores_blocks(
         tl.full([BLOCK_S], M_INIT, dtype=tl.float32), tl.zeros([BLOCK_S], dtype=tl.float32),
         tl.zeros([BLOCK_S], dtype=tl.int32), q, K, BlockMax + bh.to(tl.int64) * NKB * BLOCK_S,
