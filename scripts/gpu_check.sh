@@ -6,7 +6,8 @@
 #          (benchmarks/bench_NAME.py) | study:PRESET (examples/study.py, both tasks, 4 runs at a time,
 #          after a CUDA smoke run of both scripts) | all
 # $OUT gets logs.tgz (every log and JSON) and one markdown table per benchmark.
-# STAGE_TIMEOUT (seconds, default 1800) bounds each stage; benchmarks marked `slow` run only with SLOW=1;
+# STAGE_TIMEOUT (seconds, default 1800) bounds each stage; TEST_WORKERS (default 8) sets pytest's -n;
+# benchmarks marked `slow` run only with SLOW=1;
 # BENCH_K=EXPR runs only the benchmarks pytest's -k EXPR selects;
 # STUDY_BUDGET_S overrides the study preset's total training seconds.
 set -uo pipefail
@@ -34,7 +35,7 @@ for stage in "${STAGES[@]}"; do
       name=${stage#tests}; name=${name#:}
       target=tests; [ -n "$name" ] && { target=tests/test_${name}.py; [ -d "tests/$name" ] && target=tests/$name; }
       log="$LOGS/tests${name:+_$name}.log"
-      timeout "${STAGE_TIMEOUT:-1800}" python3 -m pytest "$target" -n 8 -v --tb=short -p no:cacheprovider --durations=15 >"$log" 2>&1
+      timeout "${STAGE_TIMEOUT:-1800}" python3 -m pytest "$target" -n "${TEST_WORKERS:-8}" -v --tb=short -p no:cacheprovider --durations=15 >"$log" 2>&1
       rc=$?; status=$((status | rc))
       summary+=("$stage: $(tail -1 "$log")")
       grep -E "(FAILED|ERROR) tests/" "$log" | sed "s/^.*\(FAILED\|ERROR\) /\1 /" | sort -u | head -40
