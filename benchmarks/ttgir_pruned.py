@@ -47,7 +47,7 @@ def specialization(n: int, d: int):
     constants = dict(D=d, DV=d, LIST_M=cfg.block_m, BLOCK_M=sweep.block_m, BLOCK_N=cfg.block_n, BLOCK_D=d, BLOCK_DV=d,
                      CAUSAL=False, MASK_KIND=0, KPM_KIND=0, MASKED=n % cfg.block_n != 0, EXACT=False, FIXED=True,
                      SPLIT=False, FALLBACK=True, STATS=False, LSE_BOUND=True, CHUNK=pruned._bound_chunk(nkb),
-                     TMA=False, PRECISION="tf32", PRELOAD=pruned.PRELOAD_FIRST, PDL=True)
+                     TMA=False, PRECISION="tf32", PDL=True)
     signature, attrs = {}, {}
     for i, name in enumerate(pruned_attn.arg_names):
         if name in constants:

@@ -155,16 +155,25 @@ def bound_chunk():
         print(f"| N={n} D={d} s={s} | " + " | ".join(f"{best[c]:.3f}" for c in chunks) + " |", flush=True)
 
 
-def on_off(cases, apply, label: str):
-    """Print, for each ``(name, mode, (q, k, v, tau))`` of ``cases``, the pruned call's time with
-    ``apply(False)`` and ``apply(True)``, alternating, the better of three rounds, replayed from a CUDA
-    graph and called directly (``do_bench``: calls back to back), and whether the outputs are
-    bitwise equal; leaves ``apply(True)``."""
-    print(f"| call | graphed {label} off ms | on ms | speed-up | direct off ms | on ms | speed-up | equal |")
+def early_launch():
+    """The pruned call's time with and without early launches (``_launch.PDL_ENABLED``: programmatic
+    dependent launch, ``kernels/pdl.py``), alternating, the better of three rounds, replayed from a
+    CUDA graph and called directly (``do_bench``: calls back to back); outputs compared bitwise."""
+    enabled = _launch.PDL_ENABLED
+    print("| call | graphed off ms | graphed on ms | speed-up | direct off ms | direct on ms | speed-up | equal |")
     print("|---|---|---|---|---|---|---|---|")
+    cases = [(f"fast {n // 1024}k D{d} s {s}", "fast", stripes(1, 2048 // d, 2048 // d, n, n, d, s))
+             for n, d, s in SMALL_CASES + [(65536, 128, 0.95), (65536, 64, 0.9)]]
+    cases += [(f"exact {n // 1024}k D{d} s {s}", "exact", stripes(1, 2048 // d, 2048 // d, n, n, d, s))
+              for n, d, s in [(8192, 128, 0.9), (16384, 64, 0.8)]]
+    cases += [(f"{mode} decoding {nq} x {nk // 1024}k", mode, stripes(4, 32, 8, nq, nk, 128, 0.9, seed=1))
+              for mode in ("fast", "exact") for nq, nk in [(1, 32768), (16, 131072)]]
     for name, mode, (q, k, v, tau) in cases:
         def call():
             return pruned.pruned_attention(q, k, v, tau=tau, mode=mode)
+
+        def apply(on):
+            _launch.PDL_ENABLED = on and enabled
 
         with torch.no_grad():
             outs = {}
@@ -177,32 +186,7 @@ def on_off(cases, apply, label: str):
         equal = torch.equal(outs[False], outs[True])
         print(f"| {name} | {graphed[False]:.3f} | {graphed[True]:.3f} | {graphed[False] / graphed[True]:.3f}x | "
               f"{direct[False]:.3f} | {direct[True]:.3f} | {direct[False] / direct[True]:.3f}x | {equal} |", flush=True)
-    apply(True)
-
-
-def prefill_cases(mode, shapes):
-    return [(f"{mode} {n // 1024}k D{d} s {s}", mode, stripes(1, 2048 // d, 2048 // d, n, n, d, s)) for n, d, s in shapes]
-
-
-def early_launch():
-    """The pruned call with and without early launches (``_launch.PDL_ENABLED``: programmatic
-    dependent launch, ``kernels/pdl.py``)."""
-    enabled = _launch.PDL_ENABLED
-    cases = prefill_cases("fast", SMALL_CASES + [(65536, 128, 0.95), (65536, 64, 0.9)])
-    cases += prefill_cases("exact", [(8192, 128, 0.9), (16384, 64, 0.8)])
-    cases += [(f"{mode} decoding {nq} x {nk // 1024}k", mode, stripes(4, 32, 8, nq, nk, 128, 0.9, seed=1))
-              for mode in ("fast", "exact") for nq, nk in [(1, 32768), (16, 131072)]]
-    on_off(cases, lambda on: setattr(_launch, "PDL_ENABLED", on and enabled), "early launches")
     _launch.PDL_ENABLED = enabled
-
-
-def preload():
-    """The fast call with and without the sweep's first tile loaded before its pooled lse bound
-    (``pruned.PRELOAD_FIRST``)."""
-    cases = prefill_cases("fast", SMALL_CASES + [(16384, 128, 0.95), (16384, 64, 0.9), (32768, 128, 0.95),
-                                                 (32768, 64, 0.9), (65536, 128, 0.95), (65536, 64, 0.9),
-                                                 (65536, 64, 0.95)])
-    on_off(cases, lambda on: setattr(pruned, "PRELOAD_FIRST", on), "preload")
 
 
 def main():
@@ -212,12 +196,9 @@ def main():
     parser.add_argument("--bound-chunk", action="store_true", help="time the fast sweep's lse bound steps")
     parser.add_argument("--early", action="store_true", help="time the pruned call with and without early launches")
     parser.add_argument("--occupancy", action="store_true", help="time sweep shapes with more programs per multiprocessor")
-    parser.add_argument("--preload", action="store_true", help="time the fast call with and without the first tile preloaded")
     parser.add_argument("--small", action="store_true", help="sweep (or --predict) at 8k-16k, from CUDA graphs")
     args = parser.parse_args()
-    if args.preload:
-        preload()
-    elif args.early or args.occupancy:
+    if args.early or args.occupancy:
         (early_launch if args.early else occupancy)()
     elif args.copy_engine or args.bound_chunk:
         (copy_engine if args.copy_engine else bound_chunk)()

@@ -86,8 +86,6 @@ def _bound_chunk(nkb: int) -> int:
     return 32 if nkb <= 128 and not interpreting() else _chunk()
 
 
-PRELOAD_FIRST = True  # EXPERIMENT
-
 #: Keys up to which the D <= 64 sweep takes 64-row programs (``_sweep_config``).
 SMALL_SWEEP_MAX_NK = 16384
 
@@ -520,7 +518,7 @@ def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits
         D=D, DV=Dv, LIST_M=cfg.block_m, BLOCK_M=sweep.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D),
         BLOCK_DV=_block(Dv), CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, MASKED=masked,
         EXACT=exact, FIXED=fallback and tau < 1, SPLIT=split, FALLBACK=fallback, STATS=stats,
-        LSE_BOUND=bound, CHUNK=chunk, TMA=tma, PRECISION=_input_precision(q.dtype), PRELOAD=fallback and PRELOAD_FIRST,
+        LSE_BOUND=bound, CHUNK=chunk, TMA=tma, PRECISION=_input_precision(q.dtype),
         num_warps=sweep.num_warps, num_stages=sweep.num_stages, maxnreg=sweep.maxnreg, chained=True,
     )
     if split:

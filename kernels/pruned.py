@@ -501,7 +501,7 @@ def _attn_tile(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
     EXACT: tl.constexpr, FIXED: tl.constexpr, ROWSEL: tl.constexpr, FIRST: tl.constexpr, SEEN_ALL: tl.constexpr,
-    STATS: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr, k_pre=None, v_pre=None,
+    STATS: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Fold key block ``kb`` into the accumulators (see the module docstring). Fast mode: ``FIRST``,
     the first listed tile, whose whole sum enters the lse bound before its own entries are tested;
@@ -514,19 +514,13 @@ def _attn_tile(
     caller recomputes rows whose ``p_max`` passes 2^64 (``pruned_attn``). Otherwise (online) ``m`` is
     the running max and ``p_max`` is unused."""
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    if k_pre is None:
-        k = load_rows(K, b, hk, kb * BLOCK_N, offs_n, offs_d, Nk, D, stride_kn, stride_kd, MASKED, BLOCK_D != D, TMA)
-    else:
-        k = k_pre
+    k = load_rows(K, b, hk, kb * BLOCK_N, offs_n, offs_d, Nk, D, stride_kn, stride_kd, MASKED, BLOCK_D != D, TMA)
     qk, unit = _base2_scores(q, k, offs_m, offs_n, b, h, Nq, Nk, qk_scale,
                              Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
                              MASKED, CAUSAL, MASK_KIND, KPM_KIND, PRECISION)
     if ROWSEL:
         qk = tl.where(rowsel[:, None], qk, float("-inf"))
-    if v_pre is None:
-        v = load_rows(V, b, hk, kb * BLOCK_N, offs_n, offs_dv, Nk, DV, stride_vn, stride_vd, MASKED, BLOCK_DV != DV, TMA)
-    else:
-        v = v_pre
+    v = load_rows(V, b, hk, kb * BLOCK_N, offs_n, offs_dv, Nk, DV, stride_vn, stride_vd, MASKED, BLOCK_DV != DV, TMA)
     if EXACT:
         u = qk * unit
         keep = u >= thr[:, None]
@@ -629,7 +623,7 @@ def pruned_attn(
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, MASKED: tl.constexpr,
     EXACT: tl.constexpr, FIXED: tl.constexpr, SPLIT: tl.constexpr, FALLBACK: tl.constexpr, STATS: tl.constexpr,
     LSE_BOUND: tl.constexpr, CHUNK: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr,
-    PRELOAD: tl.constexpr = False, PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """Pass 2: ``BLOCK_M`` rows of one (batch, head) over its share of the key blocks listed for
     their query block of ``LIST_M`` rows (split ``program_id(2)`` of ``num_programs(2)`` takes an
@@ -675,13 +669,6 @@ def pruned_attn(
     else:
         lse2 = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    if PRELOAD:
-        kb0 = tl.minimum(tl.maximum(tl.load(Idx), 0), NKB - 1)
-        offs_n0 = kb0 * BLOCK_N + tl.arange(0, BLOCK_N)
-        k0 = load_rows(K, b, hk, kb0 * BLOCK_N, offs_n0, offs_d, Nk, D, stride_kn, stride_kd, MASKED,
-                       BLOCK_D != D, TMA)
-        v0 = load_rows(V, b, hk, kb0 * BLOCK_N, offs_n0, offs_dv, Nk, DV, stride_vn, stride_vd, MASKED,
-                       BLOCK_DV != DV, TMA)
     count = tl.load(Count + bh * NQB + qb)
     lo = (split * count) // n_split
     hi = ((split + 1) * count) // n_split
@@ -700,16 +687,7 @@ def pruned_attn(
     kcnt = tl.zeros([BLOCK_M], dtype=tl.int32)
 
     start = lo
-    if PRELOAD:
-        if lo < hi:
-            acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
-                acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb0, thr, lse2, lse_lb, row_mask,
-                stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale,
-                tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
-                D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, MASKED, CAUSAL, MASK_KIND, KPM_KIND,
-                EXACT, FIXED, False, True, SPLIT, STATS, TMA, PRECISION, k0, v0)
-            start = lo + 1
-    elif not EXACT:
+    if not EXACT:
         if lo < hi:
             acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
                 acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, tl.load(Idx + lo), thr, lse2, lse_lb, row_mask,
