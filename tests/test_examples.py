@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -124,15 +125,31 @@ def test_range_flag_fails_clearly(monkeypatch):
         train_vit.main([*TINY_VIT, "--dataset", "digits", "--reg", "range", "--steps", "1"])
 
 
-def test_torchrun_ddp_cpu(tmp_path):
-    """Two processes under torchrun (gloo on the CPU), unchanged script: rank 0 writes the outputs."""
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+def _torchrun_vit(out: Path, logs: Path) -> tuple[int, str]:
+    """``examples.train_vit`` in two processes under torchrun: ``(exit status, torchrun's stderr and
+    the tail of each rank's stderr)``; the ranks' output goes to files under ``logs``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--log-dir", str(logs), "--redirects", "3", "-m",
            "examples.train_vit", *TINY_VIT, "--dataset", "digits", "--steps", "3", "--time-limit", "600", "--taus", "0", "0.1",
            "--no-plots", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = "".join(f"\n--- {f.relative_to(logs)}:\n{f.read_text()[-2000:]}" for f in sorted(logs.rglob("stderr.log")))
+    return proc.returncode, proc.stderr[-2000:] + ranks
+
+
+def test_torchrun_ddp_cpu(tmp_path):
+    """Two processes under torchrun (gloo on the CPU), unchanged script: rank 0 writes the outputs.
+    A rank that aborts in C++ (SIGABRT; once in a CI run under load: "terminate called without an
+    active exception" from the distributed runtime) gets a second run, with a warning that carries
+    the first's logs; any other failure, or a second abort, fails the test."""
+    out = tmp_path / "ddp"
+    status, log = _torchrun_vit(out, tmp_path / "logs")
+    if status != 0 and "SIGABRT" in log:
+        warnings.warn(f"a rank aborted under torchrun; running it again. Logs:\n{log}")
+        out = tmp_path / "ddp_again"
+        status, log = _torchrun_vit(out, tmp_path / "logs_again")
+    assert status == 0, log
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 3 and m["world_size"] == 2 and (out / "checkpoint.pt").exists()
 
