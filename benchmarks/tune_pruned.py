@@ -189,38 +189,6 @@ def early_launch():
     _launch.PDL_ENABLED = enabled
 
 
-def sample_shapes():
-    """EXPERIMENT: the fast call with the split vertical sample after pool_keys, and with the per-block
-    sample that also pools (2 or 4 warps), alternating, the better of three, graphed and direct."""
-    def apply(variant):
-        pruned.PER_BLOCK = variant != "split"
-        pruned.SAMPLE_WARPS = 4 if variant == "block4" else 2
-
-    variants = ("split", "block2", "block4")
-    print("| fast call | " + " | ".join(f"graphed {v} ms" for v in variants) + " | "
-          + " | ".join(f"direct {v} ms" for v in variants) + " | equal |")
-    print("|---" * (2 * len(variants) + 2) + "|")
-    for n, d, s in SMALL_CASES + [(16384, 128, 0.95), (16384, 64, 0.9), (32768, 128, 0.95), (32768, 64, 0.9),
-                                  (65536, 128, 0.95), (65536, 64, 0.95)]:
-        q, k, v, tau = stripes(1, 2048 // d, 2048 // d, n, n, d, s)
-
-        def call():
-            return pruned.pruned_attention(q, k, v, tau=tau, mode="fast")
-
-        with torch.no_grad():
-            outs = {}
-            for var in variants:
-                apply(var)
-                pruned.clear_plans()
-                outs[var] = [call() for _ in range(3)][-1]
-            graphed = alternate(variants, apply, call, graphed=True, rounds=3)
-            direct = alternate(variants, apply, call, rounds=3)
-        equal = all(torch.equal(outs[variants[0]], outs[var]) for var in variants)
-        print(f"| {n // 1024}k D{d} s {s} | " + " | ".join(f"{graphed[var]:.3f}" for var in variants) + " | "
-              + " | ".join(f"{direct[var]:.3f}" for var in variants) + f" | {equal} |", flush=True)
-    apply("block2")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--predict", action="store_true", help="sweep the predictor's programs")
@@ -229,11 +197,8 @@ def main():
     parser.add_argument("--early", action="store_true", help="time the pruned call with and without early launches")
     parser.add_argument("--occupancy", action="store_true", help="time sweep shapes with more programs per multiprocessor")
     parser.add_argument("--small", action="store_true", help="sweep (or --predict) at 8k-16k, from CUDA graphs")
-    parser.add_argument("--sample", action="store_true", help="EXPERIMENT")
     args = parser.parse_args()
-    if args.sample:
-        sample_shapes()
-    elif args.early or args.occupancy:
+    if args.early or args.occupancy:
         (early_launch if args.early else occupancy)()
     elif args.copy_engine or args.bound_chunk:
         (copy_engine if args.copy_engine else bound_chunk)()

@@ -40,7 +40,7 @@ from ._plan import PLAIN, Workspace, clear_plans, tensor_signature
 from ._launch import (LOG2E, _block, _Config, _input_precision, _mask_args, _on_device, _unit_stride, cdiv,
                       early_launch, interpreting, next_pow2, tma_operands)
 from .functional import attention_with_lse, resolve_backend
-from .key_summary import KeySummary, _pool_keys, _pooled_buffers
+from .key_summary import KeySummary, _pool_keys
 from .reference import _CHUNK_ELEMENTS, dense_operands, masked_softmax
 
 MODES = ("exact", "fast")
@@ -55,8 +55,6 @@ VERT_SAMPLES = 64
 VERT_MIN_NQ = 1024
 #: Grouped-query decoding packs the query heads of a kv group into one tile up to this many queries.
 PACK_MAX_NQ = 16
-PER_BLOCK = True  # EXPERIMENT
-SAMPLE_WARPS = 2  # EXPERIMENT
 #: Tile of the stats on the reference path when no block is given (the GPU prefill tile).
 REFERENCE_BLOCK = (128, 64)
 
@@ -334,7 +332,7 @@ def _select(tile_max, mpart, lpart, tau, cfg, nqb, nkb, Nq, ws: Workspace = PLAI
     return idx, count, nvalid, lse2, thr
 
 
-def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN, pool: tuple | None = None):
+def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN):
     """``[B*H, NKB]`` float32: log2 of the largest softmax weight that ``VERT_SAMPLES`` query rows,
     evenly spaced (row ``round(r (Nq - 1) / (VERT_SAMPLES - 1))``), give to a key of each key block
     (exact weights of those rows over all keys, all masks applied; -inf where none of them sees a
@@ -350,32 +348,12 @@ def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN, pool: tuple | N
     BH = B * H
     dev = q.device
     block_s = max(16, next_pow2(VERT_SAMPLES))
-    (mask, *mstr, mkind), (kpm, *pstr, pkind) = masks
-    if PER_BLOCK:  # EXPERIMENT
-        from .kernels.pruned_pool import blocks_combine, sample_blocks
-
-        block_max = ws.empty((BH, nkb, block_s), torch.float32, dev)
-        lblock = ws.empty((nkb, BH, block_s), torch.float32, dev)
-        vert = ws.empty((BH, nkb), torch.float32, dev)
-        kp, ko, kbias, kobias = pool or (q, q, lblock, lblock)  # placeholders where nothing is pooled
-        ws.launch(sample_blocks, (nkb, B * k.shape[1]),
-            q, k, block_max, lblock, mask, kpm, kp, ko, kbias, kobias,
-            *q.stride(), *k.stride(), *mstr, *pstr, *kp.stride(), kbias.stride(0),
-            H, inp.groups, Nq, Nk, nkb, VERT_SAMPLES, inp.scale * LOG2E,
-            D=D, BLOCK_S=block_s, BLOCK_N=cfg.block_n, BLOCK_D=_block(D),
-            CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, PRECISION=_input_precision(q.dtype),
-            POOL=pool is not None, num_warps=SAMPLE_WARPS, num_stages=1, chained=True,
-        )
-        ws.launch(blocks_combine, (BH,), block_max, lblock, vert, BH, nkb, BLOCK_S=block_s, CHUNK=_chunk(),
-                  chained=True)
-        return vert
-    if pool is not None:
-        _pool_keys(k, masks[1], cfg.block_n, nkb, ws, out=pool)
     splits, kb_per = _key_splits(BH, nkb, dev)
     block_max = ws.empty((BH, nkb, block_s), torch.float32, dev)
     mpart = ws.empty((splits, BH, block_s), torch.float32, dev)
     lpart = ws.empty((splits, BH, block_s), torch.float32, dev)
     vert = ws.empty((BH, nkb), torch.float32, dev)
+    (mask, *mstr, mkind), (kpm, *pstr, pkind) = masks
     from .kernels.pruned_pool import vertical_combine, vertical_sample
 
     ws.launch(vertical_sample, (BH, splits),
@@ -403,11 +381,8 @@ def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None
     B, H, Nq, D = q.shape
     BH = B * H
     dev = q.device
-    fused = pooled is None and Nq >= VERT_MIN_NQ  # the vertical sample pools the keys too
-    if fused:
-        pooled = _pooled_buffers(k.shape[0], k.shape[1], D, k.dtype, dev, B if masks[1][-1] else 1, nkb, ws)
     kp, ko, kbias, kobias = pooled or _pool_keys(k, masks[1], cfg.block_n, nkb, ws)
-    vert = _vertical(inp, q, k, cfg, nkb, masks, ws, pool=pooled if fused else None)
+    vert = _vertical(inp, q, k, cfg, nkb, masks, ws)
     idx = ws.empty((BH, nqb, nkb), torch.int32, dev)
     count = ws.empty((BH, nqb), torch.int32, dev)
     from .kernels.pruned import POOL_ROWS, pruned_predict

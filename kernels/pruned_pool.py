@@ -15,68 +15,9 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import load_tile
-from .masks import FLOAT_MASK, M_INIT, MIN_EXP2, NO_MASK, apply_masks
+from .masks import FLOAT_MASK, M_INIT, NO_MASK, apply_masks
 from .pdl import wait_previous
 from .pruned import _scores_blocks, split_lse
-
-
-@triton.jit
-def _pool_block(
-    K, Kp, Ko, Kbias, Kobias, Kpm, kb, b, owner,
-    stride_kn, stride_kd, stride_on, stride_od, stride_pb, stride_pn, stride_bb, Nk,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KPM_KIND: tl.constexpr,
-):
-    """Summary of key block ``kb`` of one (batch ``b``, kv head): K, Kp and Ko point at that head's
-    ``[Nk, D]`` keys and ``[NKB, D]`` pooled rows; Kbias and Kobias are written where ``owner``.
-
-    With ``w_j`` the weight of key j (1; 0 for a key padded by a boolean ``Kpm`` ``[B, Nk]`` or past
-    Nk; ``exp(Kpm[b, j])`` for a float ``Kpm``):
-
-    - Kp row kb: the weighted mean key ``kbar = sum_j w_j k_j / W``, ``W = sum_j w_j`` (0 where
-      W = 0), rounded to Kp's dtype.
-    - Ko row kb: the outlier key, the key with ``w_j > 0`` farthest (Euclidean, float32) from the
-      rounded kbar; 0 where the block has none.
-    - Kbias, Kobias ``[B or 1, NKB]`` float32 (row stride ``stride_bb``): ``log2 W`` (-inf where
-      W = 0), and the log2 weight of the outlier key alone: 0 where the block has a key with
-      ``w_j > 0``, else -inf (always -inf for a float Kpm, whose weights differ per key).
-    """
-    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, True, BLOCK_D != D).to(tl.float32)
-    # log2 w_j: the score bias the padding mask gives key j (0, -inf or the float mask), -inf past Nk.
-    log2_w = apply_masks(tl.zeros([BLOCK_N], dtype=tl.float32), 0, offs_n, b, 0, 1, Nk,
-                         Kpm, 0, 0, 0, 0, Kpm, stride_pb, stride_pn, False, NO_MASK, KPM_KIND)
-    top = tl.max(log2_w, 0)
-    has_key = top > float("-inf")
-    w = tl.exp2(log2_w - tl.where(has_key, top, 0.0))  # w_j / max_j w_j
-    w_sum = tl.sum(w, 0)
-    kbar = tl.sum(w[:, None] * k, 0) / tl.where(has_key, w_sum, 1.0)
-    kbar = kbar.to(Kp.dtype.element_ty)
-    tl.store(Kp + kb * stride_on + offs_d * stride_od, kbar, mask=offs_d < D)
-
-    diff = k - kbar.to(tl.float32)[None, :]
-    dist = tl.where(log2_w > float("-inf"), tl.sum(diff * diff, 1), float("-inf"))
-    far = tl.argmax(dist, 0)
-    # The outlier row taken from the tile (K's values, exact in float32), not loaded again.
-    ko = tl.sum(tl.where((tl.arange(0, BLOCK_N) == far)[:, None], k, 0.0), 0)
-    ko = tl.where(has_key, ko, 0.0).to(Ko.dtype.element_ty)
-    tl.store(Ko + kb * stride_on + offs_d * stride_od, ko, mask=offs_d < D)
-
-    if owner:
-        bias = tl.where(has_key, top + tl.log2(tl.where(has_key, w_sum, 1.0)), float("-inf"))
-        tl.store(Kbias + b.to(tl.int64) * stride_bb + kb, bias)
-        obias = tl.where(has_key & (KPM_KIND != FLOAT_MASK), 0.0, float("-inf"))
-        tl.store(Kobias + b.to(tl.int64) * stride_bb + kb, obias)
-
-
-@triton.jit
-def _bias_owner(b, hk, KPM_KIND: tl.constexpr):
-    """Whether the programs of (batch b, kv head hk) write the key-block biases: kv head 0's of each
-    batch (one row per batch) with a padding mask, batch 0's (the one row) without."""
-    if KPM_KIND == NO_MASK:
-        return (hk == 0) & (b == 0)
-    else:
-        return hk == 0
 
 
 @triton.jit
@@ -89,19 +30,59 @@ def pool_keys(
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KPM_KIND: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    """Summary (``_pool_block``) of key block ``KB0 + program_id(0)`` of (batch, kv head)
-    ``program_id(1)``, for K ``[B, HKV, Nk, D]`` and Kp, Ko ``[B, HKV, NKB, D]`` (same strides);
-    ``KB0 > 0`` re-pools the blocks of a grown key cache from there on. Kbias and Kobias are written
-    by the programs of kv head 0 (one row, by batch 0's, when there is no Kpm)."""
+    """Summary of key block ``kb = KB0 + program_id(0)`` of one (batch, kv head) (``KB0 > 0``
+    re-pools the blocks of a grown key cache from there on).
+
+    With ``w_j`` the weight of key j (1; 0 for a key padded by a boolean ``Kpm`` ``[B, Nk]`` or past
+    Nk; ``exp(Kpm[b, j])`` for a float ``Kpm``):
+
+    - Kp ``[B, HKV, NKB, D]``: the weighted mean key ``kbar = sum_j w_j k_j / W``, ``W = sum_j w_j``
+      (0 where W = 0), rounded to Kp's dtype.
+    - Ko (same shape and strides, K's dtype): the outlier key, the key with ``w_j > 0`` farthest
+      (Euclidean, float32) from the rounded kbar; 0 where the block has none.
+    - Kbias, Kobias ``[B or 1, NKB]`` float32 (row stride ``stride_bb``, one row when there is no
+      Kpm; written by the programs of kv head 0): ``log2 W`` (-inf where W = 0), and the log2 weight
+      of the outlier key alone: 0 where the block has a key with ``w_j > 0``, else -inf (always -inf
+      for a float Kpm, whose weights differ per key).
+    """
     wait_previous(PDL)
+    kb = KB0 + tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
     hk = bh % HKV
-    head = b.to(tl.int64) * stride_ob + hk.to(tl.int64) * stride_oh
-    _pool_block(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, Kp + head, Ko + head,
-                Kbias, Kobias, Kpm, KB0 + tl.program_id(0), b, _bias_owner(b, hk, KPM_KIND),
-                stride_kn, stride_kd, stride_on, stride_od, stride_pb, stride_pn, stride_bb, Nk,
-                D, BLOCK_N, BLOCK_D, KPM_KIND)
+    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    Kp += b.to(tl.int64) * stride_ob + hk.to(tl.int64) * stride_oh + kb * stride_on
+    Ko += b.to(tl.int64) * stride_ob + hk.to(tl.int64) * stride_oh + kb * stride_on
+
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, True, BLOCK_D != D).to(tl.float32)
+    # log2 w_j: the score bias the padding mask gives key j (0, -inf or the float mask), -inf past Nk.
+    log2_w = apply_masks(tl.zeros([BLOCK_N], dtype=tl.float32), 0, offs_n, b, 0, 1, Nk,
+                         Kpm, 0, 0, 0, 0, Kpm, stride_pb, stride_pn, False, NO_MASK, KPM_KIND)
+    top = tl.max(log2_w, 0)
+    has_key = top > float("-inf")
+    w = tl.exp2(log2_w - tl.where(has_key, top, 0.0))  # w_j / max_j w_j
+    w_sum = tl.sum(w, 0)
+    kbar = tl.sum(w[:, None] * k, 0) / tl.where(has_key, w_sum, 1.0)
+    kbar = kbar.to(Kp.dtype.element_ty)
+    tl.store(Kp + offs_d * stride_od, kbar, mask=offs_d < D)
+
+    diff = k - kbar.to(tl.float32)[None, :]
+    dist = tl.where(log2_w > float("-inf"), tl.sum(diff * diff, 1), float("-inf"))
+    far = kb * BLOCK_N + tl.argmax(dist, 0)
+    ko = tl.load(K + far * stride_kn + offs_d * stride_kd, mask=offs_d < D, other=0.0)
+    tl.store(Ko + offs_d * stride_od, tl.where(has_key, ko, 0.0), mask=offs_d < D)
+
+    if KPM_KIND == NO_MASK:
+        owner = bh == 0
+    else:
+        owner = hk == 0
+    if owner:
+        bias = tl.where(has_key, top + tl.log2(tl.where(has_key, w_sum, 1.0)), float("-inf"))
+        tl.store(Kbias + b.to(tl.int64) * stride_bb + kb, bias)
+        obias = tl.where(has_key & (KPM_KIND != FLOAT_MASK), 0.0, float("-inf"))
+        tl.store(Kobias + b.to(tl.int64) * stride_bb + kb, obias)
 
 
 @triton.jit
@@ -172,86 +153,3 @@ def vertical_combine(
     ptrs = BlockMax + (bh.to(tl.int64) * NKB + kb[:, None]) * BLOCK_S + offs_s[None, :]
     bmax = tl.load(ptrs, mask=kb[:, None] < NKB, other=float("-inf"))
     tl.store(Vert + bh.to(tl.int64) * NKB + kb, tl.max(bmax - lse[None, :], 1), mask=kb < NKB)
-
-
-@triton.jit
-def sample_blocks(
-    Q, K, BlockMax, Lblock, Mask, Kpm, Kp, Ko, Kbias, Kobias,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_pb, stride_pn,
-    stride_ob, stride_oh, stride_on, stride_od, stride_bb,
-    H, GROUPS, Nq, Nk, NKB, SAMPLES, qk_scale,
-    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, PRECISION: tl.constexpr,
-    POOL: tl.constexpr, PDL: tl.constexpr = False,
-):
-    """Key block ``kb = program_id(0)`` of (batch, kv head) ``program_id(1)`` against the sampled
-    query rows of each query head of the kv group, every mask applied; with ``POOL`` the block is
-    also pooled (``_pool_block``, into Kp, Ko ``[B, HKV, NKB, D]`` with strides ``stride_o*`` and
-    Kbias, Kobias with row stride ``stride_bb``), so that the keys are read from memory once for both.
-
-    Sample ``r < SAMPLES`` (``2 <= SAMPLES <= BLOCK_S``) is query row ``round(r (Nq - 1) /
-    (SAMPLES - 1))`` (halves up); rows ``r >= SAMPLES`` see no key. Writes, per query head ``bh``,
-    BlockMax ``[B*H, NKB, BLOCK_S]`` float32 (each sampled row's maximum base-2 score in the block,
-    -inf where all its keys are masked) and Lblock ``[NKB, B*H, BLOCK_S]`` float32, the row's sum of
-    ``2^(u - max)`` over the block (0 where all are masked).
-    """
-    kb = tl.program_id(0)
-    bhk = tl.program_id(1)
-    HKV = H // GROUPS
-    b = bhk // HKV
-    hk = bhk % HKV
-    K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    offs_s = tl.arange(0, BLOCK_S)
-    n_gaps = tl.maximum(SAMPLES - 1, 1)
-    rows = tl.where(offs_s < SAMPLES, (offs_s * (Nq - 1) + n_gaps // 2) // n_gaps, Nq)
-    offs_d = tl.arange(0, BLOCK_D)
-    wait_previous(PDL)
-    if POOL:
-        head = b.to(tl.int64) * stride_ob + hk.to(tl.int64) * stride_oh
-        _pool_block(K, Kp + head, Ko + head, Kbias, Kobias, Kpm, kb, b, _bias_owner(b, hk, KPM_KIND),
-                    stride_kn, stride_kd, stride_on, stride_od, stride_pb, stride_pn, stride_bb, Nk,
-                    D, BLOCK_N, BLOCK_D, KPM_KIND)
-    for g in range(GROUPS):
-        h = hk * GROUPS + g
-        bh = b * H + h
-        q = load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, rows, offs_d, Nq, D,
-                      stride_qm, stride_qd, True, BLOCK_D != D)
-        _, l, _ = _scores_blocks(
-            tl.full([BLOCK_S], M_INIT, dtype=tl.float32), tl.zeros([BLOCK_S], dtype=tl.float32),
-            tl.zeros([BLOCK_S], dtype=tl.int32), q, K, BlockMax + bh.to(tl.int64) * NKB * BLOCK_S,
-            stride_kn, stride_kd, rows, offs_d, kb, kb + 1, b, h, hk, Nq, Nk, qk_scale,
-            Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
-            D, BLOCK_N, BLOCK_D, True, CAUSAL, MASK_KIND, KPM_KIND, False, "rows", False, PRECISION)
-        tl.store(Lblock + (kb.to(tl.int64) * tl.num_programs(1) * GROUPS + bh) * BLOCK_S + offs_s, l)
-
-
-@triton.jit
-def blocks_combine(BlockMax, Lblock, Vert, BH, NKB, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
-                   PDL: tl.constexpr = False):
-    """Per (batch, head) ``bh = program_id(0)``, from ``sample_blocks``' outputs: each sampled row's
-    ``lse2_r = log2 sum_kb Lblock[kb, bh, r] 2^BlockMax[bh, kb, r]`` (+inf for a row that sees no
-    key), then Vert ``[B*H, NKB]`` float32 = ``max_r (BlockMax[bh, kb, r] - lse2_r)``, the log2 of
-    the largest softmax weight a sampled row gives a key of block kb (-inf if none)."""
-    wait_previous(PDL)
-    bh = tl.program_id(0).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
-    m = tl.full([BLOCK_S], M_INIT, dtype=tl.float32)
-    l = tl.zeros([BLOCK_S], dtype=tl.float32)
-    for c in range(0, NKB, CHUNK):
-        kb = c + tl.arange(0, CHUNK)
-        bmax = tl.load(BlockMax + (bh * NKB + kb[:, None]) * BLOCK_S + offs_s[None, :], mask=kb[:, None] < NKB,
-                       other=float("-inf"))
-        lb = tl.load(Lblock + (kb[:, None].to(tl.int64) * BH + bh) * BLOCK_S + offs_s[None, :], mask=kb[:, None] < NKB,
-                     other=0.0)
-        m_new = tl.maximum(m, tl.max(bmax, 0))
-        l = l * tl.exp2(m - m_new) + tl.sum(lb * tl.exp2(tl.maximum(bmax - m_new[None, :], MIN_EXP2)), 0)
-        m = m_new
-    lse = tl.where(l > 0.0, m + tl.log2(tl.where(l > 0.0, l, 1.0)), float("inf"))
-    for c in range(0, NKB, CHUNK):
-        kb = c + tl.arange(0, CHUNK)
-        bmax = tl.load(BlockMax + (bh * NKB + kb[:, None]) * BLOCK_S + offs_s[None, :], mask=kb[:, None] < NKB,
-                       other=float("-inf"))
-        tl.store(Vert + bh * NKB + kb, tl.max(bmax - lse[None, :], 1), mask=kb < NKB)
