@@ -3,9 +3,9 @@
 For each case (bf16, the sink-key inputs of ``bench_pruned.py``: prefill with B = 1, H = 2048 / D,
 and decoding with B = 4, 32 query heads on 8 kv heads, D = 128) it prints the dense kernel's time,
 then for each mode the time per call (``do_bench``), the CUDA time per call of every kernel the call
-launches (torch.profiler, averaged over 5 calls) and their sum: where the call takes longer than its
-kernels, the GPU waits for the host. Used to decide what to optimize; the speed numbers of record
-come from ``bench_pruned.py``.
+launches (torch.profiler, averaged over 5 calls, early launches off) and their sum: where the call
+takes longer than its kernels, the GPU waits for the host. Used to decide what to optimize; the
+speed numbers of record come from ``bench_pruned.py``.
 
 ``--host``: instead, where the host time of a call goes (cProfile over 200 calls of the host-bound
 cases: prefill at 8k, decoding), the functions with the most time of their own first.
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pruned import stripes  # noqa: E402
 
 from entropy_attn import entropy_attention  # noqa: E402
-from entropy_attn.pruned import pruned_attention  # noqa: E402
+from entropy_attn import _launch  # noqa: E402
+from entropy_attn.pruned import clear_plans, pruned_attention  # noqa: E402
 
 #: (B, H, Hkv, Nq, Nk, D, s)
 CASES = [
@@ -43,13 +44,20 @@ CALLS = 5
 
 
 def kernel_times(fn) -> dict:
-    """CUDA time per call (ms) of each kernel ``fn`` launches, by kernel name."""
+    """CUDA time per call (ms) of each kernel ``fn`` launches, by kernel name, with early launches
+    off: a kernel launched early starts while the one before it runs and waits for it, so its CUDA
+    time would include that wait (with them on, a fast call's kernels summed to more than the call)."""
+    enabled = _launch.PDL_ENABLED
+    _launch.PDL_ENABLED = False
+    clear_plans()
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(CALLS):
             fn()
         torch.cuda.synchronize()
+    _launch.PDL_ENABLED = enabled
+    clear_plans()
     times = defaultdict(float)
     for ev in prof.key_averages():
         if ev.device_time_total > 0:
