@@ -25,8 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pruned import stripes  # noqa: E402
 
-from entropy_attn import entropy_attention  # noqa: E402
-from entropy_attn import _launch  # noqa: E402
+from entropy_attn import _launch, entropy_attention  # noqa: E402
 from entropy_attn.pruned import clear_plans, pruned_attention  # noqa: E402
 
 #: (B, H, Hkv, Nq, Nk, D, s)
@@ -50,14 +49,16 @@ def kernel_times(fn) -> dict:
     enabled = _launch.PDL_ENABLED
     _launch.PDL_ENABLED = False
     clear_plans()
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(CALLS):
-            fn()
+    try:
+        fn()
         torch.cuda.synchronize()
-    _launch.PDL_ENABLED = enabled
-    clear_plans()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(CALLS):
+                fn()
+            torch.cuda.synchronize()
+    finally:
+        _launch.PDL_ENABLED = enabled
+        clear_plans()
     times = defaultdict(float)
     for ev in prof.key_averages():
         if ev.device_time_total > 0:
