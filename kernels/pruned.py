@@ -44,16 +44,18 @@ outlier key, and for long query sequences the sampled vertical estimate):
    entry is pruned when ``u_ij < min(lse2_lb_i + log2 tau, m_i)`` where ``lse2_lb_i`` is the log-sum
    of a subset of the row's entries seen so far (every entry of the first tile, which the predictor
    picks as the most concentrated one, and the kept entries of the later tiles; split programs sum
-   every entry, see ``_attn_tile``) and the current tile's largest entry or, if larger, a bound from
-   the pooled keys of every listed tile, computed before the sweep: a lower bound of the true lse2,
+   every entry, see ``_attn_tile``; with the online softmax also the current tile's largest entry)
+   or, if larger, a bound from the pooled keys of every listed tile, computed before the sweep: a
+   lower bound of the true lse2,
    so every entry it prunes is also pruned by the exact definition (it may keep some that the exact
    mode prunes, and it misses the mass of tiles it does not visit). The test runs on the weights
    ``2^(u_ij - m_i)`` that the softmax computes anyway (``m_i`` the running max or the fixed
    reference) against ``tau 2^(lse2_lb_i - m_i)``, capped just below the row's largest weight so far
-   (see ``_attn_tile``): no log2 in the loop. Rows that kept nothing in the listed tiles (no unmasked
-   key there, or every weight below float32's range under the fixed reference) and rows whose
-   weights outgrew the fixed reference (above 2^64) are recomputed over every key block with the
-   online softmax (``FALLBACK``), so a row is dropped only if it has no unmasked key at all.
+   (online) or a weight it has kept (fixed; see ``_attn_tile``): no log2 in the loop. Rows that kept
+   nothing in the listed tiles (no unmasked key there, or every weight below float32's range under
+   the fixed reference) and rows whose kept weights outgrew the fixed reference (a sum above 2^64)
+   are recomputed over every key block with the online softmax (``FALLBACK``), so a row is dropped
+   only if it has no unmasked key at all.
 """
 import triton
 import triton.language as tl
@@ -508,11 +510,12 @@ def _attn_tile(
     ``SEEN_ALL``, every entry (not only the kept ones) of the later tiles enters the seen sum too
     (split programs: ``split_combine`` bounds lse by their seen sums alone, with no pooled bound).
     ``FIXED``: the weights are taken relative to a fixed reference ``m`` per row instead of the running
-    max, so nothing is rescaled; ``p_max`` is the largest weight seen (relative to ``m``). The first
-    tile sets ``m``: 32 above the larger of its row max and the pooled lse bound (0 if both are -inf),
-    so the row max's weight is at most 2^-32 there and a later one overflows only above 2^128: the
-    caller recomputes rows whose ``p_max`` passes 2^64 (``pruned_attn``). Otherwise (online) ``m`` is
-    the running max and ``p_max`` is unused."""
+    max, so nothing is rescaled, and the later tiles take no row max: ``p_max`` is a weight the row
+    has kept (relative to ``m``: the first tile's largest, raised to a later tile's mean weight), and
+    every cut stays below it. The first tile sets ``m``: 32 above the larger of its row max and the
+    pooled lse bound (0 if both are -inf), so the row max's weight is at most 2^-32 there and a later
+    one overflows only above 2^128: the caller recomputes rows whose kept sum ``l`` passes 2^64
+    (``pruned_attn``). Otherwise (online) ``m`` is the running max and ``p_max`` is unused."""
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     k = load_rows(K, b, hk, kb * BLOCK_N, offs_n, offs_d, Nk, D, stride_kn, stride_kd, MASKED, BLOCK_D != D, TMA)
     qk, unit = _base2_scores(q, k, offs_m, offs_n, b, h, Nq, Nk, qk_scale,
@@ -530,31 +533,32 @@ def _attn_tile(
         if STATS:
             kcnt += tl.sum(keep.to(tl.int32), 1)
     elif FIXED:
-        u_max = tl.max(qk, 1) * unit
         if FIRST:
+            u_max = tl.max(qk, 1) * unit
             m = tl.maximum(u_max, lse_lb) + 32.0
             m = tl.where(m > float("-inf"), m, 0.0)
         x = qk * unit - m[:, None]
         if MASKED:
             x = tl.maximum(x, MIN_EXP2)
         pa = tl.exp2(x)
-        # The tile's largest weight, by the same operations as its entry's; the cut stays below the
-        # running largest weight (by 2^-20 (|m| + 130) relative: more than the rounding of x if a
-        # compiler contracts the two differently), so the row max is always kept.
-        p_tile = tl.exp2(u_max - m)
-        p_max = tl.maximum(p_max, p_tile)
         if FIRST:
+            # p_max: a weight the row has kept, here the first tile's largest (by the same operations
+            # as its entry's). Every cut stays below it (by 2^-20 (|m| + 130) relative: more than the
+            # rounding of x if a compiler contracts the two differently), so the first tile keeps its
+            # row max and a later tile keeps any larger entry: the row max is always kept, and no
+            # later tile needs its own row max.
+            p_max = tl.exp2(u_max - m)
             l_seen = tl.sum(pa, 1)
-            seen = l_seen
-        else:
-            seen = l_seen + p_tile
         cap = p_max * (1.0 - (tl.abs(m) + 130.0) * 9.5367431640625e-07)
-        cut = tl.minimum(tau * tl.maximum(seen, tl.exp2(lse_lb - m)), cap)
+        cut = tl.minimum(tau * tl.maximum(l_seen, tl.exp2(lse_lb - m)), cap)
         keep = pa >= cut[:, None]
         p = tl.where(keep, pa, 0.0)
         p_sum = tl.sum(p, 1)
         if not FIRST:
             l_seen += p_sum
+            # The mean of the tile's weights, kept ones counted, is at most its largest kept weight
+            # (rows whose first tile was masked start with p_max = 0, which prunes nothing).
+            p_max = tl.maximum(p_max, p_sum * (1.0 / BLOCK_N))
         l += p_sum
         acc += dot(p.to(v.dtype), v, PRECISION)
     else:
@@ -708,10 +712,11 @@ def pruned_attn(
     if FALLBACK:
         # Rows recomputed from scratch over every key block with the online softmax: those that kept
         # nothing in the listed tiles (no unmasked key there, or FIXED: every weight below 2^-126 of
-        # the reference) and, FIXED, those whose largest weight passed 2^64 (overflow near). The
+        # the reference) and, FIXED, those whose kept sum passed 2^64 (overflow near; any weight
+        # above 2^64 is kept, so it is in the sum; an online sum is at most the key count). The
         # other rows are masked out of these tiles: their weights are 0 and their m (running max or
         # fixed reference) stays, so their sums are unchanged.
-        redo = row_mask & ((l == 0.0) | (p_max > 1.8446744073709552e19))
+        redo = row_mask & ((l == 0.0) | (l > 1.8446744073709552e19))
         if tl.max(redo.to(tl.int32), 0) > 0:
             acc = tl.where(redo[:, None], 0.0, acc)
             m = tl.where(redo, M_INIT, m)

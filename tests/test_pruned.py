@@ -433,6 +433,36 @@ def test_large_logits(dtype, masked):
 
 
 @triton_ok
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_keeps_a_row_max_after_the_first_tile(dtype):
+    """The fast sweep (one program per query block: the fixed reference) keeps each row's maximum
+    where it lies after the first tile, below tau times the mass kept before it. Row 0 puts +60 on
+    one key of block 3, so block 3 is the query block's first tile; row 1 sees 0 on every key but
+    +1.5 on one key of block 1: tau = 0.5 times its bn unit weights of the first tile is at least 8,
+    above its maximum's e^1.5 = 4.5. Only that key has v[:, 15] != 0, so out[1, 15] > 0 iff it is
+    kept (a cut without its cap in the later tiles fails here)."""
+    bn = kernel_tiles(16, 16)[1]
+    nk = 4 * bn
+    g = fresh_generator(22)
+    q, k = torch.randn(1, 1, 16, 16, generator=g), torch.randn(1, 1, nk, 16, generator=g)
+    v = torch.randn(1, 1, nk, 16, generator=g)
+    e = torch.eye(16)
+    k[..., :2] = 0.0
+    q[0, 0, 0], k[0, 0, 3 * bn + 5, 0] = 20 * e[0], 12.0  # scale 1/4: +60
+    q[0, 0, 1], k[0, 0, bn + 1, 1] = 4 * e[1], 1.5  # +1.5
+    v[..., 15] = 0.0
+    v[0, 0, bn + 1, 15] = 1.0
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    ref, _, _ = definition(q, k, v, 0.5)
+    assert ref[0, 0, 1, 15] == 1.0  # the exact mode keeps row 1's maximum alone
+    inp = check_inputs(q.to(DEV), k.to(DEV), v.to(DEV))
+    out = pruned_triton(inp, 0.5, "fast", splits=1).double().cpu()
+    assert torch.isfinite(out).all()
+    # Kept: the maximum (e^1.5) among at most the 4 bn unit weights of row 1.
+    assert out[0, 0, 1, 15] >= math.exp(1.5) / (math.exp(1.5) + 4 * bn) - TOL[dtype], out[0, 0, 1]
+
+
+@triton_ok
 @pytest.mark.parametrize("causal", [False, True])
 def test_fast_predictor_query_block_groups(monkeypatch, causal):
     """The predictor's programs take QB query blocks each (sharing the pooled-key loads): any QB,
