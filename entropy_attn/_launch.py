@@ -148,14 +148,15 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _hopper_or_newer(device: torch.device) -> bool:
-    """A CUDA device of compute capability 9 or newer: the copy engine's loads and early launches."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """An NVIDIA GPU of compute capability 9 or newer: the copy engine's loads and early launches
+    (a ROCm device is ``cuda`` to torch too, and an MI300 also reports capability 9)."""
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def early_launch(device: torch.device) -> bool:
     """Whether kernels on ``device`` may be launched early (``PDL_ENABLED``, an NVIDIA GPU of compute
     capability 9 or newer, not in Triton's interpreter): what ``_plan.Workspace`` takes as ``early``."""
-    return PDL_ENABLED and not interpreting() and torch.version.hip is None and _hopper_or_newer(device)
+    return PDL_ENABLED and not interpreting() and _hopper_or_newer(device)
 
 
 def _tma_loadable(t: torch.Tensor, block: list) -> bool:
