@@ -371,13 +371,16 @@ def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN):
 
 
 def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None = None, ws: Workspace = PLAIN,
-             pooled: tuple | None = None):
+             pooled: tuple | None = None, local: bool | None = None):
     """The fast mode's tile lists: the pooled keys (``pooled``, a ``KeySummary``'s, or
     ``_pool_keys``), the vertical estimate (``_vertical``) and the kernel ``pruned_predict`` on
     ``q [B, H, Nq, D]`` (unit stride), at the threshold ``log2_thr = log2 (tau * slack)``, with the
     masks ``masks = _mask_args(inp)``, ``chunk`` key blocks per step (by default
-    ``_predict_config``'s). Returns ``(idx [B*H, NQB, NKB] int32 (first ``count`` entries valid),
-    count [B*H, NQB] int32, (kp, ko, kbias, kobias))``, the pooled keys for the sweep's lse bound."""
+    ``_predict_config``'s). ``local`` (by default ``inp.causal``): also list each query block's local
+    window, the key blocks of its rows' ``LOCAL_KEYS`` most recent keys (``pruned_predict``; packed
+    grouped-query decoding passes it for the one causal query whose mask packing drops). Returns
+    ``(idx [B*H, NQB, NKB] int32 (first ``count`` entries valid), count [B*H, NQB] int32, (kp, ko,
+    kbias, kobias))``, the pooled keys for the sweep's lse bound."""
     B, H, Nq, D = q.shape
     BH = B * H
     dev = q.device
@@ -396,8 +399,8 @@ def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None
         *q.stride(), *kp.stride(), kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(1),
         H, inp.groups, Nq, k.shape[2], nqb, nkb, inp.scale * LOG2E, log2_thr,
         D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), QB=qb, CHUNK=chunk,
-        CAUSAL=inp.causal, VERT=vert is not None, PRECISION=_input_precision(q.dtype),
-        num_warps=warps, num_stages=stages, chained=True,
+        CAUSAL=inp.causal, LOCAL=inp.causal if local is None else local, VERT=vert is not None,
+        PRECISION=_input_precision(q.dtype), num_warps=warps, num_stages=stages, chained=True,
     )
     return idx, count, (kp, ko, kbias, kobias)
 
@@ -438,6 +441,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
     Without ``stats`` the call is recorded as a launch plan (``_plan.py``) on the second call with
     its signature and replayed on later ones, which skips most of its host time."""
     B, H, Nq_in = inp.q.shape[:3]
+    local = inp.causal  # the fast predictor's local window, also where packing drops the causal mask
     pack = _packed_groups(inp)
     if pack > 1:  # rows (g, i) of kv head hk: query head hk * pack + g, query i
         inp = replace(inp, q=inp.q.reshape(B, H // pack, pack * Nq_in, inp.q.shape[3]), causal=False)
@@ -446,7 +450,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
     inputs = (q, k, v, mask_args[0], kpm_args[0], *(pooled or ()))
     signature = None
     if not stats:
-        signature = (mode, tau, slack, splits, inp.causal, inp.scale, _input_precision(q.dtype), q.device,
+        signature = (mode, tau, slack, splits, local, inp.scale, _input_precision(q.dtype), q.device,
                      *(tensor_signature(t) for t in inputs))
     shape = (B, H, Nq_in, v.shape[3])
     with _on_device(q):
@@ -454,16 +458,18 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
         if plan is not None:
             return plan.run(inputs, q.device).view(shape)
         ws = Workspace(inputs if record else None, early=early_launch(q.device))
-        out, st = _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits, slack, pack, pooled, ws)
+        out, st = _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits, slack, pack, local, pooled, ws)
     if record:
         _plan.store(signature, ws.plan(out))
     out = out.view(shape)
     return (out, st) if stats else out
 
 
-def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits, slack, pack, pooled, ws: Workspace):
+def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits, slack, pack, local, pooled,
+                     ws: Workspace):
     """``pruned_triton``'s allocations and launches, through ``ws``, on the prepared inputs (q packed
-    for grouped-query decoding, unit last strides). Returns ``(out [B, Hq, Nq, Dv] or [B*Hq, Nq, Dv],
+    for grouped-query decoding, unit last strides; ``local``: the fast predictor's local window, see
+    ``_predict``). Returns ``(out [B, Hq, Nq, Dv] or [B*Hq, Nq, Dv],
     stats dict or None)``."""
     B, Hq, Nq, D = q.shape
     H, Nq_in = Hq * pack, Nq // pack
@@ -484,7 +490,7 @@ def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits
         idx, count, nvalid, lse2, thr = _select(tile_max, mpart1, lpart1, tau, cfg, nqb, nkb, Nq, ws)
     if not exact:
         idx, count, (kp, ko, kbias, kobias) = _predict(inp, q, k, cfg, nqb, nkb, math.log2(tau * slack),
-                                                       (mask_args, kpm_args), ws=ws, pooled=pooled)
+                                                       (mask_args, kpm_args), ws=ws, pooled=pooled, local=local)
     # Splitting the fast mode needs every row covered by the predictor (no in-kernel fallback).
     can_split = exact or (inp.attn_mask is None and not (inp.causal and inp.key_padding_mask is not None))
     if splits is None:
