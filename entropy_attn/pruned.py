@@ -610,10 +610,13 @@ def pruned_attention(
             0.95: 7.6-8.5x / 11.9-14.2x at N = 32k, 8.5-9.0x / 15.1-16.3x at 64k (several
             machines); at 8k-16k the host's work per call (0.1-0.45 ms, by machine) bounds it
             (3.2x-10.2x called directly), unless it is replayed from a CUDA graph (4.7x-11.2x);
-            max |fast - exact| 0.05 - 0.1 on sink-key inputs). On the attention of the example
-            LMs (8k tokens) its prediction misses tiles (relative error 2-8 %) or visits nearly all
-            of them, and it is at most 1.9x faster than dense (benchmarks/RESULTS.md): check its
-            error on your model (``return_stats``, or against ``'exact'``) before serving with it. For decoding
+            max |fast - exact| 0.05 - 0.1 on sink-key inputs). With ``causal=True`` it also visits
+            the key blocks of each row's 128 most recent keys (local attention, which pooling
+            smears). On the attention of the example LMs (8k tokens) it matches the exact mode in
+            the regularized model's sparsest layers (relative error < 0.1 %, ~3x dense) but misses
+            tiles in its diffuse first layers (4-6 %), and visits nearly every tile of an
+            unregularized model (benchmarks/RESULTS.md): check its error on your model, layer by
+            layer (``return_stats``, or against ``'exact'``), before serving with it. For decoding
             (Nq <= 16) pass a ``key_summary``: without one it pools the whole key cache on every
             call and is slower than ``'exact'`` with one query.
             Rows whose weights are all near tau (diffuse rows) are its weak case: it may keep
