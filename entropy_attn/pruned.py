@@ -332,12 +332,14 @@ def _select(tile_max, mpart, lpart, tau, cfg, nqb, nkb, Nq, ws: Workspace = PLAI
     return idx, count, nvalid, lse2, thr
 
 
-def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN):
-    """``[B*H, NKB]`` float32: log2 of the largest softmax weight that ``VERT_SAMPLES`` query rows,
-    evenly spaced (row ``round(r (Nq - 1) / (VERT_SAMPLES - 1))``), give to a key of each key block
-    (exact weights of those rows over all keys, all masks applied; -inf where none of them sees a
-    key of the block). None for short query sequences (``Nq < VERT_MIN_NQ``), where the sample would
-    cost too much. ``masks``: ``_mask_args(inp)``. Kernels ``vertical_sample`` (the key blocks split
+def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN, local: bool = False):
+    """``(vert, vert_local)``, each ``[B*H, NKB]`` float32: log2 of the largest softmax weight that
+    ``VERT_SAMPLES`` query rows, evenly spaced (row ``round(r (Nq - 1) / (VERT_SAMPLES - 1))``), give
+    to a key of each key block (exact weights of those rows over all keys, all masks applied; -inf
+    where none of them sees a key of the block). With ``local`` (the predictor's local windows), a
+    row's weights in its own window count in ``vert_local`` instead of ``vert``; else ``vert_local``
+    is None. None for short query sequences (``Nq < VERT_MIN_NQ``), where the sample would cost too
+    much. ``masks``: ``_mask_args(inp)``. Kernels ``vertical_sample`` (the key blocks split
     over programs; 4 warps, 2 stages: H200, graphed, against the prefill tiles' 8 warps and 3
     stages at D = 128: 64k 98.6 -> 92.9 us, 8k 27.0 -> 23.6; at D = 64, against 4 warps and 3
     stages: 64k 100.9 -> 99.4, 8k 25.4 -> 23.9; 2 warps: 1.1-1.6x slower) and ``vertical_combine``."""
@@ -353,6 +355,7 @@ def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN):
     mpart = ws.empty((splits, BH, block_s), torch.float32, dev)
     lpart = ws.empty((splits, BH, block_s), torch.float32, dev)
     vert = ws.empty((BH, nkb), torch.float32, dev)
+    vert_local = ws.empty((BH, nkb), torch.float32, dev) if local else None
     (mask, *mstr, mkind), (kpm, *pstr, pkind) = masks
     from .kernels.pruned_pool import vertical_combine, vertical_sample
 
@@ -365,9 +368,10 @@ def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN):
         num_warps=4, num_stages=2, chained=True,
     )
     chunk = _chunk()
-    ws.launch(vertical_combine, (BH, cdiv(nkb, chunk)), block_max, mpart, lpart, vert, nkb, splits,
-              BLOCK_S=block_s, CHUNK=chunk, chained=True)
-    return vert
+    ws.launch(vertical_combine, (BH, cdiv(nkb, chunk)), block_max, mpart, lpart, vert,
+              vert if vert_local is None else vert_local, Nq, Nk, nkb, splits, VERT_SAMPLES,
+              BLOCK_S=block_s, BLOCK_N=cfg.block_n, CHUNK=chunk, LOCAL=local, chained=True)
+    return vert, vert_local
 
 
 def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None = None, ws: Workspace = PLAIN,
@@ -377,15 +381,17 @@ def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None
     ``q [B, H, Nq, D]`` (unit stride), at the threshold ``log2_thr = log2 (tau * slack)``, with the
     masks ``masks = _mask_args(inp)``, ``chunk`` key blocks per step (by default
     ``_predict_config``'s). ``local`` (by default ``inp.causal``): also list each query block's local
-    window, the key blocks of its rows' ``LOCAL_KEYS`` most recent keys (``pruned_predict``; packed
+    window, the key blocks of its rows' ``LOCAL_KEYS`` most recent keys, in the heads whose sampled
+    rows keep an entry in theirs, or in every head without a sample (``pruned_predict``; packed
     grouped-query decoding passes it for the one causal query whose mask packing drops). Returns
     ``(idx [B*H, NQB, NKB] int32 (first ``count`` entries valid), count [B*H, NQB] int32, (kp, ko,
     kbias, kobias))``, the pooled keys for the sweep's lse bound."""
     B, H, Nq, D = q.shape
     BH = B * H
     dev = q.device
+    local = inp.causal if local is None else local
     kp, ko, kbias, kobias = pooled or _pool_keys(k, masks[1], cfg.block_n, nkb, ws)
-    vert = _vertical(inp, q, k, cfg, nkb, masks, ws)
+    vert, vert_local = _vertical(inp, q, k, cfg, nkb, masks, ws, local) or (None, None)
     idx = ws.empty((BH, nqb, nkb), torch.int32, dev)
     count = ws.empty((BH, nqb), torch.int32, dev)
     from .kernels.pruned import POOL_ROWS, pruned_predict
@@ -395,11 +401,12 @@ def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None
     share = ws.empty((BH, nqb, nkb), torch.float32, dev)
     lse_run = ws.empty((BH, cdiv(nkb, chunk), nqb * POOL_ROWS.value), torch.float32, dev)
     ws.launch(pruned_predict, (cdiv(nqb, qb), BH),
-        q, kp, ko, kbias, kobias, vert if vert is not None else kbias, share, lse_run, idx, count,
+        q, kp, ko, kbias, kobias, vert if vert is not None else kbias,
+        vert_local if vert_local is not None else kbias, share, lse_run, idx, count,
         *q.stride(), *kp.stride(), kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(1),
         H, inp.groups, Nq, k.shape[2], nqb, nkb, inp.scale * LOG2E, log2_thr,
         D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), QB=qb, CHUNK=chunk,
-        CAUSAL=inp.causal, LOCAL=inp.causal if local is None else local, VERT=vert is not None,
+        CAUSAL=inp.causal, LOCAL=local, VERT=vert is not None,
         PRECISION=_input_precision(q.dtype), num_warps=warps, num_stages=stages, chained=True,
     )
     return idx, count, (kp, ko, kbias, kobias)

@@ -70,7 +70,7 @@ from .pdl import wait_previous
 #: Pooled query rows per query block in the fast predictor (the smallest tl.dot M).
 POOL_ROWS = tl.constexpr(16)
 #: Causal fast mode: every query block lists the key blocks of its rows' this many most recent keys.
-LOCAL_KEYS = tl.constexpr(128)
+LOCAL_KEYS = tl.constexpr(256)
 
 
 @triton.jit
@@ -343,8 +343,16 @@ def _block_estimate(qp, Kp, Ko, Kbias, Kobias, kb, first_row, offs_d, NKB, Nq, N
 
 
 @triton.jit
+def local_window(kb, first_key, last_key, BLOCK_N: tl.constexpr):
+    """Whether key block ``kb`` holds one of the ``LOCAL_KEYS`` most recent keys of a row whose own
+    (last visible) key lies in ``[first_key, last_key]`` (broadcast: a row per query block or per
+    sampled row)."""
+    return ((kb + 1) * BLOCK_N > first_key - LOCAL_KEYS + 1) & (kb * BLOCK_N <= last_key)
+
+
+@triton.jit
 def pruned_predict(
-    Q, Kp, Ko, Kbias, Kobias, Vert, Share, LseRun, Idx, Count,
+    Q, Kp, Ko, Kbias, Kobias, Vert, VertLocal, Share, LseRun, Idx, Count,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_bb, stride_bn,
@@ -363,7 +371,10 @@ def pruned_predict(
     of the largest weight a sample of real query rows puts in each key block (vertical stripes,
     attention sinks: single strong keys that mean pooling dilutes); such blocks are visited by
     every query block (where the causal mask lets them). With ``LOCAL`` (causal attention) every query
-    block also lists the key blocks of its rows' ``LOCAL_KEYS`` most recent keys. Writes Idx ``[B*H, NQB, NKB]`` int32 and
+    block also lists the key blocks of its rows' ``LOCAL_KEYS`` most recent keys (``local_window``);
+    with ``VERT`` too, only in a (batch, head) whose sampled rows keep an entry in their own windows:
+    VertLocal ``[B*H, NKB]`` float32, the largest weight they give there (``vertical_combine``, which
+    leaves those weights out of Vert). Writes Idx ``[B*H, NQB, NKB]`` int32 and
     Count ``[B*H, NQB]``; Share ``[B*H, NQB, NKB]`` and LseRun ``[B*H, cdiv(NKB, CHUNK), NQB * 16]``
     float32 are its scratch (see below).
 
@@ -407,8 +418,12 @@ def pruned_predict(
     m = tl.full([R], M_INIT, dtype=tl.float32)
     l = tl.zeros([R], dtype=tl.float32)
     best = tl.zeros([R], dtype=tl.int32)
+    local_max = tl.max(tl.full([CHUNK], float("-inf"), tl.float32), 0)  # the sampled rows' largest weight in their windows
     for c in range(0, NKB, CHUNK):
         kb = c + tl.arange(0, CHUNK)
+        if LOCAL and VERT:
+            local_max = tl.maximum(local_max, tl.max(tl.load(VertLocal + bh.to(tl.int64) * NKB + kb, mask=kb < NKB,
+                                                             other=float("-inf")), 0))
         est = _block_estimate(qp, Kp, Ko, Kbias, Kobias, kb, first_row, offs_d, NKB, Nq, Nk, qk_scale,
                               stride_kn, stride_kd, stride_bn, D, BLOCK_N, BLOCK_D, CAUSAL, PRECISION)
         est = tl.where(row_ok[:, None], est, float("-inf"))
@@ -459,8 +474,8 @@ def pruned_predict(
                 vis = vis & (kb[None, :] * BLOCK_N <= last_key[:, None])
             keep = keep | vis
         if LOCAL:  # the local window: the blocks of the rows' LOCAL_KEYS most recent keys
-            keep = keep | (((kb[None, :] + 1) * BLOCK_N > first_key[:, None] - LOCAL_KEYS + 1)
-                           & (kb[None, :] * BLOCK_N <= last_key[:, None]))
+            window = keep | local_window(kb[None, :], first_key[:, None], last_key[:, None], BLOCK_N)
+            keep = tl.where(local_max >= log2_thr, window, keep) if VERT else window
         keep = keep & (kb[None, :] < NKB) & (kb[None, :] != first[:, None])
         ki = keep.to(tl.int32)
         pos = n[:, None] + tl.cumsum(ki, 1) - 1

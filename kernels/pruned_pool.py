@@ -17,7 +17,15 @@ import triton.language as tl
 from .attention_fwd import load_tile
 from .masks import FLOAT_MASK, M_INIT, NO_MASK, apply_masks
 from .pdl import wait_previous
-from .pruned import _scores_blocks, split_lse
+from .pruned import LOCAL_KEYS, _scores_blocks, local_window, split_lse
+
+
+@triton.jit
+def sampled_rows(offs_s, SAMPLES, Nq):
+    """The query row of each sample ``offs_s < SAMPLES``: ``round(r (Nq - 1) / (SAMPLES - 1))``
+    (halves up); ``Nq`` (no row) for the others."""
+    n_gaps = tl.maximum(SAMPLES - 1, 1)
+    return tl.where(offs_s < SAMPLES, (offs_s * (Nq - 1) + n_gaps // 2) // n_gaps, Nq)
 
 
 @triton.jit
@@ -115,8 +123,7 @@ def vertical_sample(
     K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
 
     offs_s = tl.arange(0, BLOCK_S)
-    n_gaps = tl.maximum(SAMPLES - 1, 1)
-    rows = tl.where(offs_s < SAMPLES, (offs_s * (Nq - 1) + n_gaps // 2) // n_gaps, Nq)
+    rows = sampled_rows(offs_s, SAMPLES, Nq)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_tile(Q, rows, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D)
     wait_previous(PDL)
@@ -137,13 +144,19 @@ def vertical_sample(
 
 @triton.jit
 def vertical_combine(
-    BlockMax, Mpart, Lpart, Vert, NKB, SPLITS,
-    BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False,
+    BlockMax, Mpart, Lpart, Vert, VertLocal, Nq, Nk, NKB, SPLITS, SAMPLES,
+    BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, LOCAL: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Per (batch, head) ``bh`` and key blocks ``[pid CHUNK, (pid + 1) CHUNK)``: each sampled row's
     lse2 from the splits' partial sums (+inf for a row that sees no key), then Vert ``[B*H, NKB]``
     float32 = ``max_r (BlockMax[bh, kb, r] - lse2_r)``, the log2 of the largest softmax weight a
-    sampled row gives a key of block kb (-inf if none). Inputs as written by ``vertical_sample``."""
+    sampled row gives a key of block kb (-inf if none). With ``LOCAL`` (causal: the predictor lists
+    the local windows, ``pruned.local_window``), a sampled row's weights in its own window count in
+    VertLocal ``[B*H, NKB]`` float32 instead (the same maximum over the rows whose window holds kb):
+    local attention is not a vertical stripe. The rows that see no key block before their window
+    (the first ``LOCAL_KEYS + BLOCK_N - 1`` causal rows, whose weights lie in it whatever the head
+    does) count in neither. Inputs as written by ``vertical_sample``."""
     wait_previous(PDL)
     bh = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
@@ -152,4 +165,11 @@ def vertical_combine(
     kb = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
     ptrs = BlockMax + (bh.to(tl.int64) * NKB + kb[:, None]) * BLOCK_S + offs_s[None, :]
     bmax = tl.load(ptrs, mask=kb[:, None] < NKB, other=float("-inf"))
-    tl.store(Vert + bh.to(tl.int64) * NKB + kb, tl.max(bmax - lse[None, :], 1), mask=kb < NKB)
+    logw = bmax - lse[None, :]
+    if LOCAL:
+        own = sampled_rows(offs_s, SAMPLES, Nq) + (Nk - Nq)  # each sampled row's own key
+        near = local_window(kb[:, None], own[None, :], own[None, :], BLOCK_N)
+        chose = near & (own >= LOCAL_KEYS + BLOCK_N - 1)[None, :]  # a key block lies before the row's window
+        tl.store(VertLocal + bh.to(tl.int64) * NKB + kb, tl.max(tl.where(chose, logw, float("-inf")), 1), mask=kb < NKB)
+        logw = tl.where(near, float("-inf"), logw)
+    tl.store(Vert + bh.to(tl.int64) * NKB + kb, tl.max(logw, 1), mask=kb < NKB)

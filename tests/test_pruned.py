@@ -476,8 +476,10 @@ def previous_key_attention(nq, nk, d, dtype, seed):
 
 
 @triton_ok
-@pytest.mark.parametrize("nq,groups", [(256, 1), (1, 4)])  # prefill; grouped-query decoding (packed heads)
-def test_fast_causal_lists_the_local_window(nq, groups):
+# prefill, also with the vertical sample (whose rows then keep their entries in their windows);
+# grouped-query decoding (packed heads)
+@pytest.mark.parametrize("nq,groups,sampled", [(256, 1, False), (256, 1, True), (1, 4, False)])
+def test_fast_causal_lists_the_local_window(monkeypatch, nq, groups, sampled):
     """With a causal mask the fast mode lists each query block's local window (the key blocks of its
     rows' ``LOCAL_KEYS`` most recent keys), so it keeps previous-token attention whose blocks the
     pooled estimates miss (128 key blocks, each with a zero mean key): it matches the definition
@@ -487,6 +489,9 @@ def test_fast_causal_lists_the_local_window(nq, groups):
     causal mask (empty) is dropped but the window is not. tau = 0.3, where each row keeps its
     previous key alone: the interpreter's pooled rows are single rows (16-row blocks), whose
     estimates list more tiles at tau = 0.01."""
+    import entropy_attn.pruned as pr
+
+    monkeypatch.setattr(pr, "VERT_MIN_NQ", 16 if sampled else 1 << 30)
     bm, bn = kernel_tiles(nq, 64)
     nk = 128 * bn
     q, k, v = previous_key_attention(nq, nk, 64, torch.bfloat16, seed=23)
@@ -497,6 +502,36 @@ def test_fast_causal_lists_the_local_window(nq, groups):
     err = (out.double().cpu() - ref).abs().max()
     assert err <= 0.05, err
     assert (st["tile_sparsity"] > 0.5).all(), st
+
+
+@triton_ok
+def test_fast_local_window_only_where_sampled_rows_attend_locally(monkeypatch):
+    """With the vertical sample (long query sequences) a head lists the local windows only if its
+    sampled rows (those with keys before their window) keep an entry in theirs: causal attention on
+    one sink key block at the start lists the same tiles with and without the windows, and fewer
+    than every window."""
+    import entropy_attn.pruned as pr
+
+    monkeypatch.setattr(pr, "VERT_MIN_NQ", 16)
+    bm, bn = kernel_tiles(2048, 64)
+    n, D = 2048, 64
+    g = fresh_generator(25)
+    q = 0.3 * torch.randn(1, 2, n, D, generator=g)
+    k = torch.randn(1, 1, n, D, generator=g)
+    k[..., 0] = 0.0
+    k[:, :, :bn, 0] = math.sqrt(D)  # the sink block: ~90 % of each row's mass
+    q[..., 0] = math.log(9 * n)
+    inp = check_inputs(q.bfloat16().to(DEV), k.bfloat16().to(DEV), k.bfloat16().to(DEV), causal=True)
+    nqb, nkb = n // bm, n // bn
+    listed = {}
+    for local in (False, True):
+        idx, count, _ = pr._predict(inp, inp.q, inp.k, pr._config(n, D, D), nqb, nkb, math.log2(0.01),
+                                    _mask_args(inp), local=local)
+        idx, count = idx.cpu(), count.cpu()
+        listed[local] = [[set(idx[bh, i, :count[bh, i]].tolist()) for i in range(nqb)] for bh in range(2)]
+    assert listed[True] == listed[False]
+    windows = [set(range(max(0, (i * bm - LOCAL_KEYS.value) // bn), (i + 1) * bm // bn)) for i in range(nqb)]
+    assert any(not windows[i] <= listed[True][bh][i] for bh in range(2) for i in range(nqb))
 
 
 @triton_ok
@@ -1104,9 +1139,14 @@ def test_fast_predictor_lists_match_definition(causal, thr):
         assert (per_qb(best_sure & (share < log2_thr - eps)).any(2) & listed).any()  # listed as a best block only
 
 
-def vertical_definition(q, k, samples, bn, *, scale, causal=False, attn_mask=None, key_padding_mask=None):
+def vertical_definition(q, k, samples, bn, *, scale, causal=False, attn_mask=None, key_padding_mask=None,
+                        local_keys=None):
     """float64 ``[B*H, NKB]``: log2 of the largest softmax weight (all masks) that the sampled query
-    rows ``round(r (Nq - 1) / (samples - 1))`` (halves up) give to a key of each key block."""
+    rows ``round(r (Nq - 1) / (samples - 1))`` (halves up) give to a key of each key block. With
+    ``local_keys``: ``(far, near)``, the same maximum over the sampled rows for which the block lies
+    outside / inside their local window (the blocks holding one of the row's ``local_keys`` most
+    recent keys, its own key ``row + Nk - Nq`` included); ``near`` only over the rows that see a key
+    block before their window."""
     q, k = q.double(), k.double()
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -1125,14 +1165,21 @@ def vertical_definition(q, k, samples, bn, *, scale, causal=False, attn_mask=Non
     logp = torch.where(valid, s - lse.nan_to_num(neginf=0.0), -math.inf) / math.log(2)
     nkb = -(-Nk // bn)
     logp = torch.nn.functional.pad(logp, (0, nkb * bn - Nk), value=-math.inf)
-    return logp.view(B, H, samples, nkb, bn).amax((2, 4)).reshape(B * H, nkb)
+    per_row = logp.view(B, H, samples, nkb, bn).amax(4)
+    if local_keys is None:
+        return per_row.amax(2).reshape(B * H, nkb)
+    own = (rows + Nk - Nq)[:, None]
+    first, last = torch.arange(nkb)[None, :] * bn, torch.arange(nkb)[None, :] * bn + bn - 1
+    near = (last > own - local_keys) & (first <= own)  # [samples, NKB]
+    chose = near & (own >= local_keys + bn - 1)  # rows that see a key block before their window
+    return tuple(per_row.masked_fill(m, -math.inf).amax(2).reshape(B * H, nkb) for m in (near, ~chose))
 
 
 @triton_ok
 @pytest.mark.parametrize("case", [
     # GQA, causal with Nq < Nk, key blocks split over 2 programs and combined in 2 chunks
-    # (interpreter tiles: 19 key blocks, 16 per chunk)
-    dict(B=1, H=2, Hkv=1, Nq=150, Nk=290, causal=True, samples=64),
+    # (interpreter tiles: 19 key blocks, 16 per chunk), with the predictor's local windows
+    dict(B=1, H=2, Hkv=1, Nq=150, Nk=290, causal=True, samples=64, local=True),
     # Nq > Nk (causal: the first rows, sample 0 included, see no key), bool padding with a fully
     # padded block, 12 samples in a 16-row tile
     dict(B=2, H=4, Hkv=2, Nq=170, Nk=100, causal=True, kpm="bool", samples=12),
@@ -1145,7 +1192,7 @@ def test_vertical_matches_definition(monkeypatch, case):
     import entropy_attn.pruned as pr
     from entropy_attn._launch import _Config
 
-    c = {"causal": False, "kpm": None, "mask": None, "tiles": None, "dtype": torch.float32, **case}
+    c = {"causal": False, "kpm": None, "mask": None, "tiles": None, "dtype": torch.float32, "local": False, **case}
     B, H, Hkv, Nq, Nk, D = c["B"], c["H"], c["Hkv"], c["Nq"], c["Nk"], 24
     monkeypatch.setattr(pr, "VERT_MIN_NQ", 1)
     monkeypatch.setattr(pr, "VERT_SAMPLES", c["samples"])
@@ -1161,12 +1208,18 @@ def test_vertical_matches_definition(monkeypatch, case):
         mask = keep if c["mask"] == "bool" else torch.randn(B, 1, Nq, Nk, generator=g).masked_fill(~keep, -math.inf)
     dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
     inp = check_inputs(dev(q), dev(k), dev(k), causal=c["causal"], attn_mask=dev(mask), key_padding_mask=dev(kpm))
-    vert = pr._vertical(inp, inp.q, inp.k, cfg, nkb, _mask_args(inp)).cpu()
+    # local: each sampled row's weights in its own window apart (the predictor's local windows).
+    local = c["local"]
+    vert, vert_local = pr._vertical(inp, inp.q, inp.k, cfg, nkb, _mask_args(inp), local=local)
     ref = vertical_definition(q, k, c["samples"], cfg.block_n, scale=inp.scale, causal=c["causal"],
-                              attn_mask=mask, key_padding_mask=kpm)
-    assert vert.shape == (B * H, nkb) and vert.dtype == torch.float32
-    assert not vert.isnan().any()
-    assert torch.equal(vert.isinf(), ref.isinf()), (vert, ref)
-    assert ref.isfinite().any()
-    fin = ref.isfinite()
-    assert torch.allclose(vert.double()[fin], ref[fin], atol=1e-4), (vert - ref)[fin].abs().max()
+                              attn_mask=mask, key_padding_mask=kpm, local_keys=LOCAL_KEYS.value if local else None)
+    assert (vert_local is None) == (not local)
+    wants = ref if local else (ref,)
+    assert all(want.isfinite().any() for want in wants)
+    for got, want in zip((vert, vert_local), wants):
+        got = got.cpu()
+        assert got.shape == (B * H, nkb) and got.dtype == torch.float32
+        assert not got.isnan().any()
+        assert torch.equal(got.isinf(), want.isinf()), (got, want)
+        fin = want.isfinite()
+        assert torch.allclose(got.double()[fin], want[fin], atol=1e-4), (got - want)[fin].abs().max()
