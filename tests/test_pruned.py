@@ -507,9 +507,10 @@ def test_fast_causal_lists_the_local_window(monkeypatch, nq, groups, sampled):
 @triton_ok
 def test_fast_local_window_only_where_sampled_rows_attend_locally(monkeypatch):
     """With the vertical sample (long query sequences) a head lists the local windows only if its
-    sampled rows (those with keys before their window) keep an entry in theirs: causal attention on
-    one sink key block at the start lists the same tiles with and without the windows, and fewer
-    than every window."""
+    sampled rows (those with keys before their window) keep an entry in theirs, in a block that is
+    no vertical stripe: causal attention on sink keys (the first key block and three more in the
+    first half, which sampled rows also meet within their windows) lists the same tiles with and
+    without the windows, and fewer than every window."""
     import entropy_attn.pruned as pr
 
     monkeypatch.setattr(pr, "VERT_MIN_NQ", 16)
@@ -518,8 +519,9 @@ def test_fast_local_window_only_where_sampled_rows_attend_locally(monkeypatch):
     g = fresh_generator(25)
     q = 0.3 * torch.randn(1, 2, n, D, generator=g)
     k = torch.randn(1, 1, n, D, generator=g)
+    hot = torch.cat([torch.zeros(1, dtype=torch.long), 2 + torch.randperm(n // bn // 2 - 2, generator=g)[:3]]) * bn
     k[..., 0] = 0.0
-    k[:, :, :bn, 0] = math.sqrt(D)  # the sink block: ~90 % of each row's mass
+    k[:, :, hot, 0] = math.sqrt(D)  # sink keys: ~90 % of each row's mass
     q[..., 0] = math.log(9 * n)
     inp = check_inputs(q.bfloat16().to(DEV), k.bfloat16().to(DEV), k.bfloat16().to(DEV), causal=True)
     nqb, nkb = n // bm, n // bn
@@ -1177,9 +1179,10 @@ def vertical_definition(q, k, samples, bn, *, scale, causal=False, attn_mask=Non
 
 @triton_ok
 @pytest.mark.parametrize("case", [
-    # GQA, causal with Nq < Nk, key blocks split over 2 programs and combined in 2 chunks
-    # (interpreter tiles: 19 key blocks, 16 per chunk), with the predictor's local windows
-    dict(B=1, H=2, Hkv=1, Nq=150, Nk=290, causal=True, samples=64, local=True),
+    # GQA, causal with Nq < Nk, key blocks split over several programs and combined in chunks
+    # (interpreter tiles: 44 key blocks, 16 per chunk), with the predictor's local windows (rows with
+    # key blocks before their windows on the GPU's 64-key blocks too)
+    dict(B=1, H=2, Hkv=1, Nq=150, Nk=700, causal=True, samples=64, local=True),
     # Nq > Nk (causal: the first rows, sample 0 included, see no key), bool padding with a fully
     # padded block, 12 samples in a 16-row tile
     dict(B=2, H=4, Hkv=2, Nq=170, Nk=100, causal=True, kpm="bool", samples=12),
