@@ -336,9 +336,9 @@ def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN, local: bool = F
     """``(vert, vert_local)``, each ``[B*H, NKB]`` float32: log2 of the largest softmax weight that
     ``VERT_SAMPLES`` query rows, evenly spaced (row ``round(r (Nq - 1) / (VERT_SAMPLES - 1))``), give
     to a key of each key block (exact weights of those rows over all keys, all masks applied; -inf
-    where none of them sees a key of the block). With ``local`` (the predictor's local windows), a
-    row's weights in its own window count in ``vert_local`` instead of ``vert``; else ``vert_local``
-    is None. None for short query sequences (``Nq < VERT_MIN_NQ``), where the sample would cost too
+    where none of them sees a key of the block). With ``local`` (the predictor's local windows),
+    ``vert_local`` is the same over the rows whose window holds the block (the evidence of local
+    attention, ``vertical_combine``); else None. None for short query sequences (``Nq < VERT_MIN_NQ``), where the sample would cost too
     much. ``masks``: ``_mask_args(inp)``. Kernels ``vertical_sample`` (the key blocks split
     over programs; 4 warps, 2 stages: H200, graphed, against the prefill tiles' 8 warps and 3
     stages at D = 128: 64k 98.6 -> 92.9 us, 8k 27.0 -> 23.6; at D = 64, against 4 warps and 3

@@ -70,7 +70,7 @@ from .pdl import wait_previous
 #: Pooled query rows per query block in the fast predictor (the smallest tl.dot M).
 POOL_ROWS = tl.constexpr(16)
 #: Causal fast mode: every query block lists the key blocks of its rows' this many most recent keys.
-LOCAL_KEYS = tl.constexpr(256)
+LOCAL_KEYS = tl.constexpr(128)
 
 
 @triton.jit
@@ -372,10 +372,9 @@ def pruned_predict(
     attention sinks: single strong keys that mean pooling dilutes); such blocks are visited by
     every query block (where the causal mask lets them). With ``LOCAL`` (causal attention) every query
     block also lists the key blocks of its rows' ``LOCAL_KEYS`` most recent keys (``local_window``);
-    with ``VERT`` too, only in a (batch, head) whose sampled rows keep an entry in their own windows,
-    in a key block that is no vertical stripe (a nearby sink is not local attention): VertLocal
-    ``[B*H, NKB]`` float32, the largest weight they give there (``vertical_combine``, which leaves
-    those weights out of Vert). Writes Idx ``[B*H, NQB, NKB]`` int32 and
+    with ``VERT`` too, only in a (batch, head) whose sampled rows keep an entry in their own windows
+    (VertLocal ``[B*H, NKB]`` float32: the largest weight they give there, ``vertical_combine``): a
+    head that attends to its first keys and diffusely, say, lists none. Writes Idx ``[B*H, NQB, NKB]`` int32 and
     Count ``[B*H, NQB]``; Share ``[B*H, NQB, NKB]`` and LseRun ``[B*H, cdiv(NKB, CHUNK), NQB * 16]``
     float32 are its scratch (see below).
 
@@ -422,10 +421,9 @@ def pruned_predict(
     local_max = tl.max(tl.full([CHUNK], float("-inf"), tl.float32), 0)  # the sampled rows' largest weight in their windows
     for c in range(0, NKB, CHUNK):
         kb = c + tl.arange(0, CHUNK)
-        if LOCAL and VERT:  # (blocks that are vertical stripes for other sampled rows do not count)
-            near = tl.load(VertLocal + bh.to(tl.int64) * NKB + kb, mask=kb < NKB, other=float("-inf"))
-            far = tl.load(Vert + bh.to(tl.int64) * NKB + kb, mask=kb < NKB, other=float("-inf"))
-            local_max = tl.maximum(local_max, tl.max(tl.where(far < log2_thr, near, float("-inf")), 0))
+        if LOCAL and VERT:
+            local_max = tl.maximum(local_max, tl.max(tl.load(VertLocal + bh.to(tl.int64) * NKB + kb, mask=kb < NKB,
+                                                             other=float("-inf")), 0))
         est = _block_estimate(qp, Kp, Ko, Kbias, Kobias, kb, first_row, offs_d, NKB, Nq, Nk, qk_scale,
                               stride_kn, stride_kd, stride_bn, D, BLOCK_N, BLOCK_D, CAUSAL, PRECISION)
         est = tl.where(row_ok[:, None], est, float("-inf"))

@@ -152,11 +152,11 @@ def vertical_combine(
     lse2 from the splits' partial sums (+inf for a row that sees no key), then Vert ``[B*H, NKB]``
     float32 = ``max_r (BlockMax[bh, kb, r] - lse2_r)``, the log2 of the largest softmax weight a
     sampled row gives a key of block kb (-inf if none). With ``LOCAL`` (causal: the predictor lists
-    the local windows, ``pruned.local_window``), a sampled row's weights in its own window count in
-    VertLocal ``[B*H, NKB]`` float32 instead (the same maximum over the rows whose window holds kb):
-    local attention is not a vertical stripe. The rows that see no key block before their window
-    (the first ``LOCAL_KEYS + BLOCK_N - 1`` causal rows, whose weights lie in it whatever the head
-    does) count in neither. Inputs as written by ``vertical_sample``."""
+    the local windows, ``pruned.local_window``, of the heads that attend locally), also VertLocal
+    ``[B*H, NKB]`` float32, the evidence of local attention: the same maximum over the sampled rows
+    whose window holds kb. Rows that see no key block before their window (the first
+    ``LOCAL_KEYS + BLOCK_N - 1`` causal rows, whose weights lie in it whatever the head does) give
+    no evidence. Inputs as written by ``vertical_sample``."""
     wait_previous(PDL)
     bh = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
@@ -171,5 +171,4 @@ def vertical_combine(
         near = local_window(kb[:, None], own[None, :], own[None, :], BLOCK_N)
         chose = near & (own >= LOCAL_KEYS + BLOCK_N - 1)[None, :]  # a key block lies before the row's window
         tl.store(VertLocal + bh.to(tl.int64) * NKB + kb, tl.max(tl.where(chose, logw, float("-inf")), 1), mask=kb < NKB)
-        logw = tl.where(near, float("-inf"), logw)
     tl.store(Vert + bh.to(tl.int64) * NKB + kb, tl.max(logw, 1), mask=kb < NKB)

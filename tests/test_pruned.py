@@ -507,10 +507,9 @@ def test_fast_causal_lists_the_local_window(monkeypatch, nq, groups, sampled):
 @triton_ok
 def test_fast_local_window_only_where_sampled_rows_attend_locally(monkeypatch):
     """With the vertical sample (long query sequences) a head lists the local windows only if its
-    sampled rows (those with keys before their window) keep an entry in theirs, in a block that is
-    no vertical stripe: causal attention on sink keys (the first key block and three more in the
-    first half, which sampled rows also meet within their windows) lists the same tiles with and
-    without the windows, and fewer than every window."""
+    sampled rows (those with keys before their window) keep an entry in theirs: causal attention on
+    a sink key at the start (~90 % of each row's mass) and diffuse elsewhere lists the same tiles with
+    and without the windows, and fewer than every window."""
     import entropy_attn.pruned as pr
 
     monkeypatch.setattr(pr, "VERT_MIN_NQ", 16)
@@ -519,9 +518,8 @@ def test_fast_local_window_only_where_sampled_rows_attend_locally(monkeypatch):
     g = fresh_generator(25)
     q = 0.3 * torch.randn(1, 2, n, D, generator=g)
     k = torch.randn(1, 1, n, D, generator=g)
-    hot = torch.cat([torch.zeros(1, dtype=torch.long), 2 + torch.randperm(n // bn // 2 - 2, generator=g)[:3]]) * bn
     k[..., 0] = 0.0
-    k[:, :, hot, 0] = math.sqrt(D)  # sink keys: ~90 % of each row's mass
+    k[:, :, 0, 0] = math.sqrt(D)  # the sink key
     q[..., 0] = math.log(9 * n)
     inp = check_inputs(q.bfloat16().to(DEV), k.bfloat16().to(DEV), k.bfloat16().to(DEV), causal=True)
     nqb, nkb = n // bm, n // bn
@@ -1145,10 +1143,9 @@ def vertical_definition(q, k, samples, bn, *, scale, causal=False, attn_mask=Non
                         local_keys=None):
     """float64 ``[B*H, NKB]``: log2 of the largest softmax weight (all masks) that the sampled query
     rows ``round(r (Nq - 1) / (samples - 1))`` (halves up) give to a key of each key block. With
-    ``local_keys``: ``(far, near)``, the same maximum over the sampled rows for which the block lies
-    outside / inside their local window (the blocks holding one of the row's ``local_keys`` most
-    recent keys, its own key ``row + Nk - Nq`` included); ``near`` only over the rows that see a key
-    block before their window."""
+    ``local_keys``: also the evidence of local attention, the same maximum over the sampled rows
+    whose local window holds the block (the blocks holding one of the row's ``local_keys`` most recent
+    keys, its own key ``row + Nk - Nq`` included) and that see a key block before it."""
     q, k = q.double(), k.double()
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -1168,13 +1165,14 @@ def vertical_definition(q, k, samples, bn, *, scale, causal=False, attn_mask=Non
     nkb = -(-Nk // bn)
     logp = torch.nn.functional.pad(logp, (0, nkb * bn - Nk), value=-math.inf)
     per_row = logp.view(B, H, samples, nkb, bn).amax(4)
+    vert = per_row.amax(2).reshape(B * H, nkb)
     if local_keys is None:
-        return per_row.amax(2).reshape(B * H, nkb)
+        return vert
     own = (rows + Nk - Nq)[:, None]
     first, last = torch.arange(nkb)[None, :] * bn, torch.arange(nkb)[None, :] * bn + bn - 1
     near = (last > own - local_keys) & (first <= own)  # [samples, NKB]
     chose = near & (own >= local_keys + bn - 1)  # rows that see a key block before their window
-    return tuple(per_row.masked_fill(m, -math.inf).amax(2).reshape(B * H, nkb) for m in (near, ~chose))
+    return vert, per_row.masked_fill(~chose, -math.inf).amax(2).reshape(B * H, nkb)
 
 
 @triton_ok
