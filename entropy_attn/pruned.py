@@ -619,8 +619,9 @@ def pruned_attention(
             (3.2x-10.2x called directly), unless it is replayed from a CUDA graph (4.7x-11.2x);
             max |fast - exact| 0.05 - 0.1 on sink-key inputs). With ``causal=True`` it also visits
             the key blocks of each row's 128 most recent keys (local attention, which pooling
-            smears). On the attention of the example LMs (8k tokens) it matches the exact mode in
-            the regularized model's sparsest layers (relative error < 0.1 %, ~3x dense) but misses
+            smears) in the heads whose sampled rows attend there (every head below 1024 queries).
+            On the attention of the example LMs (8k tokens) it is close to the exact mode in the
+            regularized model's sparser layers (relative error 0.05-0.23 %, 2-3x dense) but misses
             tiles in its diffuse first layers (4-6 %), and visits nearly every tile of an
             unregularized model (benchmarks/RESULTS.md): check its error on your model, layer by
             layer (``return_stats``, or against ``'exact'``), before serving with it. For decoding
