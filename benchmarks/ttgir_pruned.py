@@ -67,9 +67,6 @@ def specialization(n: int, d: int):
     return signature, constants, attrs, sweep
 
 
-
-
-
 #: Hopper's registers and shared memory per multiprocessor (bytes; 1 KiB of it reserved per program).
 REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 228 * 1024
