@@ -10,8 +10,9 @@
   Exact up to floating point.
 - ``mode='fast'``: predicts the tiles from pooled queries and keys and, for long query sequences, a
   sample of query rows against all keys (``kernels/pruned_pool.py`` computes the latter two; no full
-  first pass) and prunes within them in one sweep (weights against a fixed reference per row, or an
-  online softmax for split programs and tau >= 1); an approximation of the exact mode.
+  first pass; with a causal mask also each row's most recent keys, where the head attends there) and
+  prunes within them in one sweep (weights against a fixed reference per row, or an online softmax
+  for split programs and tau >= 1); an approximation of the exact mode.
 
 Few queries (decoding, ``Nq <= 16``) split the key range (pass 1) or the tile list (pass 2) over
 several programs, flash-decoding style; a kernel (``split_combine``) combines the partials. With
@@ -338,8 +339,9 @@ def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN, local: bool = F
     to a key of each key block (exact weights of those rows over all keys, all masks applied; -inf
     where none of them sees a key of the block). With ``local`` (the predictor's local windows),
     ``vert_local`` is the same over the rows whose window holds the block (the evidence of local
-    attention, ``vertical_combine``); else None. None for short query sequences (``Nq < VERT_MIN_NQ``), where the sample would cost too
-    much. ``masks``: ``_mask_args(inp)``. Kernels ``vertical_sample`` (the key blocks split
+    attention, ``vertical_combine``); else None. None for short query sequences (``Nq <
+    VERT_MIN_NQ``), where the sample would cost too much. ``masks``: ``_mask_args(inp)``. Kernels
+    ``vertical_sample`` (the key blocks split
     over programs; 4 warps, 2 stages: H200, graphed, against the prefill tiles' 8 warps and 3
     stages at D = 128: 64k 98.6 -> 92.9 us, 8k 27.0 -> 23.6; at D = 64, against 4 warps and 3
     stages: 64k 100.9 -> 99.4, 8k 25.4 -> 23.9; 2 warps: 1.1-1.6x slower) and ``vertical_combine``."""
