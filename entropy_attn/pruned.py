@@ -341,10 +341,10 @@ def _vertical(inp, q, k, cfg, nkb, masks, ws: Workspace = PLAIN, local: bool = F
     ``vert_local`` is the same over the rows whose window holds the block (the evidence of local
     attention, ``vertical_combine``); else None. None for short query sequences (``Nq <
     VERT_MIN_NQ``), where the sample would cost too much. ``masks``: ``_mask_args(inp)``. Kernels
-    ``vertical_sample`` (the key blocks split
-    over programs; 4 warps, 2 stages: H200, graphed, against the prefill tiles' 8 warps and 3
-    stages at D = 128: 64k 98.6 -> 92.9 us, 8k 27.0 -> 23.6; at D = 64, against 4 warps and 3
-    stages: 64k 100.9 -> 99.4, 8k 25.4 -> 23.9; 2 warps: 1.1-1.6x slower) and ``vertical_combine``."""
+    ``vertical_sample`` (the key blocks split over programs; 4 warps, 2 stages: H200, graphed, against
+    the prefill tiles' 8 warps and 3 stages at D = 128: 64k 98.6 -> 92.9 us, 8k 27.0 -> 23.6; at
+    D = 64, against 4 warps and 3 stages: 64k 100.9 -> 99.4, 8k 25.4 -> 23.9; 2 warps: 1.1-1.6x
+    slower) and ``vertical_combine``."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     if Nq < VERT_MIN_NQ:
@@ -467,7 +467,8 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
         if plan is not None:
             return plan.run(inputs, q.device).view(shape)
         ws = Workspace(inputs if record else None, early=early_launch(q.device))
-        out, st = _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits, slack, pack, local, pooled, ws)
+        out, st = _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits, slack, pack, local,
+                                   pooled, ws)
     if record:
         _plan.store(signature, ws.plan(out))
     out = out.view(shape)
@@ -477,9 +478,8 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
 def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits, slack, pack, local, pooled,
                      ws: Workspace):
     """``pruned_triton``'s allocations and launches, through ``ws``, on the prepared inputs (q packed
-    for grouped-query decoding, unit last strides; ``local``: the fast predictor's local window, see
-    ``_predict``). Returns ``(out [B, Hq, Nq, Dv] or [B*Hq, Nq, Dv],
-    stats dict or None)``."""
+    for grouped-query decoding, unit last strides; ``local``: the fast predictor's local windows, see
+    ``_predict``). Returns ``(out [B, Hq, Nq, Dv] or [B*Hq, Nq, Dv], stats dict or None)``."""
     B, Hq, Nq, D = q.shape
     H, Nq_in = Hq * pack, Nq // pack
     Nk, Dv = k.shape[2], v.shape[3]

@@ -375,8 +375,8 @@ def pruned_predict(
     block also lists the key blocks of its rows' ``LOCAL_KEYS`` most recent keys (``local_window``);
     with ``VERT`` too, only in a (batch, head) whose sampled rows keep an entry in their own windows
     (VertLocal ``[B*H, NKB]`` float32: the largest weight they give there, ``vertical_combine``): a
-    head that attends to its first keys and diffusely, say, lists none. Writes Idx ``[B*H, NQB, NKB]`` int32 and
-    Count ``[B*H, NQB]``; Share ``[B*H, NQB, NKB]`` and LseRun ``[B*H, cdiv(NKB, CHUNK), NQB * 16]``
+    head that attends to its first keys and diffusely, say, lists none. Writes Idx ``[B*H, NQB, NKB]``
+    int32 and Count ``[B*H, NQB]``; Share ``[B*H, NQB, NKB]`` and LseRun ``[B*H, cdiv(NKB, CHUNK), NQB * 16]``
     float32 are its scratch (see below).
 
     One sweep over the pooled keys computes each pooled row's log-sum ``lse_r`` of the estimated
@@ -419,7 +419,8 @@ def pruned_predict(
     m = tl.full([R], M_INIT, dtype=tl.float32)
     l = tl.zeros([R], dtype=tl.float32)
     best = tl.zeros([R], dtype=tl.int32)
-    local_max = tl.max(tl.full([CHUNK], float("-inf"), tl.float32), 0)  # the sampled rows' largest weight in their windows
+    # The largest weight the sampled rows give a key in their own windows (LOCAL and VERT).
+    local_max = tl.max(tl.full([CHUNK], float("-inf"), tl.float32), 0)
     for c in range(0, NKB, CHUNK):
         kb = c + tl.arange(0, CHUNK)
         if LOCAL and VERT:
