@@ -466,7 +466,7 @@ def previous_key_attention(nq, nk, d, dtype, seed):
     """Causal local attention that pooling cannot see: each query row points at the key just before
     its own (a previous-token head; bottom-right aligned, row i's own key is i + nk - nq) with a
     logit of +20, against |s| ~ 20 / sqrt(d) elsewhere, and the keys come in opposite pairs (random
-    unit directions), so that every key block's mean key is 0. (nq < 1024: no vertical sample.)"""
+    unit directions), so that every key block's mean key is 0."""
     g = fresh_generator(seed)
     u = torch.nn.functional.normalize(torch.randn(1, 1, nk // 2, d, generator=g, dtype=torch.float64), dim=-1)
     k = torch.stack([u, -u], 3).reshape(1, 1, nk, d)
@@ -509,7 +509,8 @@ def test_fast_local_window_only_where_sampled_rows_attend_locally(monkeypatch):
     """With the vertical sample (long query sequences) a head lists the local windows only if its
     sampled rows (those with keys before their window) keep an entry in theirs: causal attention on
     a sink key at the start (~90 % of each row's mass) and diffuse elsewhere lists the same tiles with
-    and without the windows, and fewer than every window."""
+    and without the windows, and fewer than every window. (The previous-key attention of
+    ``test_fast_causal_lists_the_local_window`` with the sample lists them.)"""
     import entropy_attn.pruned as pr
 
     monkeypatch.setattr(pr, "VERT_MIN_NQ", 16)
