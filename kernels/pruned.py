@@ -353,7 +353,7 @@ def local_window(kb, first_key, last_key, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def pruned_predict(
-    Q, Kp, Ko, Kbias, Kobias, Vert, VertLocal, Share, LseRun, Idx, Count,
+    Q, Kp, Ko, Kbias, Kobias, Vert, VertLocal, Keeper, Miss, Share, LseRun, Idx, Count,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_bb, stride_bn,
@@ -375,9 +375,14 @@ def pruned_predict(
     block also lists the key blocks of its rows' ``LOCAL_KEYS`` most recent keys (``local_window``);
     with ``VERT`` too, only in a (batch, head) whose sampled rows keep an entry in their own windows
     (VertLocal ``[B*H, NKB]`` float32: the largest weight they give there, ``vertical_combine``): a
-    head that attends to its first keys and diffusely, say, lists none. Writes Idx ``[B*H, NQB, NKB]``
-    int32 and Count ``[B*H, NQB]``; Share ``[B*H, NQB, NKB]`` and LseRun ``[B*H, cdiv(NKB, CHUNK), NQB * 16]``
-    float32 are its scratch (see below).
+    head that attends to its first keys and diffusely, say, lists none. With ``VERT`` it also checks
+    its pooled lists against the sample: a key block that only one sampled row keeps (Keeper
+    ``[B*H, NKB]`` int32, that row, ``vertical_combine``) and that the row's query block does not
+    list but for the vertical estimate is a miss of the pooled estimate, which predicts the other
+    rows alone. Miss ``[B*H, 2]`` int32 gets the smallest and largest missed row (atomic minimum and
+    maximum); where they differ (two sampled rows or more missed), ``pruned_attn`` sweeps every tile
+    of the head. Writes Idx ``[B*H, NQB, NKB]`` int32 and Count ``[B*H, NQB]``; Share ``[B*H, NQB,
+    NKB]`` and LseRun ``[B*H, cdiv(NKB, CHUNK), NQB * 16]`` float32 are its scratch (see below).
 
     One sweep over the pooled keys computes each pooled row's log-sum ``lse_r`` of the estimated
     block masses (and its best block). The share test ``est_rj - lse_r >= log2_thr`` needs the final
@@ -458,6 +463,8 @@ def pruned_predict(
     n = (first >= 0).to(tl.int32)
     first_key = qb * BLOCK_M + (Nk - Nq)  # causal: the last key that the block's first and last rows see
     last_key = tl.minimum(qb * BLOCK_M + BLOCK_M, Nq) - 1 + (Nk - Nq)
+    miss_lo = tl.zeros([], dtype=tl.int32) + Nq  # the sampled rows that the pooled lists miss (VERT)
+    miss_hi = tl.zeros([], dtype=tl.int32) - 1
     # The listing: visit a tile if its share, less the smallest growth of a pooled row's lse after its
     # chunk (rows that had seen no block then do not count), is >= tau * slack (+inf: the best block
     # of one of the query block's pooled rows).
@@ -469,26 +476,42 @@ def pruned_predict(
         share = tl.load(Share + base[:, None] + kb[None, :], mask=qb_ok[:, None] & (kb[None, :] < NKB),
                         other=float("-inf"))
         keep = share - growth_min[:, None] >= log2_thr
+        if LOCAL:  # the local window: the blocks of the rows' LOCAL_KEYS most recent keys
+            window = keep | local_window(kb[None, :], first_key[:, None], last_key[:, None], BLOCK_N)
+            keep = tl.where(local_max >= log2_thr, window, keep) if VERT else window
         if VERT:
+            keeper = tl.load(Keeper + bh.to(tl.int64) * NKB + kb, mask=kb < NKB, other=-1)
+            missed = ((keeper[None, :] >= 0) & (keeper[None, :] // BLOCK_M == qb[:, None]) & ~keep
+                      & (kb[None, :] != first[:, None]))
+            miss_lo = tl.minimum(miss_lo, tl.min(tl.min(tl.where(missed, keeper[None, :], Nq), 1), 0))
+            miss_hi = tl.maximum(miss_hi, tl.max(tl.max(tl.where(missed, keeper[None, :], -1), 1), 0))
             vert = tl.load(Vert + bh.to(tl.int64) * NKB + kb, mask=kb < NKB, other=float("-inf"))
             vis = vert[None, :] >= log2_thr
             if CAUSAL:
                 vis = vis & (kb[None, :] * BLOCK_N <= last_key[:, None])
             keep = keep | vis
-        if LOCAL:  # the local window: the blocks of the rows' LOCAL_KEYS most recent keys
-            window = keep | local_window(kb[None, :], first_key[:, None], last_key[:, None], BLOCK_N)
-            keep = tl.where(local_max >= log2_thr, window, keep) if VERT else window
         keep = keep & (kb[None, :] < NKB) & (kb[None, :] != first[:, None])
         ki = keep.to(tl.int32)
         pos = n[:, None] + tl.cumsum(ki, 1) - 1
         tl.store(Idx + base[:, None] + pos, kb[None, :], mask=keep & qb_ok[:, None])
         n += tl.sum(ki, 1)
     tl.store(Count + bh * NQB + qb, n, mask=qb_ok)
+    if VERT:
+        if miss_hi >= 0:
+            tl.atomic_min(Miss + 2 * bh, miss_lo)
+            tl.atomic_max(Miss + 2 * bh + 1, miss_hi)
+
+
+@triton.jit
+def listed_block(Idx, t, dense):
+    """Entry ``t`` of a query block's tile list ``Idx``: key block ``Idx[t]``, or ``t`` itself where
+    ``dense`` (the predictor's pooled lists missed sampled rows of the head: every block is swept)."""
+    return tl.where(dense, t, tl.load(Idx + t, mask=~dense, other=0))
 
 
 @triton.jit
 def _pooled_lse_bound(
-    q, Kp, Ko, Kbias, Kobias, Idx, count, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
+    q, Kp, Ko, Kbias, Kobias, Idx, count, dense, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
     stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_bb, stride_bn,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CHUNK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
@@ -498,8 +521,9 @@ def _pooled_lse_bound(
     block weight (``Kbias = log2 W``), and it is also >= the outlier key's own term. Causal rows
     count only the blocks they see entirely. (The pooled keys are rounded to q's dtype for the tensor
     cores, so the bound holds to that rounding.)
-    Only the ``count`` listed key blocks ``Idx[:count]`` are summed (fewer terms: still a lower
-    bound), which costs one small product per 64 listed blocks instead of one per 64 key blocks."""
+    Only the ``count`` listed key blocks ``Idx[:count]`` (``dense``: the first ``count`` blocks,
+    ``listed_block``) are summed (fewer terms: still a lower bound), which costs one small product
+    per 64 listed blocks instead of one per 64 key blocks."""
     Kp += b.to(tl.int64) * stride_pkb + hk.to(tl.int64) * stride_pkh
     Ko += b.to(tl.int64) * stride_pkb + hk.to(tl.int64) * stride_pkh
     Kbias += b.to(tl.int64) * stride_bb
@@ -508,7 +532,7 @@ def _pooled_lse_bound(
     lb = tl.zeros([BLOCK_M], dtype=tl.float32)
     for c in range(0, count, CHUNK):
         t = c + tl.arange(0, CHUNK)
-        kb = tl.load(Idx + t, mask=t < count, other=NKB)
+        kb = tl.where(t < count, listed_block(Idx, t, dense), NKB)
         kp = load_tile(Kp, kb, offs_d, NKB, D, stride_pkn, stride_pkd, True, BLOCK_D != D)
         bias = tl.load(Kbias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
         ko = load_tile(Ko, kb, offs_d, NKB, D, stride_pkn, stride_pkd, True, BLOCK_D != D)
@@ -642,7 +666,7 @@ def _attn_tile(
 
 @triton.jit
 def pruned_attn(
-    Q, K, V, Out, Idx, Count, Thr, Lse2, Opart, Mpart, Lpart, Lall, Kept, Kcnt, Mask, Kpm, Kp, Ko, Kbias, Kobias,
+    Q, K, V, Out, Idx, Count, Miss, Thr, Lse2, Opart, Mpart, Lpart, Lall, Kept, Kcnt, Mask, Kpm, Kp, Ko, Kbias, Kobias,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -655,7 +679,7 @@ def pruned_attn(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, MASKED: tl.constexpr,
     EXACT: tl.constexpr, FIXED: tl.constexpr, SPLIT: tl.constexpr, FALLBACK: tl.constexpr, STATS: tl.constexpr,
-    LSE_BOUND: tl.constexpr, CHUNK: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr,
+    LSE_BOUND: tl.constexpr, CHECK: tl.constexpr, CHUNK: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     """Pass 2: ``BLOCK_M`` rows of one (batch, head) over its share of the key blocks listed for
@@ -668,7 +692,9 @@ def pruned_attn(
     unnormalized Opart ``[S, B*H, Nq, DV]`` and Mpart, Lpart (and Lall, fast: the seen sum
     ``l_seen``, here the sum over every entry seen) ``[S, B*H, Nq]`` float32 for ``split_combine``.
     ``tau`` is the threshold itself (fast mode; the exact mode reads Thr).
-    ``STATS``: Kept (true kept mass, fast only) and Kcnt (kept entries) ``[S, B*H, Nq]``. With ``TMA``,
+    ``STATS``: Kept (true kept mass, fast only) and Kcnt (kept entries) ``[S, B*H, Nq]``. ``CHECK``
+    (fast mode with the vertical sample): a head whose Miss ``[B*H, 2]`` int32 holds two different
+    rows (``pruned_predict``) is swept over every key block its rows see, not its lists. With ``TMA``,
     K and V are tensor descriptors of the ``[B, Hkv, Nk, D]`` keys and ``[B, Hkv, Nk, DV]`` values
     (``load_rows``).
     """
@@ -703,12 +729,17 @@ def pruned_attn(
         lse2 = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     count = tl.load(Count + bh * NQB + qb)
+    dense = count < 0  # False: sweep the listed tiles
+    if CHECK:
+        dense = tl.load(Miss + 2 * bh) < tl.load(Miss + 2 * bh + 1)
+        end, _ = key_range(pid_m * BLOCK_M, Nq, Nk, BLOCK_M, CAUSAL)
+        count = tl.where(dense, tl.cdiv(end, BLOCK_N), count)
     lo = (split * count) // n_split
     hi = ((split + 1) * count) // n_split
     lse_lb = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     if LSE_BOUND:
-        lse_lb = _pooled_lse_bound(q, Kp, Ko, Kbias, Kobias, Idx, count, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
-                                   stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_bb, stride_bn,
+        lse_lb = _pooled_lse_bound(q, Kp, Ko, Kbias, Kobias, Idx, count, dense, b, hk, offs_m, offs_d, Nq, Nk, NKB,
+                                   qk_scale, stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_bb, stride_bn,
                                    D, BLOCK_M, BLOCK_N, BLOCK_D, CHUNK, CAUSAL, PRECISION)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -723,14 +754,15 @@ def pruned_attn(
     if not EXACT:
         if lo < hi:
             acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
-                acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, tl.load(Idx + lo), thr, lse2, lse_lb, row_mask,
+                acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, listed_block(Idx, lo, dense), thr, lse2, lse_lb,
+                row_mask,
                 stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale,
                 tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
                 D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, MASKED, CAUSAL, MASK_KIND, KPM_KIND,
                 EXACT, FIXED, False, True, SPLIT, STATS, TMA, PRECISION)
             start = lo + 1
     for t in range(start, hi):
-        kb = tl.load(Idx + t)
+        kb = listed_block(Idx, t, dense)
         acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
             acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, row_mask,
             stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale, tau,

@@ -6,7 +6,8 @@ Scores are in base 2 (``u = s * log2 e``), as in every kernel here.
 - ``pool_keys``: per key block, the weighted mean key (weights from ``key_padding_mask``), the log2
   of the block's total weight, and its outlier key (the unmasked key farthest from the mean).
 - ``vertical_sample`` and ``vertical_combine``: the exact softmax of a few evenly spaced query rows
-  over all keys, reduced to the largest weight each key block gets from any of them. The first
+  over all keys, reduced to the largest weight each key block gets from any of them, and to the
+  blocks that only one of them keeps (what the predictor checks its pooled lists against). The first
   splits the key blocks over programs and stores per (sampled row, key block) the score maximum and
   per row partial softmax sums; the second combines the sums into each row's lse and takes
   ``max_r (blockmax_r - lse_r)`` per key block.
@@ -144,7 +145,7 @@ def vertical_sample(
 
 @triton.jit
 def vertical_combine(
-    BlockMax, Mpart, Lpart, Vert, VertLocal, Nq, Nk, NKB, SPLITS, SAMPLES,
+    BlockMax, Mpart, Lpart, Vert, VertLocal, Keeper, Miss, Nq, Nk, NKB, SPLITS, SAMPLES, log2_thr,
     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, LOCAL: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
@@ -156,7 +157,11 @@ def vertical_combine(
     ``[B*H, NKB]`` float32, the evidence of local attention: the same maximum over the sampled rows
     whose window holds kb. Rows that see no key block before their window (the first
     ``LOCAL_KEYS + BLOCK_N - 1`` causal rows, whose weights lie in it whatever the head does) give
-    no evidence. Inputs as written by ``vertical_sample``."""
+    no evidence. Keeper ``[B*H, NKB]`` int32: the query row of the one sampled row that keeps an
+    entry of block kb (a weight >= ``2^log2_thr``), -1 where none or several do: the blocks that the
+    predictor checks its pooled lists against (``pruned_predict``, which records its misses in Miss
+    ``[B*H, 2]`` int32, set here to (Nq, -1): no missed row yet). Inputs as written by
+    ``vertical_sample``."""
     wait_previous(PDL)
     bh = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
@@ -172,3 +177,10 @@ def vertical_combine(
         chose = near & (own >= LOCAL_KEYS + BLOCK_N - 1)[None, :]  # a key block lies before the row's window
         tl.store(VertLocal + bh.to(tl.int64) * NKB + kb, tl.max(tl.where(chose, logw, float("-inf")), 1), mask=kb < NKB)
     tl.store(Vert + bh.to(tl.int64) * NKB + kb, tl.max(logw, 1), mask=kb < NKB)
+    kept = logw >= log2_thr
+    row = tl.max(tl.where(kept, sampled_rows(offs_s, SAMPLES, Nq)[None, :], -1), 1)
+    single = tl.sum(kept.to(tl.int32), 1) == 1
+    tl.store(Keeper + bh.to(tl.int64) * NKB + kb, tl.where(single, row, -1), mask=kb < NKB)
+    if tl.program_id(1) == 0:
+        tl.store(Miss + 2 * bh, Nq)
+        tl.store(Miss + 2 * bh + 1, -1)

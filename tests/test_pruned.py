@@ -526,13 +526,47 @@ def test_fast_local_window_only_where_sampled_rows_attend_locally(monkeypatch):
     nqb, nkb = n // bm, n // bn
     listed = {}
     for local in (False, True):
-        idx, count, _ = pr._predict(inp, inp.q, inp.k, pr._config(n, D, D), nqb, nkb, math.log2(0.01),
+        idx, count, *_ = pr._predict(inp, inp.q, inp.k, pr._config(n, D, D), nqb, nkb, math.log2(0.01),
                                     _mask_args(inp), local=local)
         idx, count = idx.cpu(), count.cpu()
         listed[local] = [[set(idx[bh, i, :count[bh, i]].tolist()) for i in range(nqb)] for bh in range(2)]
     assert listed[True] == listed[False]
     windows = [set(range(max(0, (i * bm - LOCAL_KEYS.value) // bn), (i + 1) * bm // bn)) for i in range(nqb)]
     assert any(not windows[i] <= listed[True][bh][i] for bh in range(2) for i in range(nqb))
+
+
+@triton_ok
+def test_fast_sweeps_the_heads_whose_pooled_lists_miss_sampled_rows(monkeypatch):
+    """With the vertical sample, the predictor checks its pooled lists against the sampled rows:
+    where two sampled rows or more keep a key block (that no other sampled row keeps) which their
+    query block lists only for the vertical estimate, the whole head is swept. Head 0 attends by
+    content: each row to one key of a random permutation, in key blocks whose mean key is 0, which
+    pooling cannot see; it is swept whole and matches the definition (without the check, rows of
+    each draw were off by about |v|). Head 1 attends to two sink keys that every sampled row keeps:
+    its lists pass the check and it still skips most tiles."""
+    import entropy_attn.pruned as pr
+
+    monkeypatch.setattr(pr, "VERT_MIN_NQ", 16)
+    monkeypatch.setattr(pr, "VERT_SAMPLES", 8)
+    n, D = 512, 64
+    g = fresh_generator(27)
+    u = torch.nn.functional.normalize(torch.randn(1, 1, n // 2, D, generator=g, dtype=torch.float64), dim=-1)
+    k = torch.stack([u, -u], 3).reshape(1, 1, n, D).expand(1, 2, n, D)
+    target = torch.stack([torch.randperm(n, generator=g), torch.randint(0, 2, (n,), generator=g) * (n // 2) + 5])
+    q = 20 * math.sqrt(D) * torch.stack([k[0, h, target[h]] for h in range(2)])[None]
+    v = torch.randn(1, 2, n, D, generator=g, dtype=torch.float64)
+    q, k, v = (t.to(torch.bfloat16).contiguous() for t in (q, k, v))
+    inp = check_inputs(q.to(DEV), k.to(DEV), v.to(DEV))
+    cfg = pr._config(n, D, D)
+    nqb, nkb = n // cfg.block_m, n // cfg.block_n
+    *_, miss = pr._predict(inp, inp.q, inp.k, cfg, nqb, nkb, math.log2(0.3), _mask_args(inp))
+    (lo, hi), unflagged = miss.cpu().tolist()
+    assert lo < hi and unflagged == [n, -1], miss
+    ref, _, _ = definition(q, k, v, 0.3)
+    out, st = run(q, k, v, tau=0.3, mode="fast", return_stats=True)
+    err = (out.double().cpu() - ref).abs().amax((0, 2, 3))
+    assert (err <= 0.05).all(), err
+    assert st["tile_sparsity"][0] == 0 and st["tile_sparsity"][1] > 0.5, st
 
 
 @triton_ok
@@ -1082,7 +1116,7 @@ def test_fast_predictor_lists_match_definition(causal, thr):
     q, k, _ = clustered(B, H, Hkv, Nq, Nk, D, block=bm // 2, strength=3.0, seed=40)
     inp = check_inputs(q.to(DEV), k.to(DEV), k.to(DEV), causal=causal)
     nqb, nkb = -(-Nq // bm), -(-Nk // bn)
-    idx, count, (kp, ko, kbias, kobias) = pr._predict(inp, inp.q, inp.k, pr._config(Nq, D, D), nqb, nkb,
+    idx, count, (kp, ko, kbias, kobias), _ = pr._predict(inp, inp.q, inp.k, pr._config(Nq, D, D), nqb, nkb,
                                                       log2_thr, _mask_args(inp), chunk)
     idx, count = idx.cpu(), count.cpu()
 
@@ -1141,12 +1175,15 @@ def test_fast_predictor_lists_match_definition(causal, thr):
 
 
 def vertical_definition(q, k, samples, bn, *, scale, causal=False, attn_mask=None, key_padding_mask=None,
-                        local_keys=None):
+                        local_keys=None, log2_thr=None):
     """float64 ``[B*H, NKB]``: log2 of the largest softmax weight (all masks) that the sampled query
     rows ``round(r (Nq - 1) / (samples - 1))`` (halves up) give to a key of each key block. With
     ``local_keys``: also the evidence of local attention, the same maximum over the sampled rows
     whose local window holds the block (the blocks holding one of the row's ``local_keys`` most recent
-    keys, its own key ``row + Nk - Nq`` included) and that see a key block before it."""
+    keys, its own key ``row + Nk - Nq`` included) and that see a key block before it. With
+    ``log2_thr``: also the keeper of each block, the query row of the only sampled row whose largest
+    weight in it is >= 2^log2_thr (-1 where none or several are; and a boolean mask of the blocks
+    where a row is within 1e-4 of the threshold, which either answer fits)."""
     q, k = q.double(), k.double()
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -1167,13 +1204,19 @@ def vertical_definition(q, k, samples, bn, *, scale, causal=False, attn_mask=Non
     logp = torch.nn.functional.pad(logp, (0, nkb * bn - Nk), value=-math.inf)
     per_row = logp.view(B, H, samples, nkb, bn).amax(4)
     vert = per_row.amax(2).reshape(B * H, nkb)
-    if local_keys is None:
-        return vert
-    own = (rows + Nk - Nq)[:, None]
-    first, last = torch.arange(nkb)[None, :] * bn, torch.arange(nkb)[None, :] * bn + bn - 1
-    near = (last > own - local_keys) & (first <= own)  # [samples, NKB]
-    chose = near & (own >= local_keys + bn - 1)  # rows that see a key block before their window
-    return vert, per_row.masked_fill(~chose, -math.inf).amax(2).reshape(B * H, nkb)
+    out = [vert]
+    if local_keys is not None:
+        own = (rows + Nk - Nq)[:, None]
+        first, last = torch.arange(nkb)[None, :] * bn, torch.arange(nkb)[None, :] * bn + bn - 1
+        near = (last > own - local_keys) & (first <= own)  # [samples, NKB]
+        chose = near & (own >= local_keys + bn - 1)  # rows that see a key block before their window
+        out.append(per_row.masked_fill(~chose, -math.inf).amax(2).reshape(B * H, nkb))
+    if log2_thr is not None:
+        kept = (per_row >= log2_thr).reshape(B * H, samples, nkb)
+        row = torch.where(kept, rows[None, :, None], -1).amax(1)
+        out.append(torch.where(kept.sum(1) == 1, row, -1))
+        out.append(((per_row - log2_thr).abs() < 1e-4).any(2).reshape(B * H, nkb))
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 @triton_ok
@@ -1185,16 +1228,19 @@ def vertical_definition(q, k, samples, bn, *, scale, causal=False, attn_mask=Non
     # Nq > Nk (causal: the first rows, sample 0 included, see no key), bool padding with a fully
     # padded block, 12 samples in a 16-row tile
     dict(B=2, H=4, Hkv=2, Nq=170, Nk=100, causal=True, kpm="bool", samples=12),
-    dict(B=2, H=2, Hkv=2, Nq=77, Nk=70, mask="bool", kpm="float", samples=64),
+    # (64 of the 77 rows sampled: each block is kept by several of them, none has a keeper)
+    dict(B=2, H=2, Hkv=2, Nq=77, Nk=70, mask="bool", kpm="float", samples=64, single=False),
     dict(B=1, H=4, Hkv=1, Nq=77, Nk=150, causal=True, mask="float", kpm="bool", samples=12, tiles=(128, 64),
          dtype=torch.bfloat16),
 ])
 def test_vertical_matches_definition(monkeypatch, case):
-    """The sampled vertical estimate: every mask kind, empty sampled rows, ragged key blocks."""
+    """The sampled vertical estimate: every mask kind, empty sampled rows, ragged key blocks; the
+    local evidence, and the block keepers (the only sampled row that keeps an entry there)."""
     import entropy_attn.pruned as pr
     from entropy_attn._launch import _Config
 
-    c = {"causal": False, "kpm": None, "mask": None, "tiles": None, "dtype": torch.float32, "local": False, **case}
+    c = {"causal": False, "kpm": None, "mask": None, "tiles": None, "dtype": torch.float32, "local": False,
+         "single": True, **case}
     B, H, Hkv, Nq, Nk, D = c["B"], c["H"], c["Hkv"], c["Nq"], c["Nk"], 24
     monkeypatch.setattr(pr, "VERT_MIN_NQ", 1)
     monkeypatch.setattr(pr, "VERT_SAMPLES", c["samples"])
@@ -1212,11 +1258,19 @@ def test_vertical_matches_definition(monkeypatch, case):
     inp = check_inputs(dev(q), dev(k), dev(k), causal=c["causal"], attn_mask=dev(mask), key_padding_mask=dev(kpm))
     # local: each sampled row's weights in its own window apart (the predictor's local windows).
     local = c["local"]
-    vert, vert_local = pr._vertical(inp, inp.q, inp.k, cfg, nkb, _mask_args(inp), local=local)
-    ref = vertical_definition(q, k, c["samples"], cfg.block_n, scale=inp.scale, causal=c["causal"],
-                              attn_mask=mask, key_padding_mask=kpm, local_keys=LOCAL_KEYS.value if local else None)
+    log2_thr = math.log2(0.05)
+    vert, vert_local, keeper, miss = pr._vertical(inp, inp.q, inp.k, cfg, nkb, _mask_args(inp), log2_thr, local=local)
+    *ref, keeper_ref, near_thr = vertical_definition(
+        q, k, c["samples"], cfg.block_n, scale=inp.scale, causal=c["causal"], attn_mask=mask, key_padding_mask=kpm,
+        local_keys=LOCAL_KEYS.value if local else None, log2_thr=log2_thr)
     assert (vert_local is None) == (not local)
-    wants = ref if local else (ref,)
+    # The keepers: the blocks that only one sampled row keeps (some in every case), and no missed row yet.
+    keeper = keeper.cpu()
+    assert keeper.shape == (B * H, nkb) and keeper.dtype == torch.int32
+    assert (keeper_ref >= 0).any() == c["single"] and (keeper_ref == -1).any()
+    assert torch.equal(keeper[~near_thr].long(), keeper_ref[~near_thr])
+    assert miss.cpu().tolist() == [[Nq, -1]] * (B * H)
+    wants = ref
     assert all(want.isfinite().any() for want in wants)
     for got, want in zip((vert, vert_local), wants):
         got = got.cpu()
