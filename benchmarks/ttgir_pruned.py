@@ -25,10 +25,10 @@ from triton.compiler import ASTSource
 from entropy_attn import pruned
 from entropy_attn.kernels.pruned import pruned_attn
 
-POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Idx": "*i32", "Count": "*i32", "Thr": "*fp32",
-            "Lse2": "*fp32", "Opart": "*fp32", "Mpart": "*fp32", "Lpart": "*fp32", "Lall": "*fp32", "Kept": "*fp32",
-            "Kcnt": "*i32", "Mask": "*bf16", "Kpm": "*bf16", "Kp": "*bf16", "Ko": "*bf16", "Kbias": "*fp32",
-            "Kobias": "*fp32"}
+POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Idx": "*i32", "Count": "*i32", "Miss": "*i32",
+            "Iota": "*i32", "Thr": "*fp32", "Lse2": "*fp32", "Opart": "*fp32", "Mpart": "*fp32", "Lpart": "*fp32",
+            "Lall": "*fp32", "Kept": "*fp32", "Kcnt": "*i32", "Mask": "*bf16", "Kpm": "*bf16", "Kp": "*bf16",
+            "Ko": "*bf16", "Kbias": "*fp32", "Kobias": "*fp32"}
 #: The IR operations listed, by the start of their text after the result name.
 SHOWN = ("scf.for", "scf.if", "tt.load", "ttg.async_copy_global_to_local", "ttg.async_wait", "ttng.warp_group_dot ",
          "ttng.warp_group_dot_wait", "tt.store", "tt.dot ")
@@ -46,7 +46,7 @@ def specialization(n: int, d: int):
         ints.update({f"stride_{p}b": h * n * d, f"stride_{p}h": n * d, f"stride_{p}{rows}": d, f"stride_{p}d": 1})
     constants = dict(D=d, DV=d, LIST_M=cfg.block_m, BLOCK_M=sweep.block_m, BLOCK_N=cfg.block_n, BLOCK_D=d, BLOCK_DV=d,
                      CAUSAL=False, MASK_KIND=0, KPM_KIND=0, MASKED=n % cfg.block_n != 0, EXACT=False, FIXED=True,
-                     SPLIT=False, FALLBACK=True, STATS=False, LSE_BOUND=True, CHUNK=pruned._bound_chunk(nkb),
+                     SPLIT=False, FALLBACK=True, STATS=False, LSE_BOUND=True, CHECK=True, CHUNK=pruned._bound_chunk(nkb),
                      TMA=False, PRECISION="tf32", PDL=True)
     signature, attrs = {}, {}
     for i, name in enumerate(pruned_attn.arg_names):

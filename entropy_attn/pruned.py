@@ -334,7 +334,7 @@ def _select(tile_max, mpart, lpart, tau, cfg, nqb, nkb, Nq, ws: Workspace = PLAI
 
 
 def _vertical(inp, q, k, cfg, nkb, masks, log2_thr: float, ws: Workspace = PLAIN, local: bool = False):
-    """``(vert, vert_local, keeper, miss)``. ``vert`` ``[B*H, NKB]`` float32: log2 of the largest
+    """``(vert, vert_local, keeper, (miss, iota))``. ``vert`` ``[B*H, NKB]`` float32: log2 of the largest
     softmax weight that ``VERT_SAMPLES`` query rows, evenly spaced (row ``round(r (Nq - 1) /
     (VERT_SAMPLES - 1))``), give to a key of each key block (exact weights of those rows over all
     keys, all masks applied; -inf where none of them sees a key of the block). With ``local`` (the
@@ -342,7 +342,8 @@ def _vertical(inp, q, k, cfg, nkb, masks, log2_thr: float, ws: Workspace = PLAIN
     holds the block (the evidence of local attention, ``vertical_combine``); else None. ``keeper``
     ``[B*H, NKB]`` int32: the query row of the only sampled row that keeps an entry of the block
     (weight >= ``2^log2_thr``), else -1; ``miss`` ``[B*H, 2]`` int32, set to (Nq, -1), where
-    ``pruned_predict`` records the sampled rows its pooled lists miss. None for short query
+    ``pruned_predict`` records the sampled rows its pooled lists miss; ``iota`` ``[NKB]`` int32, every
+    key block (the list that ``pruned_attn`` sweeps in heads with misses). None for short query
     sequences (``Nq < VERT_MIN_NQ``), where the sample would cost too much. ``masks``:
     ``_mask_args(inp)``. Kernels ``vertical_sample`` (the key blocks split over programs; 4 warps, 2
     stages: H200, graphed, against the prefill tiles' 8 warps and 3 stages at D = 128: 64k 98.6 ->
@@ -363,6 +364,7 @@ def _vertical(inp, q, k, cfg, nkb, masks, log2_thr: float, ws: Workspace = PLAIN
     vert_local = ws.empty((BH, nkb), torch.float32, dev) if local else None
     keeper = ws.empty((BH, nkb), torch.int32, dev)
     miss = ws.empty((BH, 2), torch.int32, dev)
+    iota = ws.empty((nkb,), torch.int32, dev)
     (mask, *mstr, mkind), (kpm, *pstr, pkind) = masks
     from .kernels.pruned_pool import vertical_combine, vertical_sample
 
@@ -376,9 +378,10 @@ def _vertical(inp, q, k, cfg, nkb, masks, log2_thr: float, ws: Workspace = PLAIN
     )
     chunk = _chunk()
     ws.launch(vertical_combine, (BH, cdiv(nkb, chunk)), block_max, mpart, lpart, vert,
-              vert if vert_local is None else vert_local, keeper, miss, Nq, Nk, nkb, splits, VERT_SAMPLES, log2_thr,
+              vert if vert_local is None else vert_local, keeper, miss, iota, Nq, Nk, nkb, splits, VERT_SAMPLES,
+              log2_thr,
               BLOCK_S=block_s, BLOCK_N=cfg.block_n, CHUNK=chunk, LOCAL=local, chained=True)
-    return vert, vert_local, keeper, miss
+    return vert, vert_local, keeper, (miss, iota)
 
 
 def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None = None, ws: Workspace = PLAIN,
@@ -392,15 +395,15 @@ def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None
     rows keep an entry in theirs, or in every head without a sample (``pruned_predict``; packed
     grouped-query decoding passes it for the one causal query whose mask packing drops). Returns
     ``(idx [B*H, NQB, NKB] int32 (first ``count`` entries valid), count [B*H, NQB] int32, (kp, ko,
-    kbias, kobias), miss)``: the pooled keys for the sweep's lse bound, and with the vertical sample
-    the sampled rows that the pooled lists miss (``[B*H, 2]`` int32, the smallest and largest;
-    ``pruned_attn`` sweeps every tile of a head where they differ), else None."""
+    kbias, kobias), check)``: the pooled keys for the sweep's lse bound, and with the vertical sample
+    ``(miss, iota)`` (``_vertical``: the smallest and largest sampled row that the pooled lists miss,
+    per head; ``pruned_attn`` sweeps every tile of a head where they differ), else None."""
     B, H, Nq, D = q.shape
     BH = B * H
     dev = q.device
     local = inp.causal if local is None else local
     kp, ko, kbias, kobias = pooled or _pool_keys(k, masks[1], cfg.block_n, nkb, ws)
-    vert, vert_local, keeper, miss = _vertical(inp, q, k, cfg, nkb, masks, log2_thr, ws, local) or (None,) * 4
+    vert, vert_local, keeper, check = _vertical(inp, q, k, cfg, nkb, masks, log2_thr, ws, local) or (None,) * 4
     idx = ws.empty((BH, nqb, nkb), torch.int32, dev)
     count = ws.empty((BH, nqb), torch.int32, dev)
     from .kernels.pruned import POOL_ROWS, pruned_predict
@@ -412,14 +415,14 @@ def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None
     ws.launch(pruned_predict, (cdiv(nqb, qb), BH),
         q, kp, ko, kbias, kobias, vert if vert is not None else kbias,
         vert_local if vert_local is not None else kbias, keeper if keeper is not None else count,
-        miss if miss is not None else count, share, lse_run, idx, count,
+        count if check is None else check[0], share, lse_run, idx, count,
         *q.stride(), *kp.stride(), kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(1),
         H, inp.groups, Nq, k.shape[2], nqb, nkb, inp.scale * LOG2E, log2_thr,
         D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), QB=qb, CHUNK=chunk,
         CAUSAL=inp.causal, LOCAL=local, VERT=vert is not None,
         PRECISION=_input_precision(q.dtype), num_warps=warps, num_stages=stages, chained=True,
     )
-    return idx, count, (kp, ko, kbias, kobias), miss
+    return idx, count, (kp, ko, kbias, kobias), check
 
 
 def _combine(opart, mpart, lpart, lall, dtype, log2_tau: float, exact: bool, stats: bool, ws: Workspace = PLAIN):
@@ -500,13 +503,13 @@ def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits
     chunk = _bound_chunk(nkb)
     from .kernels.pruned import pruned_attn
 
-    lse2 = thr = miss = None
+    lse2 = thr = check = None
     if exact or stats:
         tile_max, mpart1, lpart1, unmasked = _exact_first_pass(
             inp, q, k, cfg, nqb, nkb, stats, splits, mask_args, kpm_args, ws)
         idx, count, nvalid, lse2, thr = _select(tile_max, mpart1, lpart1, tau, cfg, nqb, nkb, Nq, ws)
     if not exact:
-        idx, count, (kp, ko, kbias, kobias), miss = _predict(inp, q, k, cfg, nqb, nkb, math.log2(tau * slack),
+        idx, count, (kp, ko, kbias, kobias), check = _predict(inp, q, k, cfg, nqb, nkb, math.log2(tau * slack),
                                                              (mask_args, kpm_args), ws=ws, pooled=pooled, local=local)
     # Splitting the fast mode needs every row covered by the predictor (no in-kernel fallback).
     can_split = exact or (inp.attn_mask is None and not (inp.causal and inp.key_padding_mask is not None))
@@ -534,7 +537,7 @@ def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits
     sweep = _sweep_config(cfg, D, Dv, Nk)
     (k_arg, v_arg), tma = _kv_operands(cfg.block_n, split or not exact, (k, _block(D)), (v, _block(Dv)))
     ws.launch(pruned_attn, (cdiv(Nq, sweep.block_m), BH, n_split),
-        q, k_arg, v_arg, out, idx, count, miss if miss is not None else count,
+        q, k_arg, v_arg, out, idx, count, *(check or (count, count)),
         thr if thr is not None else lpart, lse2 if lse2 is not None else lpart,
         opart, mpart, lpart, lall, kept, kcnt, mask, kpm, kp, ko, kbias, kobias,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr, *pstr, *kp_str, *kb_str,
@@ -542,7 +545,7 @@ def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits
         D=D, DV=Dv, LIST_M=cfg.block_m, BLOCK_M=sweep.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D),
         BLOCK_DV=_block(Dv), CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, MASKED=masked,
         EXACT=exact, FIXED=fallback and tau < 1, SPLIT=split, FALLBACK=fallback, STATS=stats,
-        LSE_BOUND=bound, CHECK=miss is not None, CHUNK=chunk, TMA=tma, PRECISION=_input_precision(q.dtype),
+        LSE_BOUND=bound, CHECK=check is not None, CHUNK=chunk, TMA=tma, PRECISION=_input_precision(q.dtype),
         num_warps=sweep.num_warps, num_stages=sweep.num_stages, maxnreg=sweep.maxnreg, chained=True,
     )
     if split:
@@ -569,7 +572,7 @@ def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits
         per_head(torch.where(live, 1.0 - kept_mass, 0.0)).to(torch.float64),
         per_head(live),
         per_group(nvalid),
-        per_group(count if miss is None else torch.where((miss[:, 0] < miss[:, 1])[:, None], nvalid, count)),
+        per_group(count if check is None else torch.where((check[0][:, 0] < check[0][:, 1])[:, None], nvalid, count)),
     )
     return out, st
 

@@ -503,15 +503,8 @@ def pruned_predict(
 
 
 @triton.jit
-def listed_block(Idx, t, dense):
-    """Entry ``t`` of a query block's tile list ``Idx``: key block ``Idx[t]``, or ``t`` itself where
-    ``dense`` (the predictor's pooled lists missed sampled rows of the head: every block is swept)."""
-    return tl.where(dense, t, tl.load(Idx + t, mask=~dense, other=0))
-
-
-@triton.jit
 def _pooled_lse_bound(
-    q, Kp, Ko, Kbias, Kobias, Idx, count, dense, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
+    q, Kp, Ko, Kbias, Kobias, Idx, count, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
     stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_bb, stride_bn,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CHUNK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
@@ -521,9 +514,8 @@ def _pooled_lse_bound(
     block weight (``Kbias = log2 W``), and it is also >= the outlier key's own term. Causal rows
     count only the blocks they see entirely. (The pooled keys are rounded to q's dtype for the tensor
     cores, so the bound holds to that rounding.)
-    Only the ``count`` listed key blocks ``Idx[:count]`` (``dense``: the first ``count`` blocks,
-    ``listed_block``) are summed (fewer terms: still a lower bound), which costs one small product
-    per 64 listed blocks instead of one per 64 key blocks."""
+    Only the ``count`` listed key blocks ``Idx[:count]`` are summed (fewer terms: still a lower
+    bound), which costs one small product per 64 listed blocks instead of one per 64 key blocks."""
     Kp += b.to(tl.int64) * stride_pkb + hk.to(tl.int64) * stride_pkh
     Ko += b.to(tl.int64) * stride_pkb + hk.to(tl.int64) * stride_pkh
     Kbias += b.to(tl.int64) * stride_bb
@@ -532,7 +524,7 @@ def _pooled_lse_bound(
     lb = tl.zeros([BLOCK_M], dtype=tl.float32)
     for c in range(0, count, CHUNK):
         t = c + tl.arange(0, CHUNK)
-        kb = tl.where(t < count, listed_block(Idx, t, dense), NKB)
+        kb = tl.load(Idx + t, mask=t < count, other=NKB)
         kp = load_tile(Kp, kb, offs_d, NKB, D, stride_pkn, stride_pkd, True, BLOCK_D != D)
         bias = tl.load(Kbias + kb * stride_bn, mask=kb < NKB, other=float("-inf"))
         ko = load_tile(Ko, kb, offs_d, NKB, D, stride_pkn, stride_pkd, True, BLOCK_D != D)
@@ -666,7 +658,8 @@ def _attn_tile(
 
 @triton.jit
 def pruned_attn(
-    Q, K, V, Out, Idx, Count, Miss, Thr, Lse2, Opart, Mpart, Lpart, Lall, Kept, Kcnt, Mask, Kpm, Kp, Ko, Kbias, Kobias,
+    Q, K, V, Out, Idx, Count, Miss, Iota, Thr, Lse2, Opart, Mpart, Lpart, Lall, Kept, Kcnt, Mask, Kpm,
+    Kp, Ko, Kbias, Kobias,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -694,7 +687,8 @@ def pruned_attn(
     ``tau`` is the threshold itself (fast mode; the exact mode reads Thr).
     ``STATS``: Kept (true kept mass, fast only) and Kcnt (kept entries) ``[S, B*H, Nq]``. ``CHECK``
     (fast mode with the vertical sample): a head whose Miss ``[B*H, 2]`` int32 holds two different
-    rows (``pruned_predict``) is swept over every key block its rows see, not its lists. With ``TMA``,
+    rows (``pruned_predict``) is swept over every key block its rows see (the first of Iota ``[NKB]``
+    int32, each block's own index), not its lists. With ``TMA``,
     K and V are tensor descriptors of the ``[B, Hkv, Nk, D]`` keys and ``[B, Hkv, Nk, DV]`` values
     (``load_rows``).
     """
@@ -729,17 +723,17 @@ def pruned_attn(
         lse2 = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     count = tl.load(Count + bh * NQB + qb)
-    dense = count < 0  # False: sweep the listed tiles
     if CHECK:
-        dense = tl.load(Miss + 2 * bh) < tl.load(Miss + 2 * bh + 1)
-        end, _ = key_range(pid_m * BLOCK_M, Nq, Nk, BLOCK_M, CAUSAL)
-        count = tl.where(dense, tl.cdiv(end, BLOCK_N), count)
+        if tl.load(Miss + 2 * bh) < tl.load(Miss + 2 * bh + 1):
+            Idx = Iota
+            end, _ = key_range(pid_m * BLOCK_M, Nq, Nk, BLOCK_M, CAUSAL)
+            count = tl.cdiv(end, BLOCK_N)
     lo = (split * count) // n_split
     hi = ((split + 1) * count) // n_split
     lse_lb = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     if LSE_BOUND:
-        lse_lb = _pooled_lse_bound(q, Kp, Ko, Kbias, Kobias, Idx, count, dense, b, hk, offs_m, offs_d, Nq, Nk, NKB,
-                                   qk_scale, stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_bb, stride_bn,
+        lse_lb = _pooled_lse_bound(q, Kp, Ko, Kbias, Kobias, Idx, count, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
+                                   stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_bb, stride_bn,
                                    D, BLOCK_M, BLOCK_N, BLOCK_D, CHUNK, CAUSAL, PRECISION)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -754,15 +748,14 @@ def pruned_attn(
     if not EXACT:
         if lo < hi:
             acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
-                acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, listed_block(Idx, lo, dense), thr, lse2, lse_lb,
-                row_mask,
+                acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, tl.load(Idx + lo), thr, lse2, lse_lb, row_mask,
                 stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale,
                 tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
                 D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, MASKED, CAUSAL, MASK_KIND, KPM_KIND,
                 EXACT, FIXED, False, True, SPLIT, STATS, TMA, PRECISION)
             start = lo + 1
     for t in range(start, hi):
-        kb = listed_block(Idx, t, dense)
+        kb = tl.load(Idx + t)
         acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
             acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, row_mask,
             stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale, tau,

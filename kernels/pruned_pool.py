@@ -145,7 +145,7 @@ def vertical_sample(
 
 @triton.jit
 def vertical_combine(
-    BlockMax, Mpart, Lpart, Vert, VertLocal, Keeper, Miss, Nq, Nk, NKB, SPLITS, SAMPLES, log2_thr,
+    BlockMax, Mpart, Lpart, Vert, VertLocal, Keeper, Miss, Iota, Nq, Nk, NKB, SPLITS, SAMPLES, log2_thr,
     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, LOCAL: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
@@ -160,8 +160,9 @@ def vertical_combine(
     no evidence. Keeper ``[B*H, NKB]`` int32: the query row of the one sampled row that keeps an
     entry of block kb (a weight >= ``2^log2_thr``), -1 where none or several do: the blocks that the
     predictor checks its pooled lists against (``pruned_predict``, which records its misses in Miss
-    ``[B*H, 2]`` int32, set here to (Nq, -1): no missed row yet). Inputs as written by
-    ``vertical_sample``."""
+    ``[B*H, 2]`` int32, set here to (Nq, -1): no missed row yet), and Iota ``[NKB]`` int32, the
+    list of every key block, which ``pruned_attn`` sweeps in the heads with misses. Inputs as
+    written by ``vertical_sample``."""
     wait_previous(PDL)
     bh = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
@@ -184,3 +185,5 @@ def vertical_combine(
     if tl.program_id(1) == 0:
         tl.store(Miss + 2 * bh, Nq)
         tl.store(Miss + 2 * bh + 1, -1)
+    if bh == 0:
+        tl.store(Iota + kb, kb, mask=kb < NKB)

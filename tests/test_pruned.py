@@ -559,7 +559,7 @@ def test_fast_sweeps_the_heads_whose_pooled_lists_miss_sampled_rows(monkeypatch)
     inp = check_inputs(q.to(DEV), k.to(DEV), v.to(DEV))
     cfg = pr._config(n, D, D)
     nqb, nkb = n // cfg.block_m, n // cfg.block_n
-    *_, miss = pr._predict(inp, inp.q, inp.k, cfg, nqb, nkb, math.log2(0.3), _mask_args(inp))
+    *_, (miss, _) = pr._predict(inp, inp.q, inp.k, cfg, nqb, nkb, math.log2(0.3), _mask_args(inp))
     (lo, hi), unflagged = miss.cpu().tolist()
     assert lo < hi and unflagged == [n, -1], miss
     ref, _, _ = definition(q, k, v, 0.3)
@@ -1226,9 +1226,10 @@ def vertical_definition(q, k, samples, bn, *, scale, causal=False, attn_mask=Non
     # key blocks before their windows on the GPU's 64-key blocks too)
     dict(B=1, H=2, Hkv=1, Nq=150, Nk=700, causal=True, samples=64, local=True),
     # Nq > Nk (causal: the first rows, sample 0 included, see no key), bool padding with a fully
-    # padded block, 12 samples in a 16-row tile
-    dict(B=2, H=4, Hkv=2, Nq=170, Nk=100, causal=True, kpm="bool", samples=12),
-    # (64 of the 77 rows sampled: each block is kept by several of them, none has a keeper)
+    # padded block, 12 samples in a 16-row tile (single=False: on the GPU's 64-key blocks, each is
+    # kept by several sampled rows)
+    dict(B=2, H=4, Hkv=2, Nq=170, Nk=100, causal=True, kpm="bool", samples=12, single=False),
+    # (64 of the 77 rows sampled: each block is kept by several of them)
     dict(B=2, H=2, Hkv=2, Nq=77, Nk=70, mask="bool", kpm="float", samples=64, single=False),
     dict(B=1, H=4, Hkv=1, Nq=77, Nk=150, causal=True, mask="float", kpm="bool", samples=12, tiles=(128, 64),
          dtype=torch.bfloat16),
@@ -1259,17 +1260,18 @@ def test_vertical_matches_definition(monkeypatch, case):
     # local: each sampled row's weights in its own window apart (the predictor's local windows).
     local = c["local"]
     log2_thr = math.log2(0.05)
-    vert, vert_local, keeper, miss = pr._vertical(inp, inp.q, inp.k, cfg, nkb, _mask_args(inp), log2_thr, local=local)
+    vert, vert_local, keeper, (miss, iota) = pr._vertical(inp, inp.q, inp.k, cfg, nkb, _mask_args(inp), log2_thr,
+                                                          local=local)
     *ref, keeper_ref, near_thr = vertical_definition(
         q, k, c["samples"], cfg.block_n, scale=inp.scale, causal=c["causal"], attn_mask=mask, key_padding_mask=kpm,
         local_keys=LOCAL_KEYS.value if local else None, log2_thr=log2_thr)
     assert (vert_local is None) == (not local)
-    # The keepers: the blocks that only one sampled row keeps (some in every case), and no missed row yet.
+    # The keepers: the blocks that only one sampled row keeps (some where ``single``), no missed row yet.
     keeper = keeper.cpu()
     assert keeper.shape == (B * H, nkb) and keeper.dtype == torch.int32
-    assert (keeper_ref >= 0).any() == c["single"] and (keeper_ref == -1).any()
+    assert ((keeper_ref >= 0).any() or not c["single"]) and (keeper_ref == -1).any()
     assert torch.equal(keeper[~near_thr].long(), keeper_ref[~near_thr])
-    assert miss.cpu().tolist() == [[Nq, -1]] * (B * H)
+    assert miss.cpu().tolist() == [[Nq, -1]] * (B * H) and iota.cpu().tolist() == list(range(nkb))
     wants = ref
     assert all(want.isfinite().any() for want in wants)
     for got, want in zip((vert, vert_local), wants):
