@@ -630,9 +630,9 @@ def pruned_attention(
             returns NaN and never empties a row that has an unmasked key. It pays off for long
             prefill on attention with block structure (sinks, vertical stripes, clustered keys;
             measured on H200s, bf16, D = 128, against the dense kernel at tile sparsity 0.9 /
-            0.95: 7.6-8.5x / 11.9-14.2x at N = 32k, 8.5-9.0x / 15.1-16.3x at 64k (several
+            0.95: 7.6-8.6x / 11.9-14.5x at N = 32k, 8.5-9.0x / 15.1-16.4x at 64k (several
             machines); at 8k-16k the host's work per call (0.1-0.45 ms, by machine) bounds it
-            (3.2x-10.2x called directly), unless it is replayed from a CUDA graph (4.7x-11.2x);
+            (3.2x-10.4x called directly), unless it is replayed from a CUDA graph (4.7x-11.5x);
             max |fast - exact| 0.05 - 0.1 on sink-key inputs). With ``causal=True`` it also visits
             the key blocks of each row's 128 most recent keys (local attention, which pooling
             smears) in the heads whose sampled rows attend there (every head below 1024 queries).
@@ -641,8 +641,9 @@ def pruned_attention(
             only for the sample is swept whole, every tile it sees (pooling misses attention by
             content there; such a head costs about what the dense kernel does).
             On the attention of the example LMs (8k tokens) it is close to the exact mode in the
-            regularized model's sparser layers (relative error 0.05-0.23 %, 2-3x dense) but misses
-            tiles in its diffuse first layers (4-6 %), and visits nearly every tile of an
+            regularized model's sparser layers (relative error 0.03-0.23 %, 2-3x dense); in their
+            first layers the check sweeps the heads that attend by content whole, and a head that
+            passes it may still miss tiles (up to 2.5 %); it visits nearly every tile of an
             unregularized model (benchmarks/RESULTS.md): check its error on your model, layer by
             layer (``return_stats``, or against ``'exact'``), before serving with it. For decoding
             (Nq <= 16) pass a ``key_summary``: without one it pools the whole key cache on every
