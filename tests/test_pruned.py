@@ -535,29 +535,49 @@ def test_fast_local_window_only_where_sampled_rows_attend_locally(monkeypatch):
     assert any(not windows[i] <= listed[True][bh][i] for bh in range(2) for i in range(nqb))
 
 
+def content_and_sinks(n, hkv, causal, seed):
+    """q, k, v (bf16) of two query heads. Head 0 attends by content, each row to one key (a random
+    permutation; causal: even rows their own key, odd rows a random key before their local window,
+    from the second half where they can) in key blocks whose mean key is 0, which pooling cannot
+    see; head 1 to one of two sink keys that every row sees (5 and n / 2 + 5; causal: 0 and 5).
+    Logit +20 against |s| ~ 2.5 elsewhere; the keys come in opposite pairs of random unit
+    directions. ``hkv`` kv heads (1: both on one)."""
+    D = 64
+    g = fresh_generator(seed)
+    u = torch.nn.functional.normalize(torch.randn(1, 1, n // 2, D, generator=g, dtype=torch.float64), dim=-1)
+    k = torch.stack([u, -u], 3).reshape(1, 1, n, D)
+    if causal:  # even rows: their own key; odd rows: a key of the second half before their window
+        i = torch.arange(n)
+        lo = torch.where(i >= n // 2 + LOCAL_KEYS.value, n // 2, 0)
+        span = torch.clamp(i - LOCAL_KEYS.value, min=0) - lo + 1
+        far = lo + (torch.rand(n, generator=g, dtype=torch.float64) * span).long()
+        content = torch.where(i % 2 == 0, i, torch.minimum(far, i))
+        sinks = torch.randint(0, 2, (n,), generator=g) * 5
+    else:
+        content = torch.randperm(n, generator=g)
+        sinks = torch.randint(0, 2, (n,), generator=g) * (n // 2) + 5
+    q = 20 * math.sqrt(D) * k[0, 0, torch.stack([content, sinks])][None]
+    v = torch.randn(1, hkv, n, D, generator=g, dtype=torch.float64)
+    return tuple(t.to(torch.bfloat16).contiguous() for t in (q, k.expand(1, hkv, n, D), v))
+
+
 @triton_ok
 def test_fast_sweeps_the_heads_whose_pooled_lists_miss_sampled_rows(monkeypatch):
     """With the vertical sample, the predictor checks its pooled lists against the sampled rows:
     where two sampled rows or more keep a key block (that no other sampled row keeps) which their
-    query block lists only for the vertical estimate, the whole head is swept. Head 0 attends by
-    content: each row to one key of a random permutation, in key blocks whose mean key is 0, which
-    pooling cannot see; it is swept whole and matches the definition (without the check, rows of
-    each draw were off by about |v|). Head 1 attends to two sink keys that every sampled row keeps:
-    its lists pass the check and it still skips most tiles."""
+    query block lists only for the vertical estimate, the whole head is swept. The content head of
+    ``content_and_sinks`` is swept whole and matches the definition (without the check, rows of
+    each draw were off by about |v|); the sink head, whose sinks every sampled row keeps, passes
+    the check and skips most tiles. (Flagged in 60 of 60 draws on the interpreter's tiles, and in 40
+    of 40 on the GPU's, emulated in the interpreter; with 8 sampled rows in 10 of 12 and 38 of 40.)"""
     import entropy_attn.pruned as pr
 
     monkeypatch.setattr(pr, "VERT_MIN_NQ", 16)
-    monkeypatch.setattr(pr, "VERT_SAMPLES", 8)
-    n, D = 512, 64
-    g = fresh_generator(27)
-    u = torch.nn.functional.normalize(torch.randn(1, 1, n // 2, D, generator=g, dtype=torch.float64), dim=-1)
-    k = torch.stack([u, -u], 3).reshape(1, 1, n, D).expand(1, 2, n, D)
-    target = torch.stack([torch.randperm(n, generator=g), torch.randint(0, 2, (n,), generator=g) * (n // 2) + 5])
-    q = 20 * math.sqrt(D) * torch.stack([k[0, h, target[h]] for h in range(2)])[None]
-    v = torch.randn(1, 2, n, D, generator=g, dtype=torch.float64)
-    q, k, v = (t.to(torch.bfloat16).contiguous() for t in (q, k, v))
+    monkeypatch.setattr(pr, "VERT_SAMPLES", 16)
+    n = 32 * kernel_tiles(2048, 64)[1]  # 32 key blocks: most of 16 sampled rows keep a block alone
+    q, k, v = content_and_sinks(n, 2, False, seed=27)
     inp = check_inputs(q.to(DEV), k.to(DEV), v.to(DEV))
-    cfg = pr._config(n, D, D)
+    cfg = pr._config(n, 64, 64)
     nqb, nkb = n // cfg.block_m, n // cfg.block_n
     *_, (miss, _) = pr._predict(inp, inp.q, inp.k, cfg, nqb, nkb, math.log2(0.3), _mask_args(inp))
     (lo, hi), unflagged = miss.cpu().tolist()
@@ -567,6 +587,34 @@ def test_fast_sweeps_the_heads_whose_pooled_lists_miss_sampled_rows(monkeypatch)
     err = (out.double().cpu() - ref).abs().amax((0, 2, 3))
     assert (err <= 0.05).all(), err
     assert st["tile_sparsity"][0] == 0 and st["tile_sparsity"][1] > 0.5, st
+
+
+@triton_ok
+def test_fast_sweeps_a_flagged_causal_head_whole(monkeypatch):
+    """A head flagged by the check is swept over every key block its rows see under a causal mask
+    (both query heads on one kv head): the content head of ``content_and_sinks``, flagged here by
+    hand (whether its sampled rows' targets land in the few blocks that a 512-key draw lists anyway
+    varies), matches the definition (in the interpreter, without the flag its rows were off by
+    about |v|, and so they were when the sweep stopped one key block short of its rows' last
+    key), and counts every live tile as visited; the sink head is left to its lists."""
+    import entropy_attn.pruned as pr
+
+    monkeypatch.setattr(pr, "VERT_MIN_NQ", 16)
+    monkeypatch.setattr(pr, "VERT_SAMPLES", 8)
+    predict = pr._predict
+
+    def flag_head_0(*args, **kwargs):
+        idx, count, pooled, check = predict(*args, **kwargs)
+        check[0][0] = torch.tensor([-1, 0], dtype=torch.int32)
+        return idx, count, pooled, check
+
+    monkeypatch.setattr(pr, "_predict", flag_head_0)
+    q, k, v = content_and_sinks(512, 1, True, seed=28)
+    ref, _, _ = definition(q, k, v, 0.3, causal=True)
+    out, st = run(q, k, v, tau=0.3, causal=True, mode="fast", return_stats=True)
+    err = (out.double().cpu() - ref).abs().amax((0, 2, 3))
+    assert (err <= 0.05).all(), err
+    assert st["tile_sparsity"][0] == 0 and st["tile_sparsity"][1] > 0.2, st
 
 
 @triton_ok
