@@ -172,14 +172,15 @@ def vertical_combine(
     ptrs = BlockMax + (bh.to(tl.int64) * NKB + kb[:, None]) * BLOCK_S + offs_s[None, :]
     bmax = tl.load(ptrs, mask=kb[:, None] < NKB, other=float("-inf"))
     logw = bmax - lse[None, :]
+    rows = sampled_rows(offs_s, SAMPLES, Nq)
     if LOCAL:
-        own = sampled_rows(offs_s, SAMPLES, Nq) + (Nk - Nq)  # each sampled row's own key
+        own = rows + (Nk - Nq)  # each sampled row's own key
         near = local_window(kb[:, None], own[None, :], own[None, :], BLOCK_N)
         chose = near & (own >= LOCAL_KEYS + BLOCK_N - 1)[None, :]  # a key block lies before the row's window
         tl.store(VertLocal + bh.to(tl.int64) * NKB + kb, tl.max(tl.where(chose, logw, float("-inf")), 1), mask=kb < NKB)
     tl.store(Vert + bh.to(tl.int64) * NKB + kb, tl.max(logw, 1), mask=kb < NKB)
     kept = logw >= log2_thr
-    row = tl.max(tl.where(kept, sampled_rows(offs_s, SAMPLES, Nq)[None, :], -1), 1)
+    row = tl.max(tl.where(kept, rows[None, :], -1), 1)
     single = tl.sum(kept.to(tl.int32), 1) == 1
     tl.store(Keeper + bh.to(tl.int64) * NKB + kb, tl.where(single, row, -1), mask=kb < NKB)
     if tl.program_id(1) == 0:
