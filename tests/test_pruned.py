@@ -462,14 +462,19 @@ def test_fast_keeps_a_row_max_after_the_first_tile(dtype):
     assert out[0, 0, 1, 15] >= math.exp(1.5) / (math.exp(1.5) + 4 * bn) - TOL[dtype], out[0, 0, 1]
 
 
+def opposite_pair_keys(n, d, g):
+    """``[1, 1, n, d]`` float64 keys in opposite pairs of random unit directions (from generator
+    ``g``): every key block's mean key is 0, so the pooled estimates see nothing in them."""
+    u = torch.nn.functional.normalize(torch.randn(1, 1, n // 2, d, generator=g, dtype=torch.float64), dim=-1)
+    return torch.stack([u, -u], 3).reshape(1, 1, n, d)
+
+
 def previous_key_attention(nq, nk, d, dtype, seed):
     """Causal local attention that pooling cannot see: each query row points at the key just before
     its own (a previous-token head; bottom-right aligned, row i's own key is i + nk - nq) with a
-    logit of +20, against |s| ~ 20 / sqrt(d) elsewhere, and the keys come in opposite pairs (random
-    unit directions), so that every key block's mean key is 0."""
+    logit of +20, against |s| ~ 20 / sqrt(d) elsewhere, on ``opposite_pair_keys``."""
     g = fresh_generator(seed)
-    u = torch.nn.functional.normalize(torch.randn(1, 1, nk // 2, d, generator=g, dtype=torch.float64), dim=-1)
-    k = torch.stack([u, -u], 3).reshape(1, 1, nk, d)
+    k = opposite_pair_keys(nk, d, g)
     q = 20 * math.sqrt(d) * k[:, :, nk - nq - 1:nk - 1]
     v = torch.randn(1, 1, nk, d, generator=g, dtype=torch.float64)
     return q.to(dtype), k.to(dtype), v.to(dtype)
@@ -540,12 +545,11 @@ def content_and_sinks(n, hkv, causal, seed):
     permutation; causal: even rows their own key, odd rows a random key before their local window,
     from the second half where they can) in key blocks whose mean key is 0, which pooling cannot
     see; head 1 to one of two sink keys that every row sees (5 and n / 2 + 5; causal: 0 and 5).
-    Logit +20 against |s| ~ 2.5 elsewhere; the keys come in opposite pairs of random unit
-    directions. ``hkv`` kv heads (1: both on one)."""
+    Logit +20 against |s| ~ 2.5 elsewhere, on ``opposite_pair_keys``. ``hkv`` kv heads (1: both on
+    one)."""
     D = 64
     g = fresh_generator(seed)
-    u = torch.nn.functional.normalize(torch.randn(1, 1, n // 2, D, generator=g, dtype=torch.float64), dim=-1)
-    k = torch.stack([u, -u], 3).reshape(1, 1, n, D)
+    k = opposite_pair_keys(n, D, g)
     if causal:  # even rows: their own key; odd rows: a key of the second half before their window
         i = torch.arange(n)
         lo = torch.where(i >= n // 2 + LOCAL_KEYS.value, n // 2, 0)
