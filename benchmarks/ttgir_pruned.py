@@ -7,7 +7,7 @@ programs fit on a multiprocessor. ``python benchmarks/ttgir_pruned.py [--d 128] 
 The kernel is specialized as Triton specializes it on the device for the benchmark's inputs (bf16,
 B = 1, H = 2048 / D, N queries and keys, no mask): pointers 16-byte aligned, integers equal to 1
 made constants, integers divisible by 16 marked so; tiles, warps and stages from
-``entropy_attn.pruned``; launched early (``PDL``, as on Hopper). Triton's bundled ptxas compiles
+``entropy_attn.pruned``; launched early (``PDL``, as on Hopper); ``--causal`` under a causal mask. Triton's bundled ptxas compiles
 it; nothing runs. Used to read the pipelining of the sweep before spending GPU time
 (``benchmarks/RESULTS.md``, issue 5).
 """
@@ -34,7 +34,7 @@ SHOWN = ("scf.for", "scf.if", "tt.load", "ttg.async_copy_global_to_local", "ttg.
          "ttng.warp_group_dot_wait", "tt.store", "tt.dot ")
 
 
-def specialization(n: int, d: int):
+def specialization(n: int, d: int, causal: bool = False):
     """``(signature, constants, attrs)`` of ``pruned_attn`` for the fast sweep of one benchmark input."""
     h, nkb = 2048 // d, pruned.cdiv(n, 64)
     cfg = pruned._config(n, d, d)
@@ -45,7 +45,7 @@ def specialization(n: int, d: int):
     for p, rows in (("q", "m"), ("k", "n"), ("v", "n"), ("o", "m")):
         ints.update({f"stride_{p}b": h * n * d, f"stride_{p}h": n * d, f"stride_{p}{rows}": d, f"stride_{p}d": 1})
     constants = dict(D=d, DV=d, LIST_M=cfg.block_m, BLOCK_M=sweep.block_m, BLOCK_N=cfg.block_n, BLOCK_D=d, BLOCK_DV=d,
-                     CAUSAL=False, MASK_KIND=0, KPM_KIND=0, MASKED=n % cfg.block_n != 0, EXACT=False, FIXED=True,
+                     CAUSAL=causal, MASK_KIND=0, KPM_KIND=0, MASKED=causal or n % cfg.block_n != 0, EXACT=False, FIXED=True,
                      SPLIT=False, FALLBACK=True, STATS=False, LSE_BOUND=True, CHECK=True, CHUNK=pruned._bound_chunk(nkb),
                      TMA=False, PRECISION="tf32", PDL=True)
     signature, attrs = {}, {}
@@ -88,9 +88,10 @@ def main():
     parser.add_argument("--d", type=int, default=128, choices=(64, 128), help="head dim")
     parser.add_argument("--n", type=int, default=8192, help="queries and keys")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
+    parser.add_argument("--causal", action="store_true", help="under a causal mask")
     parser.add_argument("--dump", help="also write the whole IR to this file")
     args = parser.parse_args()
-    signature, constants, attrs, sweep = specialization(args.n, args.d)
+    signature, constants, attrs, sweep = specialization(args.n, args.d, args.causal)
     src = ASTSource(fn=pruned_attn, signature=signature, constexprs=constants, attrs=attrs)
     binary = triton.compile(src, target=GPUTarget("cuda", args.arch, 32),
                             options=dict(num_warps=sweep.num_warps, num_stages=sweep.num_stages, maxnreg=sweep.maxnreg,
@@ -100,7 +101,7 @@ def main():
     # Registers are allocated per warp in units of 256; shared memory per program plus 1 KiB.
     by_regs = REGISTERS_PER_SM // (math.ceil(regs * 32 / 256) * 256 * sweep.num_warps)
     by_shared = SHARED_PER_SM // (binary.metadata.shared + 1024)
-    print(f"pruned_attn, fast sweep, N={args.n} D={args.d}: {sweep.block_m} rows x {sweep.num_warps} warps x "
+    print(f"pruned_attn, fast sweep, N={args.n} D={args.d}{' causal' if args.causal else ''}: {sweep.block_m} rows x {sweep.num_warps} warps x "
           f"{sweep.num_stages} stages; {regs} registers per thread ({spills}), {binary.metadata.shared} bytes of "
           f"shared memory: {min(by_regs, by_shared)} programs per multiprocessor ({by_regs} by registers, "
           f"{by_shared} by shared memory)")

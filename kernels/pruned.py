@@ -17,6 +17,10 @@ Exact mode, three launches:
    of the list combine by plain sums.
 
 Split programs (few queries) add a fourth launch, ``split_combine``, which folds their partials.
+Both modes' sweeps (``pruned_attn``) mask only the listed tiles that need it: the lists are in key
+order (the fast mode's after its first tile), so under a causal mask the tiles across the diagonal
+and the partial last key block are their last ones (``_unmasked_end``), as the dense kernel and the
+first pass mask only those.
 The exact mode's launches over whole key ranges (no split) get K and V as tensor descriptors where
 the copy engine (TMA) can load them, and load their tiles with it (``TMA``, ``load_rows``; the fast
 sweep measured slower with it).
@@ -541,6 +545,29 @@ def _pooled_lse_bound(
 
 
 @triton.jit
+def _unmasked_end(Idx, start, hi, start_m, Nq, Nk, LIST_M: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                  KPM_KIND: tl.constexpr):
+    """The end of the listed tiles ``Idx[start:hi]`` that need no mask for the rows ``[start_m, start_m +
+    BLOCK_M)``: those of key blocks every key of which every row sees (``key_range``'s ``full_end``).
+    The lists are in key order from ``start`` on (the fast mode's first tile is peeled before it), so the
+    others are their last ones: the causal diagonal and the partial last key block. A list of a query
+    block of ``LIST_M`` rows holds only key blocks that one of its rows sees, so at most
+    ``LIST_M / BLOCK_N + 2`` of them (``<= TAIL``): only the last ``TAIL`` are read. Attention masks
+    and key padding masks mask every tile (returns ``start``); without ``MASKED`` none (``hi``)."""
+    if not MASKED:
+        return hi
+    elif MASK_KIND != NO_MASK or KPM_KIND != NO_MASK:
+        return start
+    else:
+        TAIL: tl.constexpr = 4 if LIST_M <= 2 * BLOCK_N else 2 * LIST_M // BLOCK_N
+        _, full_end = key_range(start_m, Nq, Nk, BLOCK_M, CAUSAL)
+        t = hi - 1 - tl.arange(0, TAIL)
+        kb = tl.load(Idx + t, mask=t >= start, other=0)
+        return hi - tl.sum(((t >= start) & ((kb + 1) * BLOCK_N > full_end)).to(tl.int32), 0)
+
+
+@triton.jit
 def _attn_tile(
     acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, rowsel,
     stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale, tau,
@@ -730,6 +757,11 @@ def pruned_attn(
             count = tl.cdiv(end, BLOCK_N)
     lo = (split * count) // n_split
     hi = ((split + 1) * count) // n_split
+    start = lo
+    if not EXACT:
+        start = lo + 1  # the fast sweep peels its first listed tile
+    mid = _unmasked_end(Idx, tl.minimum(start, hi), hi, pid_m * BLOCK_M, Nq, Nk, LIST_M, BLOCK_M, BLOCK_N,
+                        MASKED, CAUSAL, MASK_KIND, KPM_KIND)
     lse_lb = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     if LSE_BOUND:
         lse_lb = _pooled_lse_bound(q, Kp, Ko, Kbias, Kobias, Idx, count, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
@@ -744,7 +776,6 @@ def pruned_attn(
     kept = tl.zeros([BLOCK_M], dtype=tl.float32)
     kcnt = tl.zeros([BLOCK_M], dtype=tl.int32)
 
-    start = lo
     if not EXACT:
         if lo < hi:
             acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
@@ -753,15 +784,25 @@ def pruned_attn(
                 tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
                 D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, MASKED, CAUSAL, MASK_KIND, KPM_KIND,
                 EXACT, FIXED, False, True, SPLIT, STATS, TMA, PRECISION)
-            start = lo + 1
-    for t in range(start, hi):
+    # Listed tiles [start, mid) need no mask, [mid, hi) do (``_unmasked_end``).
+    for t in range(start, mid):
         kb = tl.load(Idx + t)
         acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
             acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, row_mask,
             stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale, tau,
             Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
-            D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, MASKED, CAUSAL, MASK_KIND, KPM_KIND,
+            D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, MASK_KIND, KPM_KIND,
             EXACT, FIXED, False, False, SPLIT, STATS, TMA, PRECISION)
+    if MASKED:
+        # The exact mode's copy-engine loads: a pipeline over these few tiles costs more than it hides.
+        for t in tl.range(mid, hi, num_stages=1 if EXACT else None):
+            kb = tl.load(Idx + t)
+            acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
+                acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, row_mask,
+                stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale,
+                tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+                D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, MASK_KIND, KPM_KIND,
+                EXACT, FIXED, False, False, SPLIT, STATS, TMA, PRECISION)
 
     if FALLBACK:
         # Rows recomputed from scratch over every key block with the online softmax: those that kept

@@ -669,6 +669,32 @@ def test_sweep_programs_split_list_blocks(monkeypatch, mode, causal):
 
 @triton_ok
 @pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("rows", ["list", "half"])
+def test_causal_sweep_masks_the_tiles_across_the_diagonal(monkeypatch, mode, rows):
+    """The sweep masks only the listed tiles that need it (``_unmasked_end``: under a causal mask the
+    last ones of a list, which cross the diagonal). Key offsets ``Nk - Nq`` of -2 modulo the key block
+    put the most key blocks across the diagonal of a list block of two key blocks' rows (three of them;
+    32 x 16 lists under the interpreter, 128 x 64 on the GPU), swept by programs of the list's rows or
+    half of them. A tau this small keeps nearly every entry, so both modes must give the definition;
+    a diagonal tile taken for unmasked would add keys the rows must not see."""
+    import entropy_attn.pruned as pr
+    from entropy_attn._launch import _Config
+
+    if interpreting():
+        monkeypatch.setattr(pr, "_config", lambda nq, d, dv: _Config(32, 16, 1, 1))
+    cfg = pr._config(100, 16, 16)
+    if rows == "half":
+        warps_stages = (1, 1) if interpreting() else (4, 2)
+        monkeypatch.setattr(pr, "_sweep_config", lambda c, d, dv, nk: _Config(c.block_m // 2, c.block_n, *warps_stages))
+    bn = cfg.block_n
+    for nq, nk in ((cfg.block_m + 3, cfg.block_m + 3 + bn - 2), (2 * cfg.block_m + 6, 2 * cfg.block_m + 6 + 3 * bn - 2)):
+        q, k, v = random_qkv(1, 2, 1, nq, nk, 16, seed=nq)
+        ref, _, amb = definition(q, k, v, 1e-6, causal=True)
+        check_close(run(q, k, v, tau=1e-6, causal=True, mode=mode), ref, amb, torch.float32)
+
+
+@triton_ok
+@pytest.mark.parametrize("mode", ["exact", "fast"])
 @pytest.mark.parametrize("case", ["prefill", "masked", "decoding"])
 def test_launch_plan_replays_the_call(monkeypatch, mode, case):
     """A call without stats records its launch plan (``entropy_attn._plan``) on the second call with
