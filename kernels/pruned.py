@@ -784,18 +784,21 @@ def pruned_attn(
                 tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
                 D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, MASKED, CAUSAL, MASK_KIND, KPM_KIND,
                 EXACT, FIXED, False, True, SPLIT, STATS, TMA, PRECISION)
-    # Listed tiles [start, mid) need no mask, [mid, hi) do (``_unmasked_end``).
-    for t in range(start, mid):
-        kb = tl.load(Idx + t)
-        acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
-            acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, row_mask,
-            stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale, tau,
-            Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
-            D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, MASK_KIND, KPM_KIND,
-            EXACT, FIXED, False, False, SPLIT, STATS, TMA, PRECISION)
+    # Listed tiles [start, mid) need no mask, [mid, hi) do (``_unmasked_end``): with an attention or
+    # padding mask all of them, else the last few, over which a pipeline of the exact mode's copy-engine
+    # loads costs more than it hides.
+    FEW_MASKED: tl.constexpr = MASK_KIND == NO_MASK and KPM_KIND == NO_MASK
+    if FEW_MASKED:
+        for t in range(start, mid):
+            kb = tl.load(Idx + t)
+            acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
+                acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, row_mask,
+                stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale,
+                tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+                D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, MASK_KIND, KPM_KIND,
+                EXACT, FIXED, False, False, SPLIT, STATS, TMA, PRECISION)
     if MASKED:
-        # The exact mode's copy-engine loads: a pipeline over these few tiles costs more than it hides.
-        for t in tl.range(mid, hi, num_stages=1 if EXACT else None):
+        for t in tl.range(mid, hi, num_stages=1 if EXACT and FEW_MASKED else None):
             kb = tl.load(Idx + t)
             acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
                 acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, row_mask,
