@@ -639,12 +639,11 @@ def pruned_attention(
             From 1024 queries it checks its lists against 64 sampled rows: a head where two of them
             or more keep a key block (that no other sampled row keeps) which their query block lists
             only for the sample is swept whole, every tile it sees (pooling misses attention by
-            content there; such a head takes 1.1-1.5x the dense kernel's time on the example LM's
-            first layer).
+            content there; such a head takes 1.0-1.2x the dense kernel's time).
             On the attention of the example LMs (8k tokens) it is close to the exact mode in the
-            regularized model's sparser layers (relative error 0.03-0.23 %, 2-3x dense); in their
+            regularized model's sparser layers (relative error 0.03-0.23 %, 1.9-3.5x dense); in their
             first layers the check sweeps the heads that attend by content whole, and a head that
-            passes it may still miss tiles (up to 2.5 %); it visits nearly every tile of an
+            passes it may still miss tiles (2.5-3.5 %); it visits nearly every tile of an
             unregularized model (benchmarks/RESULTS.md): check its error on your model, layer by
             layer (``return_stats``, or against ``'exact'``), before serving with it. For decoding
             (Nq <= 16) pass a ``key_summary``: without one it pools the whole key cache on every
