@@ -546,18 +546,18 @@ def _pooled_lse_bound(
 
 @triton.jit
 def _unmasked_end(Idx, start, hi, start_m, Nq, Nk, LIST_M: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                  KPM_KIND: tl.constexpr):
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FEW_MASKED: tl.constexpr, CAUSAL: tl.constexpr):
     """The end of the listed tiles ``Idx[start:hi]`` that need no mask for the rows ``[start_m, start_m +
     BLOCK_M)``: those of key blocks every key of which every row sees (``key_range``'s ``full_end``).
     The lists are in key order from ``start`` on (the fast mode's first tile is peeled before it), so the
     others are their last ones: the causal diagonal and the partial last key block. A list of a query
     block of ``LIST_M`` rows holds only key blocks that one of its rows sees, so at most
-    ``LIST_M / BLOCK_N + 2`` of them (``<= TAIL``): only the last ``TAIL`` are read. Attention masks
-    and key padding masks mask every tile (returns ``start``); without ``MASKED`` none (``hi``)."""
+    ``LIST_M / BLOCK_N + 2`` of them (``<= TAIL``): only the last ``TAIL`` are read. Without
+    ``FEW_MASKED`` (an attention or key padding mask) every tile is masked (returns ``start``); without
+    ``MASKED`` none (``hi``)."""
     if not MASKED:
         return hi
-    elif MASK_KIND != NO_MASK or KPM_KIND != NO_MASK:
+    elif not FEW_MASKED:
         return start
     else:
         TAIL: tl.constexpr = 4 if LIST_M <= 2 * BLOCK_N else 2 * LIST_M // BLOCK_N
@@ -760,8 +760,9 @@ def pruned_attn(
     start = lo
     if not EXACT:
         start = lo + 1  # the fast sweep peels its first listed tile
+    FEW_MASKED: tl.constexpr = MASK_KIND == NO_MASK and KPM_KIND == NO_MASK  # else every tile is masked
     mid = _unmasked_end(Idx, tl.minimum(start, hi), hi, pid_m * BLOCK_M, Nq, Nk, LIST_M, BLOCK_M, BLOCK_N,
-                        MASKED, CAUSAL, MASK_KIND, KPM_KIND)
+                        MASKED, FEW_MASKED, CAUSAL)
     lse_lb = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     if LSE_BOUND:
         lse_lb = _pooled_lse_bound(q, Kp, Ko, Kbias, Kobias, Idx, count, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
@@ -787,7 +788,6 @@ def pruned_attn(
     # Listed tiles [start, mid) need no mask, [mid, hi) do (``_unmasked_end``): with an attention or
     # padding mask all of them, else the last few, over which a pipeline of the exact mode's copy-engine
     # loads costs more than it hides.
-    FEW_MASKED: tl.constexpr = MASK_KIND == NO_MASK and KPM_KIND == NO_MASK
     if FEW_MASKED:
         for t in range(start, mid):
             kb = tl.load(Idx + t)
