@@ -46,19 +46,18 @@ def kernel_times(fn) -> dict:
     """CUDA time per call (ms) of each kernel ``fn`` launches, by kernel name, with early launches
     off: a kernel launched early starts while the one before it runs and waits for it, so its CUDA
     time would include that wait (with them on, a fast call's kernels summed to more than the call)."""
-    enabled = _launch.PDL_ENABLED
-    _launch.PDL_ENABLED = False
-    clear_plans()
-    try:
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(CALLS):
-                fn()
-            torch.cuda.synchronize()
-    finally:
-        _launch.PDL_ENABLED = enabled
+    with _launch.pdl_switch() as switch:
+        switch(False)
         clear_plans()
+        try:
+            fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(CALLS):
+                    fn()
+                torch.cuda.synchronize()
+        finally:
+            clear_plans()
     times = defaultdict(float)
     for ev in prof.key_averages():
         if ev.device_time_total > 0:

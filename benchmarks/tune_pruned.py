@@ -159,7 +159,6 @@ def early_launch():
     """The pruned call's time with and without early launches (``_launch.PDL_ENABLED``: programmatic
     dependent launch, ``kernels/pdl.py``), alternating, the better of three rounds, replayed from a
     CUDA graph and called directly (``do_bench``: calls back to back); outputs compared bitwise."""
-    enabled = _launch.PDL_ENABLED
     print("| call | graphed off ms | graphed on ms | speed-up | direct off ms | direct on ms | speed-up | equal |")
     print("|---|---|---|---|---|---|---|---|")
     cases = [(f"fast {n // 1024}k D{d} s {s}", "fast", stripes(1, 2048 // d, 2048 // d, n, n, d, s))
@@ -172,21 +171,17 @@ def early_launch():
         def call():
             return pruned.pruned_attention(q, k, v, tau=tau, mode=mode)
 
-        def apply(on):
-            _launch.PDL_ENABLED = on and enabled
-
-        with torch.no_grad():
+        with torch.no_grad(), _launch.pdl_switch() as switch:
             outs = {}
             for on in (False, True):
-                apply(on)
+                switch(on)
                 pruned.clear_plans()
                 outs[on] = [call() for _ in range(3)][-1]
-            graphed = alternate((False, True), apply, call, graphed=True, rounds=3)
-            direct = alternate((False, True), apply, call, rounds=3)
+            graphed = alternate((False, True), switch, call, graphed=True, rounds=3)
+            direct = alternate((False, True), switch, call, rounds=3)
         equal = torch.equal(outs[False], outs[True])
         print(f"| {name} | {graphed[False]:.3f} | {graphed[True]:.3f} | {graphed[False] / graphed[True]:.3f}x | "
               f"{direct[False]:.3f} | {direct[True]:.3f} | {direct[False] / direct[True]:.3f}x | {equal} |", flush=True)
-    _launch.PDL_ENABLED = enabled
 
 
 def main():

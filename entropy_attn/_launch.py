@@ -159,6 +159,24 @@ def early_launch(device: torch.device) -> bool:
     return PDL_ENABLED and not interpreting() and _hopper_or_newer(device)
 
 
+@contextlib.contextmanager
+def pdl_switch():
+    """For timing calls with and without early launches: yields ``switch(on)``, which turns them on
+    (where ``PDL_ENABLED`` allowed them on entry) or off for the calls planned after it; the setting
+    is restored on exit."""
+    global PDL_ENABLED
+    allowed = PDL_ENABLED
+
+    def switch(on: bool) -> None:
+        global PDL_ENABLED
+        PDL_ENABLED = on and allowed
+
+    try:
+        yield switch
+    finally:
+        PDL_ENABLED = allowed
+
+
 def _tma_loadable(t: torch.Tensor, block: list) -> bool:
     """Whether the copy engine can load ``block`` tiles of ``t``: 16-byte aligned base and strides
     (positive), unit last stride, block edges at most ``TMA_MAX_BOX``, on Hopper or newer (or in

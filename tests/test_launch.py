@@ -1,4 +1,4 @@
-"""The host-side launch helpers: ``cdiv``, ``next_pow2`` and the direct launch path
+"""The host-side launch helpers: ``cdiv``, ``next_pow2``, the early-launch switch and the direct launch path
 (``entropy_attn._fastlaunch``), which must run a cached binary only for arguments Triton itself would
 run it for."""
 import math
@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from entropy_attn import _fastlaunch
+from entropy_attn import _fastlaunch, _launch
 from entropy_attn._launch import cdiv, next_pow2
 
 
@@ -36,6 +36,18 @@ def _check_gather(x, n, stride, offset, scale, device, warps=1):
     y = torch.full((n,), -1.0, dtype=x.dtype, device=device)
     _fastlaunch.launch(_gather, (cdiv(n, 32),), x, y, n, stride, offset, BLOCK=32, SCALE=scale, num_warps=warps)
     torch.testing.assert_close(y, scale * x[offset: offset + n * stride: stride][:n], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_pdl_switch_restores_the_setting(monkeypatch, allowed):
+    monkeypatch.setattr(_launch, "PDL_ENABLED", allowed)
+    with pytest.raises(RuntimeError), _launch.pdl_switch() as switch:
+        switch(True)
+        assert _launch.PDL_ENABLED is allowed  # never on where it was not allowed
+        switch(False)
+        assert _launch.PDL_ENABLED is False
+        raise RuntimeError
+    assert _launch.PDL_ENABLED is allowed
 
 
 def test_launch_matches_plain(device):
