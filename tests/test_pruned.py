@@ -1190,7 +1190,7 @@ def test_fast_predictor_lists_match_definition(causal, thr):
     chunk, eps, log2_thr = 16, 1e-3, math.log2(thr)
     bm, bn = kernel_tiles(200, 16)
     B, H, Hkv, D = 1, 2, 1, 16
-    Nq, Nk = 3 * bm + 5, 40 * bn + 7  # 4 query blocks, 41 key blocks in 3 chunks
+    Nq, Nk = 3 * bm + 5, 70 * bn + 7  # 4 query blocks, 71 key blocks in 5 chunks: two steps of the listing
     q, k, _ = clustered(B, H, Hkv, Nq, Nk, D, block=bm // 2, strength=3.0, seed=40)
     inp = check_inputs(q.to(DEV), k.to(DEV), k.to(DEV), causal=causal)
     nqb, nkb = -(-Nq // bm), -(-Nk // bn)
