@@ -12,7 +12,7 @@
   sample of query rows against all keys (``kernels/pruned_pool.py`` computes the latter two; no full
   first pass; with a causal mask also each row's most recent keys, where the head attends there) and
   prunes within them in one sweep (weights against a fixed reference per row, or an online softmax
-  for split programs and tau >= 1); an approximation of the exact mode. With the sample it also
+  for split programs, tau >= 1 and float16); an approximation of the exact mode. With the sample it also
   checks the pooled lists against the sampled rows, and sweeps every tile of a head where they miss
   blocks that two sampled rows or more keep alone (attention by content, which pooling cannot see).
 
@@ -536,6 +536,9 @@ def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits
     kb_str = (kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(-1)) if not exact else (0, 0)
     masked = inp.causal or mkind != 0 or pkind != 0 or Nk % cfg.block_n != 0
     fallback = not exact and not split  # the fast sweep recomputes lost rows itself (no split combine)
+    # The fixed reference's weights (2^-32 down to 2^-126, and up to 2^64 before the fallback) do not
+    # fit float16, in which the weights meet v in the tensor cores: float16 rows take the running max.
+    fixed = fallback and tau < 1 and q.dtype != torch.float16
     sweep = _sweep_config(cfg, D, Dv, Nk)
     (k_arg, v_arg), tma = _kv_operands(cfg.block_n, split or not exact, (k, _block(D)), (v, _block(Dv)))
     ws.launch(pruned_attn, (cdiv(Nq, sweep.block_m), BH, n_split),
@@ -546,7 +549,7 @@ def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits
         Hq, inp.groups, Nq, Nk, nqb, nkb, inp.scale * LOG2E, tau,
         D=D, DV=Dv, LIST_M=cfg.block_m, BLOCK_M=sweep.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D),
         BLOCK_DV=_block(Dv), CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, MASKED=masked,
-        EXACT=exact, FIXED=fallback and tau < 1, SPLIT=split, FALLBACK=fallback, STATS=stats,
+        EXACT=exact, FIXED=fixed, SPLIT=split, FALLBACK=fallback, STATS=stats,
         LSE_BOUND=bound, CHECK=check is not None, CHUNK=chunk, TMA=tma, PRECISION=_input_precision(q.dtype),
         num_warps=sweep.num_warps, num_stages=sweep.num_stages, maxnreg=sweep.maxnreg, chained=True,
     )

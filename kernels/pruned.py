@@ -49,7 +49,8 @@ outlier key, and for long query sequences the sampled vertical estimate):
 2. ``pruned_attn`` without ``EXACT``: one sweep over the listed tiles. The weights are taken
    relative to a fixed reference per row, set by the first tile (``FIXED``, see ``_attn_tile``), so
    that nothing is rescaled from tile to tile; split programs and tau >= 1 use the online softmax
-   (running max, rescaling), whose combine and whose dropping of stale entries need it. An
+   (running max, rescaling), whose combine and whose dropping of stale entries need it, and so do
+   float16 inputs, whose range cannot hold the fixed reference's weights. An
    entry is pruned when ``u_ij < min(lse2_lb_i + log2 tau, m_i)`` where ``lse2_lb_i`` is the log-sum
    of a subset of the row's entries seen so far (every entry of the first tile, which the predictor
    picks as the most concentrated one, and the kept entries of the later tiles; split programs sum
