@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ._inputs import AttentionInputs, check_inputs
 from .functional import BACKENDS, _range_cells, attention_entropies
-from .pruned import _check_tau, pruned_attention
+from .pruned import MODES, _check_tau, pruned_attention
 from .range_entropy import DEFAULT_ALPHA, cell_entropy, init_anchors, sequence_positions
 from .regularizer import REGULARIZERS, attention_probs, head_mean, key_counts, map_rows, normalized_entropy
 
@@ -137,6 +137,8 @@ class EntropyAttention(nn.MultiheadAttention):
             raise ValueError(f"top_k must be None or a positive integer, got {top_k!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if prune_mode not in MODES:
+            raise ValueError(f"prune_mode must be one of {MODES}, got {prune_mode!r}")
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
         super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim,

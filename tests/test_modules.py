@@ -185,7 +185,7 @@ def test_bad_inputs_raise_like_mha(name, change, error, match):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(embed_dim=10, num_heads=3), "divisible"), (dict(embed_dim=0, num_heads=1), "positive"),
     (dict(regularizer="bogus"), "regularizer"), (dict(tau=-0.1), "tau"), (dict(tau=float("inf")), "tau"), (dict(top_k=0), "top_k"),
-    (dict(backend="cuda"), "backend"), (dict(dropout=2.0), "dropout"),
+    (dict(backend="cuda"), "backend"), (dict(dropout=2.0), "dropout"), (dict(prune_mode="Fast"), "prune_mode"),
 ])
 def test_bad_constructor_arguments(kwargs, match):
     args = {"embed_dim": E, "num_heads": H, **kwargs}

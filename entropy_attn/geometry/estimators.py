@@ -30,10 +30,12 @@ def _batched(x: torch.Tensor):
 
 def centre_and_scale(x: torch.Tensor):
     """Centroid ``[..., 1, d]`` and RMS radius ``sqrt(mean_i ||x_i - mean||^2)`` ``[..., 1, 1]``
-    of ``x`` ``[..., n, d]``; a zero radius (all points equal) is replaced by 1."""
+    of ``x`` ``[..., n, d]``; a zero radius (all points equal) is replaced by 1, with zero gradient
+    (the square root is taken of the replaced mean square, so its backward never meets sqrt(0))."""
     centre = x.mean(dim=-2, keepdim=True)
-    radius = (x - centre).square().sum(dim=-1, keepdim=True).mean(dim=-2, keepdim=True).sqrt()
-    return centre, torch.where(radius > torch.finfo(x.dtype).tiny, radius, torch.ones_like(radius))
+    mean_sq = (x - centre).square().sum(dim=-1, keepdim=True).mean(dim=-2, keepdim=True)
+    spread = mean_sq > torch.finfo(x.dtype).tiny
+    return centre, torch.where(spread, mean_sq, torch.ones_like(mean_sq)).sqrt()
 
 
 def normalize_points(x: torch.Tensor) -> torch.Tensor:

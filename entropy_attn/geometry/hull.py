@@ -153,6 +153,8 @@ def _filter(pts: np.ndarray, cand: np.ndarray, n_directions: int) -> np.ndarray:
     discarded point lies strictly left of every edge, hence in the interior of the hull, whatever
     rounding did to the choice of the extreme points.
     """
+    if cand.size < 3:  # no interior
+        return cand
     x, y = np.ascontiguousarray(pts[cand, 0]), np.ascontiguousarray(pts[cand, 1])
     ext = _extremes(x, y, n_directions)
     poly = np.stack([x[ext], y[ext]], axis=1)

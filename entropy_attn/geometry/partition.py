@@ -36,7 +36,11 @@ def partition_cost(sizes) -> float:
     return float((sizes * np.log(sizes.sum() / sizes)).sum())
 
 
-def _normalized(points, normalize: bool) -> np.ndarray:
+def _normalized(points, width: float, normalize: bool) -> np.ndarray:
+    """``points`` as a float64 ``[n, d]`` array (``[n]`` is 1-D), normalized if asked, after checking
+    them and the range width."""
+    if not (math.isfinite(width) and width > 0):
+        raise ValueError(f"width must be a positive finite number, got {width!r}")
     pts = np.asarray(points, dtype=np.float64)
     if pts.ndim == 1:
         pts = pts[:, None]
@@ -102,8 +106,10 @@ def range_partition_entropy(points, width: float = 0.5, normalize: bool = True,
                             max_exact: int = 12) -> float:
     """Exact ``H_w(S)`` (nats, not divided by n) for ``points`` ``[n]``/``[n, 1]`` (any n) or
     ``[n, 2]`` with ``n <= max_exact``; see the module docstring. ``ValueError`` otherwise."""
-    pts = _normalized(points, normalize)
+    pts = _normalized(points, width, normalize)
     n, d = pts.shape
+    if n == 0:
+        return 0.0
     if d == 1:
         return _entropy_1d(pts[:, 0], width)
     if d == 2 and n <= max_exact:
@@ -131,8 +137,12 @@ def range_partition_bounds(points, width: float = 0.5, normalize: bool = True):
     four grid partitions with cells of side ``width`` shifted by 0 or ``width / 2`` per axis
     (each cell's points are ``S cap bbox``, an admissible part).
     """
-    pts = _normalized(points, normalize)
-    n = len(pts)
+    pts = _normalized(points, width, normalize)
+    n, d = pts.shape
+    if d != 2:
+        raise ValueError(f"points must have shape [n, 2], got {pts.shape}")
+    if n == 0:
+        return 0.0, 0.0
     lower = n * math.log(n / _max_box_count(pts, width))
     upper = math.inf
     for shift in ((0, 0), (0.5, 0), (0, 0.5), (0.5, 0.5)):

@@ -50,6 +50,17 @@ def test_normalization_and_defaults():
     assert [default_num_anchors(n) for n in (1, 8, 40, 64, 1000)] == [1, 2, 10, 16, 16]
 
 
+def test_identical_points_have_finite_gradients():
+    """A set of equal points (zero RMS radius, replaced by 1): finite gradients."""
+    x = torch.full((30, 2), 0.5, dtype=D, requires_grad=True)
+    h = ball_entropy(x, anchors=torch.randn(16, 2, dtype=D, generator=fresh_generator(3)))
+    h.backward()
+    assert torch.isfinite(h) and torch.isfinite(x.grad).all()
+    x.grad = None
+    normalize_points(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
 def test_ball_entropy_matches_formula():
     x, c = _points(), _points(5, seed=1)
     for alpha in (0.5, 10.0):

@@ -110,6 +110,11 @@ def test_hull_of_nearly_collinear_points(algo):
     assert algo(pts).tolist() == exact_hull(pts)
 
 
+def test_akl_toussaint_on_fewer_than_three_points():
+    for n in range(3):
+        assert akl_toussaint_filter(np.arange(2.0 * n).reshape(n, 2)).tolist() == list(range(n))
+
+
 def test_akl_toussaint_keeps_every_vertex(rng):
     pts = rng.normal(size=(20000, 2))
     kept = akl_toussaint_filter(pts)

@@ -64,6 +64,21 @@ def test_known_values_and_invariance():
         range_partition_entropy(np.random.default_rng(0).random((40, 2)))
 
 
+@pytest.mark.parametrize("width", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_width_and_shapes_raise(rng, width):
+    for fn in (range_partition_entropy, range_partition_bounds):
+        with pytest.raises(ValueError, match="width"):
+            fn(rng.random((6, 2)), width)
+    with pytest.raises(ValueError, match=r"\[n, 2\]"):
+        range_partition_bounds(rng.random((10, 3)))
+
+
+def test_empty_sets_have_zero_entropy():
+    assert range_partition_entropy(np.zeros(0)) == 0.0
+    assert range_partition_entropy(np.zeros((0, 2))) == 0.0
+    assert range_partition_bounds(np.zeros((0, 2))) == (0.0, 0.0)
+
+
 def test_bounds_bracket_exact(rng):
     for _ in range(4):
         p = rng.random((11, 2))
