@@ -244,11 +244,19 @@ def test_masks_and_fully_masked_rows(kind, kpm_kind):
 
 
 @triton_ok
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("nq,nk", [(1, 1), (1, 29), (17, 1), (19, 45)])
-def test_odd_sizes(nq, nk):
-    q, k, v = random_qkv(1, 1, 1, nq, nk, 24, seed=6)
-    ref, _, amb = definition(q, k, v, 0.05)
-    check_close(run(q, k, v, tau=0.05), ref, amb, torch.float32)
+def test_odd_sizes(nq, nk, dtype, mode):
+    q, k, v = random_qkv(1, 1, 1, nq, nk, 24, dtype, seed=6)
+    ref, st_ref, amb = definition(q, k, v, 0.05)
+    out = run(q, k, v, tau=0.05, mode=mode)
+    assert out.dtype == dtype and out.shape == (1, 1, nq, 24)
+    if mode == "exact":
+        check_close(out, ref, amb, dtype)
+    else:  # a superset of the exact mode's entries, in the tiles it visits: within the bound
+        err = (out.double().cpu() - ref).abs().amax(-1)
+        assert (err <= fast_error_bound(st_ref, v) + TOL[dtype]).all(), (err, fast_error_bound(st_ref, v))
 
 
 @triton_ok

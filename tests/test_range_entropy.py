@@ -6,7 +6,7 @@ import torch
 
 from entropy_attn import entropy_attention
 from entropy_attn.range_entropy import ball_cells, halfspace_cells, init_anchors, interval_cells, patch_positions, sequence_positions
-from oracle import TOL, definition, rel_err
+from oracle import TOL, definition, fresh_generator, rel_err
 
 
 def cells_definition(positions, anchors, alpha):
@@ -100,6 +100,50 @@ def test_low_when_mass_is_local_high_when_spread():
     _, h_spread = entropy_attention(spread, k, v, entropy="range", anchors=anchors, alpha=200.0)
     assert h_local.item() < 0.5 * h_spread.item()
     assert h_spread.item() > 0.9 * math.log(8)
+
+
+def test_interval_and_halfspace_cells_match_their_definitions():
+    """Float64, entry by entry: interval cell r = softmax_r(sum_{t<r} log sigmoid((x - b_(t)) / tau)
+    + sum_{t>=r} log sigmoid(-(x - b_(t)) / tau)) over the sorted thresholds b_(t); halfspace cell of
+    sign code c = prod_t h_t^c_t (1 - h_t)^(1 - c_t), normalized, h_t = sigmoid((w_t . x - b_t) / tau),
+    codes in binary order (c_1 the most significant bit). Then gradcheck of both."""
+    g = fresh_generator(31)
+    x = torch.rand(17, 1, dtype=torch.float64, generator=g)
+    b = torch.rand(3, dtype=torch.float64, generator=g)
+    tau = 0.07
+    sig = torch.sigmoid
+    bs = b.sort().values
+    logits = torch.stack([sum(sig((x[:, 0] - bs[t]) / tau).log() for t in range(r))
+                          + sum(sig(-(x[:, 0] - bs[t]) / tau).log() for t in range(r, 3)) for r in range(4)], -1)
+    assert torch.allclose(interval_cells(x, b, tau), torch.softmax(logits, -1), rtol=1e-12, atol=1e-14)
+    y = torch.rand(11, 2, dtype=torch.float64, generator=g)
+    w, o = torch.randn(3, 2, dtype=torch.float64, generator=g), torch.rand(3, dtype=torch.float64, generator=g)
+    h = sig((y @ w.T - o) / tau)
+    codes = [[(j >> (2 - t)) & 1 for t in range(3)] for j in range(8)]
+    gates = torch.stack([math.prod(h[:, t] if c[t] else 1 - h[:, t] for t in range(3)) for c in codes], -1)
+    assert torch.allclose(halfspace_cells(y, w, o, tau), gates / gates.sum(-1, keepdim=True), rtol=1e-10, atol=1e-14)
+    torch.autograd.gradcheck(lambda xx, bb: interval_cells(xx, bb, tau), (x[:6].requires_grad_(), b.clone().requires_grad_()))
+    torch.autograd.gradcheck(lambda yy, ww, oo: halfspace_cells(yy, ww, oo, tau),
+                             (y[:5].requires_grad_(), w.clone().requires_grad_(), o.clone().requires_grad_()))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_keys_without_position_get_their_own_cell(backend, device):
+    """Keys with a NaN position (a class token) fall in one extra cell, alone: cells sum to 1, the
+    class token's row is that cell's one-hot; the range entropy against float64 M = P G with G from
+    the definition."""
+    pos = patch_positions(3, 4, class_token=True).double()
+    anchors = init_anchors(pos.float(), 4).double()
+    cells = ball_cells(pos, anchors, alpha=5.0)
+    G = torch.cat([torch.zeros(1, 4, dtype=torch.float64), cells_definition(pos[1:], anchors, 5.0)])
+    G = torch.cat([G, torch.eye(13, dtype=torch.float64)[:, :1]], -1)  # the extra cell: key 0 only
+    assert torch.allclose(cells, G, rtol=1e-12, atol=1e-15)
+    q, k, v = (torch.randn(1, 2, 13, 16) for _ in range(3))
+    q[..., 1, :] = k[..., 0, :] * 2  # some mass on the class token
+    _, hr = entropy_attention(q.to(device), k.to(device), v.to(device), entropy="range", positions=pos.float().to(device),
+                              anchors=anchors.float().to(device), alpha=5.0, backend=backend)
+    _, ref = range_definition(q.double(), k.double(), v.double(), G)
+    assert rel_err(hr.double().cpu(), ref) < 1e-5, (hr, ref)
 
 
 def test_patch_positions_with_class_token():
