@@ -104,7 +104,7 @@ MASKS = ["bool", "bool4d", "float", "float_inf", "kpm", "kpm_float", "all"]
 
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_masks(mask, causal, dtype, device):
     B, H, Hkv, Nq, Nk = 2, 2, 1, 29, 35
     q, k, v = make_inputs(B, H, Hkv, Nq, Nk, 32, 32, dtype, device)
@@ -127,7 +127,22 @@ def test_fully_masked_rows_are_zero_without_nan(backend, device):
     assert (dk[1] == 0).all() and (dv[1] == 0).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_rows_masked_by_the_attention_mask_are_zero_without_nan(kind, dtype, device):
+    """Rows that an attention mask hides entirely (False, or -inf in a float mask): output and
+    entropy 0, zero gradients, the other rows as the definition says."""
+    B, H, Nq, Nk, D = 1, 2, 21, 30, 32
+    q, k, v = make_inputs(B, H, H, Nq, Nk, D, D, dtype, device)
+    keep = torch.rand(Nq, Nk, device=device) > 0.3
+    keep[[0, 7, 20]] = False
+    mask = keep if kind == "bool" else torch.where(keep, torch.randn(Nq, Nk, device=device), -math.inf)
+    out, ent, (dq, dk, dv) = check_against_definition(q, k, v, attn_mask=mask)
+    for t in (out, ent, dq):
+        assert (t[:, :, [0, 7, 20]] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_large_logits(dtype, causal, device):
     """|s| ~ 100: the streamed entropy loses no digits, and the gradient is right up to the one
@@ -175,10 +190,17 @@ def test_output_only_and_entropy_only_gradients(entropy_grad, device):
         assert rel_err(g, rg) < 2e-5
 
 
-def test_key_gradients_sum_to_zero(device):
-    """sum_j dS_ij = 0 for every row (softmax is shift invariant) implies sum_j dK_j = 0."""
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "causal+padding"])
+def test_key_gradients_sum_to_zero(masked, device):
+    """sum_j dS_ij = 0 for every row (softmax is shift invariant) implies sum_j dK_j = 0 (masked
+    entries have dS = 0, so masks keep it)."""
     q, k, v = make_inputs(2, 2, 2, 33, 47, 32, 32, torch.float32, device)
-    _, _, (dq, dk, dv) = check_against_definition(q, k, v)
+    kw = {}
+    if masked:
+        kpm = torch.zeros(2, 47, dtype=torch.bool, device=device)
+        kpm[1, 30:] = True
+        kw = dict(causal=True, key_padding_mask=kpm)
+    _, _, (dq, dk, dv) = check_against_definition(q, k, v, **kw)
     total = dk.double().sum(dim=2)
     assert (total.norm() / dk.double().norm()) < 1e-5
 

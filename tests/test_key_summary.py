@@ -185,7 +185,7 @@ def test_value_dim_fixes_the_key_block():
     wide = KeySummary(k, value_dim=dv)
     assert wide.block_n == _config(1, D, dv).block_n
     out = pruned_attention(q, k, v, mode="fast", key_summary=wide)
-    assert out.shape == (B, H, 1, dv) and torch.isfinite(out).all()
+    assert out.shape == (B, H, 1, dv) and torch.equal(out, pruned_attention(q, k, v, mode="fast"))
 
 
 def test_reference_path_ignores_the_summary():

@@ -245,6 +245,24 @@ def test_masks_and_fully_masked_rows(kind, kpm_kind):
 
 @triton_ok
 @pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("nq", [1, 40])
+def test_a_fully_padded_batch_gives_zeros(mode, nq):
+    """Every key of batch 1 padded: its rows are 0 (no NaN), batch 0 as the definition says."""
+    q, k, v = random_qkv(2, 2, 1, nq, 50, 16, seed=8)
+    kpm = torch.zeros(2, 50, dtype=torch.bool)
+    kpm[1] = True
+    ref, st_ref, amb = definition(q, k, v, 0.02, key_padding_mask=kpm)
+    out, st = run(q, k, v, tau=0.02, key_padding_mask=kpm, mode=mode, return_stats=True)
+    assert torch.isfinite(out).all() and (out[1] == 0).all()
+    if mode == "exact":
+        check_close(out, ref, amb, torch.float32)
+    else:
+        err = (out.double().cpu() - ref).abs().amax(-1)
+        assert (err <= fast_error_bound(st_ref, v) + 1e-3).all(), err
+
+
+@triton_ok
+@pytest.mark.parametrize("mode", ["exact", "fast"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("nq,nk", [(1, 1), (1, 29), (17, 1), (19, 45)])
 def test_odd_sizes(nq, nk, dtype, mode):
