@@ -25,6 +25,9 @@ except ImportError:  # pragma: no cover - older Triton: plain loads only
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 MAX_VALUE_DIM = 512
+#: The kernels' grids run one row of programs per (batch, head) on their second axis, which CUDA
+#: caps at 65535.
+MAX_BATCH_HEADS = 65535
 LOG2E = 1.4426950408889634
 #: Kernels that can load key and value tiles through tensor descriptors (Hopper's copy engine, TMA)
 #: do so with Triton >= 3.6 (checked: 3.6 on the GPU, 3.8 in the interpreter; 3.4's interpreter
@@ -55,6 +58,11 @@ def check_triton_inputs(inp: AttentionInputs) -> None:
         raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}")
     if v.shape[-1] > MAX_VALUE_DIM:
         raise ValueError(f"backend='triton' supports value dims up to {MAX_VALUE_DIM}, got {v.shape[-1]}")
+    if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
+        raise ValueError(
+            f"backend='triton' supports batch x heads up to {MAX_BATCH_HEADS}, got {q.shape[0]} x {q.shape[1]}; "
+            "split the batch, or use backend='reference'"
+        )
     if not q.is_cuda and not interpreting():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 to run the "
