@@ -72,6 +72,43 @@ def test_range_entropy_values_and_gradients(backend, dtype, causal, device):
     assert rel_err(grads[3], pulled) < 1e-3, "anchors"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("nq,nk,logit", [(1, 1, 1.0), (1, 37, 1.0), (19, 37, 100.0)], ids=["1x1", "1x37", "large"])
+def test_range_entropy_edge_cases(dtype, nq, nk, logit, device):
+    """Triton against the float64 definition: N = 1, a batch whose keys are all padded (its rows:
+    output and range entropy 0, no NaN, zero gradients), logits of spread ~100; every dtype. At such
+    logits the gradients are only checked finite: the rounding of the stored output that every
+    FlashAttention backward uses shows there (test_attention.py's large-logit test accounts for it)."""
+    B, H, D = 2, 2, 32
+    g = fresh_generator(7)
+    q = torch.randn(B, H, nq, D, generator=g) * (logit / math.sqrt(D)) ** 0.5 * D ** 0.25
+    k = torch.randn(B, H, nk, D, generator=g) * (logit / math.sqrt(D)) ** 0.5 * D ** 0.25
+    v = torch.randn(B, H, nk, D, generator=g)
+    q, k, v = (t.to(dtype).to(device) for t in (q, k, v))
+    kpm = torch.zeros(B, nk, dtype=torch.bool, device=device)
+    kpm[1] = True
+    positions = sequence_positions(nk, device=device)
+    anchors = init_anchors(positions, 4)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, hr = entropy_attention(*leaves, key_padding_mask=kpm, entropy="range", positions=positions,
+                                anchors=anchors, alpha=5.0, backend="triton")
+    ref = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_hr = range_definition(*ref, cells_definition(positions.double().cpu(), anchors.double().cpu(), 5.0),
+                                       key_padding_mask=kpm.cpu())
+    assert torch.isfinite(out).all() and torch.isfinite(hr).all()
+    assert (out[1] == 0).all() and (hr[1] == 0).all()
+    tol = TOL[dtype]
+    assert rel_err(out, ref_out) < tol and rel_err(hr, ref_hr) < tol
+    assert (hr >= -tol).all() and (hr <= math.log(4) + tol).all()
+    go, gh = torch.randn_like(ref_out), torch.randn_like(ref_hr)
+    grads = torch.autograd.grad((out * go.to(out)).sum() + (hr * gh.to(hr)).sum(), leaves)
+    ref_grads = torch.autograd.grad((ref_out * go).sum() + (ref_hr * gh).sum(), ref)
+    for name, gr, rg in zip("qkv", grads, ref_grads):
+        assert torch.isfinite(gr).all() and (gr[1] == 0).all(), name
+        if logit == 1.0:
+            assert rel_err(gr, rg) < 2 * tol, name
+
+
 def test_gradcheck_float64_anchors_and_positions():
     q, k, v = (torch.randn(1, 2, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     anchors = torch.rand(3, 1, dtype=torch.float64, requires_grad=True)
