@@ -8,6 +8,7 @@ import torchvision  # CI installs it: a missing torchvision must fail, not skip
 from torch import nn
 
 from entropy_attn import AttentionMonitor, EntropyAttention, entropy_loss, replace_attention
+from entropy_attn._fastlaunch import interpreting
 from entropy_attn.modules import _top_k_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # MHA's own
@@ -305,6 +306,30 @@ def test_tau_pruning_in_eval_uses_pruned_attention():
     ent.train()  # training is dense whatever tau
     torch.testing.assert_close(ent(xs, xs, xs, need_weights=False)[0],
                                EntropyAttention.from_mha(ent, tau=0.0)(xs, xs, xs, need_weights=False)[0])
+
+
+@pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()), reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_eval_pruning_on_the_triton_path(mode, dtype):
+    """The layer in eval with tau > 0, in half precision on the Triton path, against the same layer
+    in float64 on the reference path. tau = 1e-4 prunes little, so both modes stay within the
+    dtype's rounding of it (float16's fast mode once returned zeros here)."""
+    _, ent = _pair({"batch_first": True, "dropout": 0.0})
+    ent.tau, ent.prune_mode = 1e-4, mode
+    ent.eval()
+    ref = copy.deepcopy(ent).double()
+    ref.backend = "reference"
+    x = torch.randn(2, 40, E, dtype=torch.float64)
+    expected = ref(x, x, x, need_weights=False)[0]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ent.backend = "triton"
+    ent.to(dev, dtype)
+    xh = x.to(dev, dtype)
+    out = ent(xh, xh, xh, need_weights=False)[0]
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    err = (out.double().cpu() - expected).norm() / expected.norm()
+    assert err < (1e-2 if dtype == torch.float16 else 3e-2), err
 
 
 # -- replace_attention on real models ---------------------------------------------------------
