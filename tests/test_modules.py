@@ -8,7 +8,6 @@ import torchvision  # CI installs it: a missing torchvision must fail, not skip
 from torch import nn
 
 from entropy_attn import AttentionMonitor, EntropyAttention, entropy_loss, replace_attention
-from entropy_attn._fastlaunch import interpreting
 from entropy_attn.modules import _top_k_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # MHA's own
@@ -308,7 +307,6 @@ def test_tau_pruning_in_eval_uses_pruned_attention():
                                EntropyAttention.from_mha(ent, tau=0.0)(xs, xs, xs, need_weights=False)[0])
 
 
-@pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()), reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_eval_pruning_on_the_triton_path(mode, dtype):
