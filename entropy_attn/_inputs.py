@@ -14,7 +14,7 @@ Layouts follow ``torch.nn.functional.scaled_dot_product_attention``:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -36,6 +36,19 @@ class AttentionInputs:
     @property
     def groups(self) -> int:
         return self.q.shape[1] // self.k.shape[1]
+
+    def batch(self, rows: slice) -> "AttentionInputs":
+        """These inputs for the batch entries ``rows`` (views); ``slice(None)`` gives ``self``."""
+        if rows == slice(None):
+            return self
+        return replace(self, q=self.q[rows], k=self.k[rows], v=self.v[rows],
+                       attn_mask=batch_rows(self.attn_mask, rows),
+                       key_padding_mask=batch_rows(self.key_padding_mask, rows))
+
+
+def batch_rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """``t[rows]`` for a tensor whose first dim is the batch; None stays None, ``slice(None)`` gives ``t``."""
+    return t if t is None or rows == slice(None) else t[rows]
 
 
 def _check_tensor(name: str, t, dims: int) -> None:

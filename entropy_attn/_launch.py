@@ -14,7 +14,7 @@ import torch
 import triton
 
 from ._fastlaunch import interpreting, launch
-from ._inputs import AttentionInputs
+from ._inputs import AttentionInputs, batch_rows
 from .kernels.pdl import AVAILABLE as PDL_AVAILABLE
 
 try:
@@ -26,8 +26,8 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 MAX_VALUE_DIM = 512
 #: The kernels' grids run one row of programs per (batch, head) on their second axis, which CUDA
-#: caps at 65535.
-MAX_BATCH_HEADS = 65535
+#: caps at 65535: a larger batch is launched in slices (``batch_slices``).
+GRID_ROWS = 65535
 LOG2E = 1.4426950408889634
 #: Kernels that can load key and value tiles through tensor descriptors (Hopper's copy engine, TMA)
 #: do so with Triton >= 3.6 (checked: 3.6 on the GPU, 3.8 in the interpreter; 3.4's interpreter
@@ -58,16 +58,22 @@ def check_triton_inputs(inp: AttentionInputs) -> None:
         raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}")
     if v.shape[-1] > MAX_VALUE_DIM:
         raise ValueError(f"backend='triton' supports value dims up to {MAX_VALUE_DIM}, got {v.shape[-1]}")
-    if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
-        raise ValueError(
-            f"backend='triton' supports batch x heads up to {MAX_BATCH_HEADS}, got {q.shape[0]} x {q.shape[1]}; "
-            "split the batch, or use backend='reference'"
-        )
+    if q.shape[1] > GRID_ROWS:
+        raise ValueError(f"backend='triton' supports up to {GRID_ROWS} heads, got {q.shape[1]}")
     if not q.is_cuda and not interpreting():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 to run the "
             "kernels on the CPU in Triton's interpreter, or use backend='reference'"
         )
+
+
+def batch_slices(batch: int, heads: int) -> list[slice]:
+    """The slices of a batch that the kernels are launched on, one after another: ``[slice(None)]``
+    (the whole batch) unless ``batch x heads`` grid rows exceed ``GRID_ROWS``."""
+    step = max(1, GRID_ROWS // heads)
+    if batch <= step:
+        return [slice(None)]
+    return [slice(b, min(b + step, batch)) for b in range(0, batch, step)]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -217,65 +223,78 @@ def attention_forward(inp: AttentionInputs, entropy: bool):
     entropy [B, H, Nq] float32, or an empty tensor when ``entropy`` is False)``.
     """
     check_triton_inputs(inp)
+    B, H, Nq, _ = inp.q.shape
+    dev = inp.q.device
+    out = torch.empty((B, H, Nq, inp.v.shape[3]), dtype=inp.q.dtype, device=dev)
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=dev)
+    ent = torch.empty((B, H, Nq) if entropy else (0,), dtype=torch.float32, device=dev)
+    with _on_device(inp.q):
+        for rows in batch_slices(B, H):
+            _forward_launch(inp.batch(rows), *(batch_rows(t, rows) for t in (out, lse, ent)), entropy)
+    return out, lse, ent
+
+
+def _forward_launch(inp: AttentionInputs, out, lse, ent, entropy: bool) -> None:
+    """Launch the forward kernel on at most ``GRID_ROWS`` (batch, head) rows, into ``out``, ``lse``, ``ent``."""
     q, k, v = (_unit_stride(t) for t in (inp.q, inp.k, inp.v))
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
-    out = torch.empty((B, H, Nq, Dv), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    ent = torch.empty((B, H, Nq) if entropy else (0,), dtype=torch.float32, device=q.device)
     (mask, *mstr, mkind), (kpm, *pstr, pkind) = _mask_args(inp)
     cfg = _fwd_config(D, Dv, q.dtype)
     from .kernels.attention_fwd import attention_fwd
 
-    grid = (cdiv(Nq, cfg.block_m), B * H)
-    with _on_device(q):
-        launch(
-            attention_fwd, grid, q, k, v, out, lse, ent, mask, kpm,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr, *pstr,
-            H, inp.groups, Nq, Nk, inp.scale * LOG2E,
-            D=D, DV=Dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), BLOCK_DV=_block(Dv),
-            CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, ENTROPY=entropy,
-            INPUT_PRECISION=_input_precision(q.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    return out, lse, ent
+    launch(
+        attention_fwd, (cdiv(Nq, cfg.block_m), B * H), q, k, v, out, lse, ent, mask, kpm,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr, *pstr,
+        H, inp.groups, Nq, Nk, inp.scale * LOG2E,
+        D=D, DV=Dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), BLOCK_DV=_block(Dv),
+        CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, ENTROPY=entropy,
+        INPUT_PRECISION=_input_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
 
 
 def attention_backward(inp: AttentionInputs, out, lse, ent, dout, dent):
     """Run the backward kernels. ``dent`` is the gradient of the entropy output, or None when the
     loss does not depend on it. Returns ``(dq, dk, dv)`` shaped and typed like q, k, v."""
+    q, k, v = inp.q, inp.k, inp.v
+    if dent is not None:
+        dent = dent.to(torch.float32).contiguous()
+    dq, dk, dv = (torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
+    with _on_device(q):
+        for rows in batch_slices(q.shape[0], q.shape[1]):
+            _backward_launch(inp.batch(rows), *(batch_rows(t, rows) for t in (out, lse, ent, dout, dent, dq, dk, dv)))
+    return dq, dk, dv
+
+
+def _backward_launch(inp: AttentionInputs, out, lse, ent, dout, dent, dq, dk, dv) -> None:
+    """Launch the backward kernels on at most ``GRID_ROWS`` (batch, head) rows, into ``dq, dk, dv``
+    (``dent``: float32, contiguous, or None)."""
     q, k, v = (_unit_stride(t) for t in (inp.q, inp.k, inp.v))
     dout = _unit_stride(dout)
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     has_dent = dent is not None
-    if has_dent:
-        dent = dent.to(torch.float32).contiguous()
-    else:
+    if not has_dent:
         dent = lse  # placeholder pointer, never read
     delta = torch.empty_like(lse)
-    dq = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, Hkv, Nk, D), dtype=q.dtype, device=q.device)
-    dv = torch.empty((B, Hkv, Nk, Dv), dtype=q.dtype, device=q.device)
     (mask, *mstr, mkind), (kpm, *pstr, pkind) = _mask_args(inp)
     kv_cfg, q_cfg = _bwd_config(D, Dv, q.dtype)
     from .kernels.attention_bwd import attention_bwd, attention_bwd_preprocess
 
     pre_block = 16 if interpreting() else 64
-    with _on_device(q):
-        launch(
-            attention_bwd_preprocess, (cdiv(Nq, pre_block), B * H), out, dout, ent, dent, delta, *out.stride(), *dout.stride(), H, Nq,
-            DV=Dv, BLOCK_M=pre_block, BLOCK_DV=_block(Dv), HAS_DENT=has_dent,
-        )
-        grid = (cdiv(Nk, kv_cfg.block_n) + inp.groups * cdiv(Nq, q_cfg.block_m), B * Hkv)
-        launch(
-            attention_bwd, grid, q, k, v, dout, lse, delta, dent, dq, dk, dv, mask, kpm,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *mstr, *pstr,
-            H, inp.groups, Nq, Nk, inp.scale, inp.scale * LOG2E,
-            D=D, DV=Dv, BLOCK_M1=kv_cfg.block_m, BLOCK_N1=kv_cfg.block_n,
-            BLOCK_M2=q_cfg.block_m, BLOCK_N2=q_cfg.block_n, BLOCK_D=_block(D), BLOCK_DV=_block(Dv),
-            CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, HAS_DENT=has_dent,
-            INPUT_PRECISION=_input_precision(q.dtype),
-            num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages,
-        )
-    return dq, dk, dv
+    launch(
+        attention_bwd_preprocess, (cdiv(Nq, pre_block), B * H), out, dout, ent, dent, delta, *out.stride(), *dout.stride(), H, Nq,
+        DV=Dv, BLOCK_M=pre_block, BLOCK_DV=_block(Dv), HAS_DENT=has_dent,
+    )
+    grid = (cdiv(Nk, kv_cfg.block_n) + inp.groups * cdiv(Nq, q_cfg.block_m), B * Hkv)
+    launch(
+        attention_bwd, grid, q, k, v, dout, lse, delta, dent, dq, dk, dv, mask, kpm,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *mstr, *pstr,
+        H, inp.groups, Nq, Nk, inp.scale, inp.scale * LOG2E,
+        D=D, DV=Dv, BLOCK_M1=kv_cfg.block_m, BLOCK_N1=kv_cfg.block_n,
+        BLOCK_M2=q_cfg.block_m, BLOCK_N2=q_cfg.block_n, BLOCK_D=_block(D), BLOCK_DV=_block(Dv),
+        CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, HAS_DENT=has_dent,
+        INPUT_PRECISION=_input_precision(q.dtype),
+        num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages,
+    )

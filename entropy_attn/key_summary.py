@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ._inputs import _check_tensor, check_padding_mask
-from ._launch import MAX_HEAD_DIM, TRITON_DTYPES, _block, _on_device, _padding_args, _unit_stride, cdiv, interpreting
+from ._inputs import _check_tensor, batch_rows, check_padding_mask
+from ._launch import (MAX_HEAD_DIM, TRITON_DTYPES, _block, _on_device, _padding_args, _unit_stride, batch_slices, cdiv,
+                      interpreting)
 from ._plan import PLAIN, Workspace
 
 
@@ -46,10 +47,11 @@ def _pool_keys(k, kpm_args, block_n: int, nkb: int, ws: Workspace = PLAIN, out=N
     kp, ko, kbias, kobias = out
     from .kernels.pruned_pool import pool_keys
 
-    if kb0 < nkb:
-        ws.launch(pool_keys, (nkb - kb0, B * Hkv),
-            k, kp, ko, kbias, kobias, kpm, *k.stride(), *kp.stride(), *pstr, kbias.stride(0),
-            Hkv, Nk, kb0,
+    for rows in batch_slices(B, Hkv) if kb0 < nkb else ():
+        bias_rows = rows if pkind else slice(None)  # kbias, kobias: a row per batch entry with padding, else one
+        ws.launch(pool_keys, (nkb - kb0, batch_rows(k, rows).shape[0] * Hkv),
+            *(batch_rows(t, rows) for t in (k, kp, ko)), *(batch_rows(t, bias_rows) for t in (kbias, kobias)),
+            batch_rows(kpm, rows), *k.stride(), *kp.stride(), *pstr, kbias.stride(0), Hkv, Nk, kb0,
             D=D, BLOCK_N=block_n, BLOCK_D=_block(D), KPM_KIND=pkind, num_warps=2, chained=True,
         )
     return tuple(_blocks(t, nkb) for t in out) if given else out

@@ -37,11 +37,11 @@ from dataclasses import replace
 
 import torch
 
-from ._inputs import AttentionInputs, check_inputs, score_bias
+from ._inputs import AttentionInputs, batch_rows, check_inputs, score_bias
 from . import _plan
 from ._plan import PLAIN, Workspace, clear_plans, tensor_signature
-from ._launch import (LOG2E, _block, _Config, _input_precision, _mask_args, _on_device, _unit_stride, cdiv,
-                      early_launch, interpreting, next_pow2, tma_operands)
+from ._launch import (LOG2E, _block, _Config, _input_precision, _mask_args, _on_device, _unit_stride,
+                      batch_slices, cdiv, early_launch, interpreting, next_pow2, tma_operands)
 from .functional import attention_with_lse, resolve_backend
 from .key_summary import KeySummary, _pool_keys
 from .reference import _CHUNK_ELEMENTS, dense_operands, masked_softmax
@@ -461,8 +461,12 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
     pooled keys ``(kp, ko, kbias, kobias)`` (a ``KeySummary``'s), else pooled here.
 
     Without ``stats`` the call is recorded as a launch plan (``_plan.py``) on the second call with
-    its signature and replayed on later ones, which skips most of its host time."""
+    its signature and replayed on later ones, which skips most of its host time. A batch of more
+    than ``GRID_ROWS`` (batch, head) rows runs in slices (``batch_slices``), one call each."""
     B, H, Nq_in = inp.q.shape[:3]
+    parts = batch_slices(B, H)
+    if len(parts) > 1:
+        return _pruned_in_slices(inp, parts, tau, mode, stats, splits, slack, pooled)
     local = inp.causal  # the fast predictor's local window, also where packing drops the causal mask
     pack = _packed_groups(inp)
     if pack > 1:  # rows (g, i) of kv head hk: query head hk * pack + g, query i
@@ -486,6 +490,24 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
         _plan.store(signature, ws.plan(out))
     out = out.view(shape)
     return (out, st) if stats else out
+
+
+def _pruned_in_slices(inp: AttentionInputs, parts: list, tau, mode, stats, splits, slack, pooled):
+    """``pruned_triton`` on the batch slices ``parts``, one call each: their outputs concatenated and
+    their stats (means over each slice's batch entries) averaged, weighted by the slices' sizes."""
+    B = inp.q.shape[0]
+    results = []
+    for rows in parts:
+        # A pooled padding bias has one row per batch entry, or one row for all (no padding mask).
+        part_pooled = pooled and tuple(batch_rows(t, rows) if t.shape[0] == B else t for t in pooled)
+        results.append(pruned_triton(inp.batch(rows), tau, mode, stats=stats, splits=splits, slack=slack,
+                                     pooled=part_pooled))
+    if not stats:
+        return torch.cat(results)
+    out = torch.cat([o for o, _ in results])
+    sizes = [rows.stop - rows.start for rows in parts]
+    st = {name: sum(n * part[name] for n, (_, part) in zip(sizes, results)) / B for name in STAT_NAMES}
+    return out, st
 
 
 def _pruned_launches(inp, q, k, v, mask_args, kpm_args, tau, mode, stats, splits, slack, pack, local, pooled,
