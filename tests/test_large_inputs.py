@@ -1,14 +1,18 @@
-"""A batch of more (batch, head) rows than a grid's second axis holds (CUDA: 65535) runs in slices
-(``_launch.batch_slices``). Under the interpreter the limit is lowered, and every launch is checked
-against it; the ``gpu`` tests run past the real limit.
+"""Large inputs. A batch of more (batch, head) rows than a grid's second axis holds (CUDA: 65535)
+runs in slices (``_launch.batch_slices``): under the interpreter the limit is lowered, and every
+launch is checked against it; the ``gpu`` tests run past the real limit, and on tensors of more
+than 2^31 elements, which the kernels address with 64-bit offsets.
 """
 import pytest
 import torch
 
 from entropy_attn import KeySummary, entropy_attention, pruned_attention
 from entropy_attn import _launch, _plan
+from entropy_attn._inputs import check_inputs
 from entropy_attn._launch import batch_slices
-from oracle import fresh_generator
+from entropy_attn.pruned import pruned_triton
+from oracle import TOL, fresh_generator, rel_err
+from oracle import definition as dense_definition
 from test_attention import check_against_definition
 from test_pruned import DEV, check_close, definition, random_qkv, run
 
@@ -130,3 +134,34 @@ def test_gpu_past_the_grid_limit(dtype):
             check_close(out, ref, amb, dtype)
         parts = [run(q[b:b + 100], k[b:b + 100], v[b:b + 100], mode, tau=0.05) for b in range(0, 4100, 100)]
         torch.testing.assert_close(out, torch.cat(parts), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_past_2_31_elements():
+    """q, k, v, out and the gradients of ``[8193, 16, 256, 64]`` (2^31 + 2^18 elements each; three
+    batch slices): the last batch entries, whose offsets pass 2^31, against the float64 definition
+    (dense forward, entropy and backward; the exact pruned mode) and against a call on them alone
+    (the fast mode, without split programs in either)."""
+    B, H, N, D = 8193, 16, 256, 64
+    gen = torch.Generator(device="cuda").manual_seed(torch.initial_seed())
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+               for _ in range(3))
+    tail = slice(B - 2, B)
+    out, ent = entropy_attention(q, k, v, causal=True)
+    g_out = torch.zeros_like(out)
+    g_out[tail] = torch.randn_like(out[tail])
+    torch.autograd.backward(out, g_out)
+    ref = [t[tail].detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_ent, _, _ = dense_definition(*ref, causal=True)
+    ref_grads = torch.autograd.grad(ref_out, ref, g_out[tail].double().cpu())
+    tol = TOL[torch.bfloat16]
+    assert rel_err(out[tail], ref_out) < tol and rel_err(ent[tail], ref_ent) < tol
+    for name, t, rg in zip("qkv", (q, k, v), ref_grads):
+        assert rel_err(t.grad[tail], rg) < 2 * tol, f"d{name}"
+    q, k, v = q.detach(), k.detach(), v.detach()
+    exact = pruned_attention(q, k, v, tau=0.05, causal=True)
+    ref, _, amb = definition(q[tail].cpu(), k[tail].cpu(), v[tail].cpu(), 0.05, causal=True)
+    check_close(exact[tail], ref, amb, torch.bfloat16)
+    fast = pruned_attention(q, k, v, tau=0.05, causal=True, mode="fast")
+    alone = pruned_triton(check_inputs(q[tail], k[tail], v[tail], causal=True), 0.05, "fast", splits=1)
+    torch.testing.assert_close(fast[tail], alone, rtol=0, atol=tol)
