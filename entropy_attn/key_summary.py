@@ -32,8 +32,9 @@ def _pool_keys(k, kpm_args, block_n: int, nkb: int, ws: Workspace = PLAIN, out=N
       weight (-inf if 0); kobias, same shape: log2 of the outlier key's weight alone, 0 where the
       block has an unmasked key, else -inf (all -inf with a float padding mask).
 
-    One program of 2 warps per key block (H200, graphed: 64k keys x 16 kv heads, D = 128, 130 us
-    with 4 warps, 84 with 2, 77 with 1, 215 with 8; 8k: 24.2 / 18.8 / 18.3 / 34.6 us).
+    One program of 2 warps per key block and (batch, kv head) (H200, graphed: 64k keys x 16 kv heads,
+    D = 128, 130 us with 4 warps, 84 with 2, 77 with 1, 215 with 8; 8k: 24.2 / 18.8 / 18.3 / 34.6
+    us); beyond ``GRID_ROWS`` (batch, kv head) rows, one launch per slice of the batch (``batch_slices``).
 
     ``out``: the four buffers to write (at least ``nkb`` blocks each), of which only the blocks
     ``[kb0, nkb)`` are written, and their first ``nkb`` blocks are returned; by default four new
@@ -48,9 +49,10 @@ def _pool_keys(k, kpm_args, block_n: int, nkb: int, ws: Workspace = PLAIN, out=N
     from .kernels.pruned_pool import pool_keys
 
     for rows in batch_slices(B, Hkv) if kb0 < nkb else ():
+        part = batch_rows(k, rows)
         bias_rows = rows if pkind else slice(None)  # kbias, kobias: a row per batch entry with padding, else one
-        ws.launch(pool_keys, (nkb - kb0, batch_rows(k, rows).shape[0] * Hkv),
-            *(batch_rows(t, rows) for t in (k, kp, ko)), *(batch_rows(t, bias_rows) for t in (kbias, kobias)),
+        ws.launch(pool_keys, (nkb - kb0, part.shape[0] * Hkv),
+            part, batch_rows(kp, rows), batch_rows(ko, rows), batch_rows(kbias, bias_rows), batch_rows(kobias, bias_rows),
             batch_rows(kpm, rows), *k.stride(), *kp.stride(), *pstr, kbias.stride(0), Hkv, Nk, kb0,
             D=D, BLOCK_N=block_n, BLOCK_D=_block(D), KPM_KIND=pkind, num_warps=2, chained=True,
         )
