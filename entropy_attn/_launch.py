@@ -67,13 +67,13 @@ def check_triton_inputs(inp: AttentionInputs) -> None:
         )
 
 
-def batch_slices(batch: int, heads: int) -> list[slice]:
-    """The slices of a batch that the kernels are launched on, one after another: ``[slice(None)]``
+def batch_slices(batch: int, heads: int) -> tuple[slice, ...]:
+    """The slices of a batch that the kernels are launched on, one after another: ``(slice(None),)``
     (the whole batch) unless ``batch x heads`` grid rows exceed ``GRID_ROWS``."""
+    if batch * heads <= GRID_ROWS:
+        return (slice(None),)
     step = max(1, GRID_ROWS // heads)
-    if batch <= step:
-        return [slice(None)]
-    return [slice(b, min(b + step, batch)) for b in range(0, batch, step)]
+    return tuple(slice(b, min(b + step, batch)) for b in range(0, batch, step))
 
 
 def cdiv(a: int, b: int) -> int:

@@ -492,7 +492,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
     return (out, st) if stats else out
 
 
-def _pruned_in_slices(inp: AttentionInputs, parts: list, tau, mode, stats, splits, slack, pooled):
+def _pruned_in_slices(inp: AttentionInputs, parts: tuple, tau, mode, stats, splits, slack, pooled):
     """``pruned_triton`` on the batch slices ``parts``, one call each: their outputs concatenated and
     their stats (means over each slice's batch entries) averaged, weighted by the slices' sizes."""
     B = inp.q.shape[0]

@@ -40,12 +40,13 @@ def grid_rows(monkeypatch):
 
 
 def test_batch_slices(monkeypatch):
-    assert batch_slices(4095, 16) == [slice(None)]
-    assert batch_slices(4096, 16) == [slice(0, 4095), slice(4095, 4096)]
+    assert batch_slices(4095, 16) == (slice(None),)
+    assert batch_slices(4096, 16) == (slice(0, 4095), slice(4095, 4096))
     monkeypatch.setattr(_launch, "GRID_ROWS", ROWS)
-    assert batch_slices(2, 4) == [slice(None)]
-    assert batch_slices(5, 4) == [slice(0, 2), slice(2, 4), slice(4, 5)]
-    assert batch_slices(3, 8) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    assert batch_slices(2, 4) == (slice(None),)
+    assert batch_slices(5, 4) == (slice(0, 2), slice(2, 4), slice(4, 5))
+    assert batch_slices(3, 8) == (slice(0, 1), slice(1, 2), slice(2, 3))
+    assert batch_slices(2, 9) == (slice(0, 1), slice(1, 2))  # more heads than rows: refused before launch
 
 
 def masks(B, Nq, Nk, gen):
