@@ -44,7 +44,7 @@ from ._launch import (LOG2E, _block, _Config, _input_precision, _mask_args, _on_
                       batch_slices, cdiv, early_launch, interpreting, next_pow2, tma_operands)
 from .functional import attention_with_lse, resolve_backend
 from .key_summary import KeySummary, _pool_keys
-from .reference import _CHUNK_ELEMENTS, dense_operands, masked_softmax
+from .reference import _CHUNK_ELEMENTS, dense_operands, masked_scores, masked_softmax
 
 MODES = ("exact", "fast")
 #: The fast predictor visits a tile when its estimated share of some pooled row's mass is at least
@@ -235,10 +235,7 @@ def reference_pruned(inp: AttentionInputs, tau: float, *, block=REFERENCE_BLOCK,
     outs = []
     for r0 in range(0, Nq, chunk_size):
         rows = slice(r0, min(r0 + chunk_size, Nq))
-        s = inp.scale * (qc[:, :, rows] @ kc.transpose(-1, -2))
-        bias = score_bias(inp, rows, dtype=cdt)
-        if bias is not None:
-            s = s + bias
+        s = masked_scores(inp.scale * (qc[:, :, rows] @ kc.transpose(-1, -2)), score_bias(inp, rows, dtype=cdt))
         valid = s > float("-inf")
         empty = ~valid.any(-1)
         p, _, lse = masked_softmax(s)

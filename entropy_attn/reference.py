@@ -32,6 +32,15 @@ def dense_operands(inp: AttentionInputs):
     return inp.q.to(cdt), k.to(cdt), v.to(cdt)
 
 
+def masked_scores(s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Scores ``s`` plus the bias of ``score_bias`` (None: nothing masked), -inf wherever the bias is
+    -inf: a NaN or infinite score that its row does not see is dropped (as the Triton kernels drop
+    it), where ``s + bias`` alone would make the row NaN."""
+    if bias is None:
+        return s
+    return (s + bias).masked_fill(bias == float("-inf"), float("-inf"))
+
+
 def masked_softmax(s: torch.Tensor):
     """``(P, log P, lse)`` of scores ``s [..., Nk]`` whose masked entries are -inf.
 
@@ -57,10 +66,7 @@ def attention_rows(q, k, v, bias, scale: float):
         ``(out [B, H, n, Dv], entropy [B, H, n], lse [B, H, n])`` in q's dtype. Rows with no
         unmasked key give out 0, entropy 0 and lse -inf, with zero gradients.
     """
-    s = scale * (q @ k.transpose(-1, -2))
-    if bias is not None:
-        s = s + bias
-    p, log_p, lse = masked_softmax(s)
+    p, log_p, lse = masked_softmax(masked_scores(scale * (q @ k.transpose(-1, -2)), bias))
     return p @ v, -(p * log_p).sum(dim=-1), lse
 
 

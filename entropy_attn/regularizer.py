@@ -17,7 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ._inputs import AttentionInputs, score_bias
-from .reference import _CHUNK_ELEMENTS, _compute_dtype, masked_softmax
+from .reference import _CHUNK_ELEMENTS, _compute_dtype, masked_scores, masked_softmax
 
 
 def attention_probs(inp: AttentionInputs, rows: slice | None = None):
@@ -32,11 +32,7 @@ def attention_probs(inp: AttentionInputs, rows: slice | None = None):
     q, k = inp.q[:, :, rows].to(cdt), inp.k.to(cdt)
     if inp.groups > 1:
         k = k.repeat_interleave(inp.groups, dim=1)
-    s = inp.scale * (q @ k.transpose(-1, -2))
-    bias = score_bias(inp, rows, dtype=cdt)
-    if bias is not None:
-        s = s + bias
-    p, log_p, _ = masked_softmax(s)
+    p, log_p, _ = masked_softmax(masked_scores(inp.scale * (q @ k.transpose(-1, -2)), score_bias(inp, rows, dtype=cdt)))
     return p, log_p
 
 

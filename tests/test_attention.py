@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from entropy_attn import entropy_attention
+from entropy_attn import entropy_attention, pruned_attention
 from oracle import TOL, definition, rel_err
+from test_reference import check_unseen_rows, nan_cases
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -240,3 +241,21 @@ def test_gpu_matrix(dtype, D, causal, mask, device):
 def test_gpu_long_sequence(dtype, device):
     q, k, v = make_inputs(1, 2, 1, 2048 + 7, 4096 + 3, 128, 128, dtype, device)
     check_against_definition(q, k, v, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_nan_reaches_no_row_that_does_not_see_it(causal, device):
+    """As ``tests/test_reference.py``'s test of that name, on the GPU: the dense kernel and both
+    pruned modes leave the rows that do not see a NaN in q or k as they were without it."""
+    q, k, v, kpm, cases = nan_cases(causal)
+    kw = dict(causal=causal, key_padding_mask=kpm.to(device), backend="triton")
+
+    def run(args):
+        args = [t.float().to(device) for t in args]
+        return (*entropy_attention(*args, **kw), *(pruned_attention(*args, tau=0.05, mode=m, **kw) for m in ("exact", "fast")))
+
+    base = run((q, k, v))
+    for name, args, sees in cases:
+        for got, ref in zip(run(args), base):
+            check_unseen_rows(got, ref, sees, name, atol=1e-6)

@@ -1070,7 +1070,9 @@ def test_gpu_exact_vs_reference(causal, nq):
         assert torch.isfinite(out).all() and (out.abs().amax(-1) > 0).all()
         err = (out.double().cpu() - ref).abs().amax(-1)
         if mode == "exact":  # measured: at most 0.0156 off the ambiguous rows (bf16 outputs)
-            check_close(out, ref, amb, torch.bfloat16)
+            # One query gives 8 rows: 0 / 1 / 2 / 3 of them ambiguous in 185 / 92 / 22 / 1 of 300
+            # draws (the definition alone, on the CPU), so a quarter (2) failed 1 draw in 300.
+            check_close(out, ref, amb, torch.bfloat16, max_amb_frac=0.5 if nq == 1 else 0.25)
         else:
             assert (st["tile_sparsity"].cpu() <= st_ref["tile_sparsity"] + 1e-6).all(), (st, st_ref)
             assert (err <= bound + 1e-2).all(), (err - bound).max()
