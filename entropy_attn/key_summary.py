@@ -52,8 +52,9 @@ def _pool_keys(k, kpm_args, block_n: int, nkb: int, ws: Workspace = PLAIN, out=N
         part = batch_rows(k, rows)
         bias_rows = rows if pkind else slice(None)  # kbias, kobias: a row per batch entry with padding, else one
         ws.launch(pool_keys, (nkb - kb0, part.shape[0] * Hkv),
-            part, batch_rows(kp, rows), batch_rows(ko, rows), batch_rows(kbias, bias_rows), batch_rows(kobias, bias_rows),
-            batch_rows(kpm, rows), *k.stride(), *kp.stride(), *pstr, kbias.stride(0), Hkv, Nk, kb0,
+            part, batch_rows(kp, rows), batch_rows(ko, rows), batch_rows(kbias, bias_rows),
+            batch_rows(kobias, bias_rows), batch_rows(kpm, rows), *k.stride(), *kp.stride(), *pstr, kbias.stride(0),
+            Hkv, Nk, kb0,
             D=D, BLOCK_N=block_n, BLOCK_D=_block(D), KPM_KIND=pkind, num_warps=2, chained=True,
         )
     return tuple(_blocks(t, nkb) for t in out) if given else out
