@@ -45,9 +45,10 @@ def masked_softmax(s: torch.Tensor):
     """``(P, log P, lse)`` of scores ``s [..., Nk]`` whose masked entries are -inf.
 
     Masked entries are 0 in both P and log P (0 log 0 = 0, and no -inf reaches autograd); a row
-    with no unmasked entry has P = 0, log P = 0 and lse = -inf, with zero gradients.
+    with no unmasked entry has P = 0, log P = 0 and lse = -inf, with zero gradients. A NaN score
+    counts as unmasked: its row is NaN, as in SDPA and the Triton kernels.
     """
-    valid = s > float("-inf")
+    valid = s != float("-inf")
     empty = ~valid.any(dim=-1, keepdim=True)
     s = s.masked_fill(empty, 0.0)  # a finite row for logsumexp; its weights are zeroed below
     lse = torch.logsumexp(s, dim=-1, keepdim=True)

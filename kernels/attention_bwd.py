@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import load_tile
-from .masks import LN2, LOG2E, MIN_EXP2, NO_MASK, apply_masks, dot, key_range
+from .masks import LN2, LOG2E, NO_MASK, apply_masks, clamp_masked, dot, key_range
 
 
 @triton.jit
@@ -85,7 +85,7 @@ def _dkdv_query_blocks(
                               CAUSAL, MASK_KIND, KPM_KIND)
         log_p2_t = u_t - lse2[None, :]
         if MASKED:
-            log_p2_t = tl.maximum(log_p2_t, MIN_EXP2)
+            log_p2_t = clamp_masked(log_p2_t)
         p_t = tl.exp2(log_p2_t)
         dv += dot(p_t.to(do.dtype), do, INPUT_PRECISION)
         dp_t = dot(v, tl.trans(do), INPUT_PRECISION)
@@ -115,7 +115,7 @@ def _dq_key_blocks(
                             CAUSAL, MASK_KIND, KPM_KIND)
         log_p2 = u - lse2[:, None]
         if MASKED:
-            log_p2 = tl.maximum(log_p2, MIN_EXP2)
+            log_p2 = clamp_masked(log_p2)
         p = tl.exp2(log_p2)
         dp = dot(do, tl.trans(v), INPUT_PRECISION)
         ds = _score_grad(p, dp, log_p2, delta[:, None], g[:, None], HAS_DENT)

@@ -10,7 +10,7 @@ Empty rows (no unmasked key) give out 0, entropy 0 and lse = +inf: the +inf make
 import triton
 import triton.language as tl
 
-from .masks import LN2, M_INIT, MIN_EXP2, NO_MASK, apply_masks, dot, key_range
+from .masks import LN2, M_INIT, NO_MASK, apply_masks, clamp_masked, dot, key_range
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def _fwd_key_blocks(
         m_new = tl.maximum(m, tl.max(u, 1))
         x = u - m_new[:, None]  # s - m', in bits
         if MASKED:
-            x = tl.maximum(x, MIN_EXP2)
+            x = clamp_masked(x)
         p = tl.exp2(x)
         alpha = tl.exp2(m - m_new)
         if ENTROPY:

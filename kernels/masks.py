@@ -30,6 +30,15 @@ def dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def clamp_masked(x):
+    """``max(x, MIN_EXP2)`` for the exponent ``x = u - m`` of a tile that may hold masked (-inf)
+    scores: their weight ``2^x`` is 0 and ``2^x * x`` stays finite. A NaN stays NaN
+    (``propagate_nan``), so a row that sees a NaN score gives NaN, as SDPA does; the plain
+    ``tl.maximum`` (fmax) would drop that score as if it were masked."""
+    return tl.maximum(x, MIN_EXP2, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def key_range(start_m, Nq, Nk, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
     """``(end, full_end)`` for the query rows ``[start_m, start_m + BLOCK_M)``: keys ``[0, end)``
     are visible to some of them, keys ``[0, full_end)`` to all of them (causal: key ``j`` visible to

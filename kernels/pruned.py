@@ -71,7 +71,7 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import load_rows, load_tile
-from .masks import M_INIT, MIN_EXP2, NO_MASK, apply_masks, dot, key_range
+from .masks import M_INIT, MIN_EXP2, NO_MASK, apply_masks, clamp_masked, dot, key_range
 from .pdl import wait_previous
 #: Pooled query rows per query block in the fast predictor (the smallest tl.dot M).
 POOL_ROWS = tl.constexpr(16)
@@ -126,7 +126,7 @@ def _scores_blocks(
         m_new = tl.maximum(m, row_max)
         x = qk * unit - m_new[:, None]
         if MASKED:
-            x = tl.maximum(x, MIN_EXP2)
+            x = clamp_masked(x)
         l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(x), 1)
         m = m_new
         if STATS:
@@ -213,8 +213,8 @@ def split_lse(Mpart, Lpart, offs, mask, SPLITS, split_stride):
         m_new = tl.maximum(m, m_s)
         l = l * tl.exp2(m - m_new) + tl.load(Lpart + part, mask=mask, other=0.0) * tl.exp2(m_s - m_new)
         m = m_new
-    live = l > 0.0
-    return m, tl.where(live, m + tl.log2(tl.where(live, l, 1.0)), float("inf"))
+    empty = l == 0.0  # not l <= 0: a NaN sum (a NaN score seen) gives a NaN lse2
+    return m, tl.where(empty, float("inf"), m + tl.log2(tl.where(empty, 1.0, l)))
 
 
 @triton.jit
@@ -289,7 +289,9 @@ def pruned_select(
     row_mask = offs_m < Nq
     rows = bh.to(tl.int64) * Nq + offs_m
     m, lse2 = split_lse(Mpart, Lpart, rows, row_mask, SPLITS, tl.num_programs(1).to(tl.int64) * Nq)
-    thr = tl.where(lse2 < float("inf"), tl.minimum(lse2 + log2_tau, m - 1e-6 * (1.0 + tl.abs(m))), float("inf"))
+    # A NaN lse2 (the row saw a NaN score) gives thr just below m (fmin): the row max's tile is visited and
+    # its weight 2^(u - lse2) makes the row NaN.
+    thr = tl.where(lse2 == float("inf"), float("inf"), tl.minimum(lse2 + log2_tau, m - 1e-6 * (1.0 + tl.abs(m))))
     tl.store(Lse2 + rows, lse2, mask=row_mask)
     tl.store(Thr + rows, thr, mask=row_mask)
     thr_min = tl.min(tl.where(row_mask, thr, float("inf")), 0)
@@ -316,13 +318,15 @@ def pooled_queries(Q, offs_r, offs_d, Nq, stride_qm, stride_qd,
     """The pooled query rows ``offs_r`` ``[R, BLOCK_D]`` of one (batch, head) (``Q`` points at its
     ``[Nq, D]`` rows), in Q's dtype, summed in float32: pooled row r (row ``r % 16`` of query block
     ``r // 16``) is the mean of the query rows ``[r G, (r + 1) G)`` below Nq, ``G = BLOCK_M / 16``
-    (0 where none is). Row g of every group at once: G loads of R rows (no reshape of a tile),
+    (0 where none is; a NaN element counts as 0, so that a NaN query row leaves the estimates of its
+    group finite). Row g of every group at once: G loads of R rows (no reshape of a tile),
     unrolled so that they are in flight together (in the predictor at D = 128 this spills 8 bytes
     outside its loops; one load at a time measured slower)."""
     G: tl.constexpr = BLOCK_M // POOL_ROWS
     qp = tl.zeros([offs_r.shape[0], BLOCK_D], dtype=tl.float32)
     for g in tl.static_range(G):
-        qp += load_tile(Q, offs_r * G + g, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D).to(tl.float32)
+        x = load_tile(Q, offs_r * G + g, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D).to(tl.float32)
+        qp += tl.where(x == x, x, 0.0)
     n_rows = tl.minimum(tl.maximum(Nq - offs_r * G, 0), G)  # query rows < Nq in each group
     qp = qp / tl.maximum(n_rows, 1).to(tl.float32)[:, None]
     return qp.to(Q.dtype.element_ty)
@@ -606,12 +610,12 @@ def _attn_tile(
     v = load_rows(V, b, hk, kb * BLOCK_N, offs_n, offs_dv, Nk, DV, stride_vn, stride_vd, MASKED, BLOCK_DV != DV, TMA)
     if EXACT:
         u = qk * unit
-        keep = u >= thr[:, None]
-        p = tl.where(keep, tl.exp2(u - lse2[:, None]), 0.0)
+        pruned = u < thr[:, None]  # not u >= thr: a NaN score is kept, and its row is NaN
+        p = tl.where(pruned, 0.0, tl.exp2(u - lse2[:, None]))
         l += tl.sum(p, 1)
         acc += dot(p.to(v.dtype), v, PRECISION)
         if STATS:
-            kcnt += tl.sum(keep.to(tl.int32), 1)
+            kcnt += tl.sum((~pruned).to(tl.int32), 1)
     elif FIXED:
         if FIRST:
             u_max = tl.max(qk, 1) * unit
@@ -619,7 +623,7 @@ def _attn_tile(
             m = tl.where(m > float("-inf"), m, 0.0)
         x = qk * unit - m[:, None]
         if MASKED:
-            x = tl.maximum(x, MIN_EXP2)
+            x = clamp_masked(x)
         pa = tl.exp2(x)
         if FIRST:
             # p_max: a weight the row has kept, here the first tile's largest (by the same operations
@@ -631,8 +635,8 @@ def _attn_tile(
             l_seen = tl.sum(pa, 1)
         cap = p_max * (1.0 - (tl.abs(m) + 130.0) * 9.5367431640625e-07)
         cut = tl.minimum(tau * tl.maximum(l_seen, tl.exp2(lse_lb - m)), cap)
-        keep = pa >= cut[:, None]
-        p = tl.where(keep, pa, 0.0)
+        pruned = pa < cut[:, None]  # not pa >= cut: a NaN weight is kept, and its row is NaN
+        p = tl.where(pruned, 0.0, pa)
         p_sum = tl.sum(p, 1)
         if not FIRST:
             l_seen += p_sum
@@ -647,7 +651,7 @@ def _attn_tile(
         alpha = tl.exp2(m - m_new)
         x = qk * unit - m_new[:, None]
         if MASKED:
-            x = tl.maximum(x, MIN_EXP2)
+            x = clamp_masked(x)
         pa = tl.exp2(x)
         # The lse bound relative to m_new, 2^(bound - m_new): the larger of the pooled bound and the
         # seen sum l_seen (every entry of the first tile and the kept entries of the later ones, or
@@ -665,8 +669,8 @@ def _attn_tile(
         # that relative precision are kept too.
         cap = tl.exp2(-(1.0 + tl.abs(m_new)) * 1.9073486328125e-06)  # 2^-19 (1 + |m_new|)
         cut = tl.minimum(tau * tl.maximum(seen, tl.exp2(lse_lb - m_new)), cap)
-        keep = pa >= cut[:, None]
-        p = tl.where(keep, pa, 0.0)
+        pruned = pa < cut[:, None]  # as above
+        p = tl.where(pruned, 0.0, pa)
         p_sum = tl.sum(p, 1)
         if not FIRST:
             if SEEN_ALL:
@@ -685,7 +689,7 @@ def _attn_tile(
             kcnt = tl.where(stale, 0, kcnt)
     if STATS and not EXACT:
         u = qk * unit
-        live = keep & (u > float("-inf"))
+        live = ~pruned & (u > float("-inf"))
         kept += tl.sum(tl.where(live, tl.exp2(u - lse2[:, None]), 0.0), 1)
         kcnt += tl.sum(live.to(tl.int32), 1)
     return acc, m, l, l_seen, p_max, kept, kcnt

@@ -73,8 +73,9 @@ def pool_keys(
     has_key = top > float("-inf")
     w = tl.exp2(log2_w - tl.where(has_key, top, 0.0))  # w_j / max_j w_j
     w_sum = tl.sum(w, 0)
-    # (a select, not w_j k_j alone: a padded key's NaN or inf must not reach the mean)
-    kbar = tl.sum(tl.where(w[:, None] > 0.0, w[:, None] * k, 0.0), 0) / tl.where(has_key, w_sum, 1.0)
+    # (a select, not w_j k_j alone: a padded key's NaN or inf must not reach the mean, and a NaN
+    # element of a visible key counts as 0, so that the block's estimates stay finite)
+    kbar = tl.sum(tl.where((w[:, None] > 0.0) & (k == k), w[:, None] * k, 0.0), 0) / tl.where(has_key, w_sum, 1.0)
     kbar = kbar.to(Kp.dtype.element_ty)
     tl.store(Kp + offs_d * stride_od, kbar, mask=offs_d < D)
 

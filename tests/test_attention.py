@@ -11,7 +11,6 @@ import torch
 
 from entropy_attn import entropy_attention, pruned_attention
 from oracle import TOL, definition, rel_err
-from test_reference import check_unseen_rows, nan_cases
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -243,20 +242,59 @@ def test_gpu_long_sequence(dtype, device):
     check_against_definition(q, k, v, causal=True)
 
 
-@pytest.mark.gpu
+def nan_cases(padded, causal):
+    """``(q, k, v, kpm, cases)``: float32 inputs ``[2, 2, 40, 8]`` (key 9 padded when ``padded``,
+    else kpm None), and per case the inputs with one NaN and the ``[B, H, Nq]`` rows that see it: in
+    q (its row), in a visible key (the rows of its kv head that see it) and in the padded key (none)."""
+    q, k, v = (torch.randn(2, 2, 40, 8) for _ in range(3))
+    kpm = torch.zeros(2, 40, dtype=torch.bool)
+    kpm[:, 9] = True
+    cases = [("q", 0, (0, 1, 4, 2), (0, 1, slice(4, 5))),
+             ("key", 1, (1, 0, 6, 0), (1, 0, slice(6 if causal else 0, 40)))]
+    if padded:
+        cases.append(("padded key", 1, (0, 1, 9, 3), None))
+    out = []
+    for name, which, index, rows in cases:
+        args = [q, k, v]
+        args[which] = args[which].clone()
+        args[which][index] = float("nan")
+        sees = torch.zeros(2, 2, 40, dtype=torch.bool)
+        if rows is not None:
+            sees[rows] = True
+        out.append((name, args, sees))
+    return q, k, v, kpm if padded else None, out
+
+
+def check_nan_rows(got, base, sees, name, atol):
+    """``got`` (``[B, H, Nq]`` or ``[B, H, Nq, Dv]``) is NaN in every element of the rows that see
+    the NaN and equals ``base`` within ``atol`` on the others."""
+    got, base = got.cpu(), base.cpu()
+    assert got[sees].isnan().all(), name
+    torch.testing.assert_close(got[~sees], base[~sees], rtol=0, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("padded", [False, True], ids=["no_kpm", "kpm"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_nan_reaches_no_row_that_does_not_see_it(causal, device):
-    """As ``tests/test_reference.py``'s test of that name, on the GPU: the dense kernel and both
-    pruned modes leave the rows that do not see a NaN in q or k as they were without it."""
-    q, k, v, kpm, cases = nan_cases(causal)
-    kw = dict(causal=causal, key_padding_mask=kpm.to(device), backend="triton")
+def test_nan_reaches_exactly_the_rows_that_see_it(causal, padded, backend, device):
+    """A NaN in q, or in a key, makes NaN every row that sees it (as SDPA) and no other row: the
+    output and entropy, dq for a NaN in q (a NaN key reaches every row's dq: 0 x NaN), and the
+    output of both pruned modes (whose visited tiles here hold every key). Until 2026-12-02 the
+    kernels' clamp of s - m dropped a NaN score in every masked tile (a row of NaN scores came out
+    0, with zero gradients, as if masked), and so did the reference path for a row of NaN scores."""
+    q, k, v, kpm, cases = nan_cases(padded, causal)
+    kw = dict(causal=causal, key_padding_mask=None if kpm is None else kpm.to(device), backend=backend)
 
-    def run(args):
-        args = [t.float().to(device) for t in args]
-        pruned = (pruned_attention(*args, tau=0.05, mode=m, **kw) for m in ("exact", "fast"))
-        return (*entropy_attention(*args, **kw), *pruned)
+    def run(args, grad):
+        q, k, v = (t.to(device) for t in args)
+        q.requires_grad_(grad)
+        out, ent = entropy_attention(q, k, v, **kw)
+        dq = torch.autograd.grad((out * torch.cos(out.detach().nan_to_num())).sum() + ent.sum(), q) if grad else ()
+        with torch.no_grad():
+            pruned = [pruned_attention(q, k, v, tau=0.05, mode=m, **kw) for m in ("exact", "fast")]
+        return [out.detach(), ent.detach(), *pruned, *dq]
 
-    base = run((q, k, v))
     for name, args, sees in cases:
-        for got, ref in zip(run(args), base):
-            check_unseen_rows(got, ref, sees, name, atol=1e-6)
+        grad = name == "q"
+        for got, ref in zip(run(args, grad), run((q, k, v), grad)):
+            check_nan_rows(got, ref, sees, name, atol=1e-5)
