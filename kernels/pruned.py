@@ -318,18 +318,17 @@ def pooled_queries(Q, offs_r, offs_d, Nq, stride_qm, stride_qd,
     """The pooled query rows ``offs_r`` ``[R, BLOCK_D]`` of one (batch, head) (``Q`` points at its
     ``[Nq, D]`` rows), in Q's dtype, summed in float32: pooled row r (row ``r % 16`` of query block
     ``r // 16``) is the mean of the query rows ``[r G, (r + 1) G)`` below Nq, ``G = BLOCK_M / 16``
-    (0 where none is; a NaN element counts as 0, so that a NaN query row leaves the estimates of its
-    group finite). Row g of every group at once: G loads of R rows (no reshape of a tile),
+    (0 where none is; a NaN element of the mean becomes 0, so that a NaN query row leaves the
+    estimates finite). Row g of every group at once: G loads of R rows (no reshape of a tile),
     unrolled so that they are in flight together (in the predictor at D = 128 this spills 8 bytes
     outside its loops; one load at a time measured slower)."""
     G: tl.constexpr = BLOCK_M // POOL_ROWS
     qp = tl.zeros([offs_r.shape[0], BLOCK_D], dtype=tl.float32)
     for g in tl.static_range(G):
-        x = load_tile(Q, offs_r * G + g, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D).to(tl.float32)
-        qp += tl.where(x == x, x, 0.0)
+        qp += load_tile(Q, offs_r * G + g, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D).to(tl.float32)
     n_rows = tl.minimum(tl.maximum(Nq - offs_r * G, 0), G)  # query rows < Nq in each group
     qp = qp / tl.maximum(n_rows, 1).to(tl.float32)[:, None]
-    return qp.to(Q.dtype.element_ty)
+    return tl.where(qp == qp, qp, 0.0).to(Q.dtype.element_ty)
 
 
 @triton.jit

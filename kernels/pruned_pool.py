@@ -65,22 +65,24 @@ def pool_keys(
 
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = load_tile(K, offs_n, offs_d, Nk, D, stride_kn, stride_kd, True, BLOCK_D != D).to(tl.float32)
     # log2 w_j: the score bias the padding mask gives key j (0, -inf or the float mask), -inf past Nk.
     log2_w = apply_masks(tl.zeros([BLOCK_N], dtype=tl.float32), 0, offs_n, b, 0, 1, Nk,
                          Kpm, 0, 0, 0, 0, Kpm, stride_pb, stride_pn, False, NO_MASK, KPM_KIND)
+    # Padded keys are not loaded (0): their NaN or inf must not reach the mean.
+    unpadded = log2_w > float("-inf")
+    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=unpadded[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
     top = tl.max(log2_w, 0)
     has_key = top > float("-inf")
     w = tl.exp2(log2_w - tl.where(has_key, top, 0.0))  # w_j / max_j w_j
     w_sum = tl.sum(w, 0)
-    # (a select, not w_j k_j alone: a padded key's NaN or inf must not reach the mean, and a NaN
-    # element of a visible key counts as 0, so that the block's estimates stay finite)
-    kbar = tl.sum(tl.where((w[:, None] > 0.0) & (k == k), w[:, None] * k, 0.0), 0) / tl.where(has_key, w_sum, 1.0)
-    kbar = kbar.to(Kp.dtype.element_ty)
+    kbar = tl.sum(w[:, None] * k, 0) / tl.where(has_key, w_sum, 1.0)
+    # A NaN element (of an unpadded key) becomes 0, so that the block's estimates stay finite.
+    kbar = tl.where(kbar == kbar, kbar, 0.0).to(Kp.dtype.element_ty)
     tl.store(Kp + offs_d * stride_od, kbar, mask=offs_d < D)
 
     diff = k - kbar.to(tl.float32)[None, :]
-    dist = tl.where(log2_w > float("-inf"), tl.sum(diff * diff, 1), float("-inf"))
+    dist = tl.where(unpadded, tl.sum(diff * diff, 1), float("-inf"))
     far = kb * BLOCK_N + tl.argmax(dist, 0)
     ko = tl.load(K + far * stride_kn + offs_d * stride_kd, mask=offs_d < D, other=0.0)
     tl.store(Ko + offs_d * stride_od, tl.where(has_key, ko, 0.0), mask=offs_d < D)
