@@ -289,8 +289,8 @@ def pruned_select(
     row_mask = offs_m < Nq
     rows = bh.to(tl.int64) * Nq + offs_m
     m, lse2 = split_lse(Mpart, Lpart, rows, row_mask, SPLITS, tl.num_programs(1).to(tl.int64) * Nq)
-    # A NaN lse2 (the row saw a NaN score) gives thr just below m (fmin): the row max's tile is visited and
-    # its weight 2^(u - lse2) makes the row NaN.
+    # A NaN lse2 (the row saw a NaN score) gives thr just below m (fmin): the row max's tile is
+    # visited and its weight 2^(u - lse2) makes the row NaN.
     thr = tl.where(lse2 == float("inf"), float("inf"), tl.minimum(lse2 + log2_tau, m - 1e-6 * (1.0 + tl.abs(m))))
     tl.store(Lse2 + rows, lse2, mask=row_mask)
     tl.store(Thr + rows, thr, mask=row_mask)
