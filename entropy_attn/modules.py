@@ -183,6 +183,18 @@ class EntropyAttention(nn.MultiheadAttention):
                 f"batch_first={self.batch_first}, regularizer={self.regularizer!r}, normalize={self.normalize}, "
                 f"tau={self.tau}, top_k={self.top_k}, backend={self.backend!r}")
 
+    def __getstate__(self) -> dict:
+        """``copy.deepcopy`` (EMA and SWA copies of a model) and pickling take the last forward's
+        ``last_entropy`` / ``last_regularizer`` detached: they hold its autograd graph, which cannot
+        be copied."""
+        state = self.__dict__.copy()
+        detached = {}
+        for name in ("last_entropy", "last_regularizer"):
+            t = state[name]
+            if isinstance(t, Tensor):
+                state[name] = detached.setdefault(id(t), t.detach())
+        return state
+
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -297,7 +309,7 @@ class EntropyAttention(nn.MultiheadAttention):
         if n_extra:
             k, v = torch.cat([k, *extra_k], dim=1), torch.cat([v, *extra_v], dim=1)
         H, D = self.num_heads, self.head_dim
-        q, k, v = (x.view(B, -1, H, D).transpose(1, 2) for x in (q, k, v))
+        q, k, v = (x.view(B, x.shape[1], H, D).transpose(1, 2) for x in (q, k, v))
 
         causal = bool(is_causal) and L == S and n_extra == 0
         if is_causal and not causal:

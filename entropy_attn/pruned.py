@@ -44,7 +44,7 @@ from ._launch import (LOG2E, _block, _Config, _input_precision, _mask_args, _on_
                       batch_slices, cdiv, early_launch, interpreting, next_pow2, tma_operands)
 from .functional import attention_with_lse, resolve_backend
 from .key_summary import KeySummary, _pool_keys
-from .reference import _CHUNK_ELEMENTS, dense_operands, masked_scores, masked_softmax
+from .reference import chunk_rows, dense_operands, masked_scores, masked_softmax
 
 MODES = ("exact", "fast")
 #: The fast predictor visits a tile when its estimated share of some pooled row's mass is at least
@@ -225,7 +225,7 @@ def reference_pruned(inp: AttentionInputs, tau: float, *, block=REFERENCE_BLOCK,
     bm, bn = block
     log_tau = math.log(tau) if tau > 0 else -math.inf
     if chunk_size is None:
-        chunk_size = max(1, _CHUNK_ELEMENTS // (B * H * Nk))
+        chunk_size = chunk_rows(B, H, Nk)
     chunk_size = cdiv(chunk_size, bm) * bm
     nkb = cdiv(Nk, bn)
     dev = q.device
@@ -719,6 +719,9 @@ def pruned_attention(
             raise TypeError(f"key_summary must be an entropy_attn.KeySummary, got {type(key_summary).__name__}")
         pooled = key_summary.pooled(inp.k, inp.key_padding_mask, v.shape[3])
     with torch.no_grad():
+        if q.shape[0] * H == 0:  # an empty batch: nothing to launch, no entry to count
+            out = q.new_zeros(*q.shape[:3], v.shape[3])
+            return (out, _zero_stats(H, q.device)) if return_stats else out
         if tau == 0.0:
             out, _, _ = attention_with_lse(inp, entropy=False, backend=path)
             return (out, _zero_stats(H, q.device)) if return_stats else out

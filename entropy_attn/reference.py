@@ -8,6 +8,8 @@ float32, float64 inputs in float64 (``torch.autograd.gradcheck`` passes).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -15,6 +17,16 @@ from ._inputs import AttentionInputs, score_bias
 
 #: Score elements per chunk (B * H * chunk * Nk) when ``chunk_size`` is not given: 16 Mi floats.
 _CHUNK_ELEMENTS = 1 << 24
+#: A score below this counts as masked, as in the Triton kernels, whose running max starts at -1e30
+#: in base 2 (``kernels/masks.py``, ``M_INIT``): a float mask of ``torch.finfo(torch.float32).min``,
+#: as some models build theirs, masks its entry as -inf does, and a row with nothing above it is empty.
+MASKED_BELOW = -1e30 * math.log(2)
+
+
+def chunk_rows(B: int, H: int, Nk: int) -> int:
+    """Query rows per chunk of the materialized paths: about ``_CHUNK_ELEMENTS`` scores, at least 1
+    (also for an empty batch)."""
+    return max(1, _CHUNK_ELEMENTS // max(1, B * H * Nk))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -34,11 +46,12 @@ def dense_operands(inp: AttentionInputs):
 
 def masked_scores(s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Scores ``s`` plus the bias of ``score_bias`` (None: nothing masked), -inf wherever the bias is
-    -inf: a NaN or infinite score that its row does not see is dropped (as the Triton kernels drop
-    it), where ``s + bias`` alone would make the row NaN."""
+    -inf (a NaN or infinite score that its row does not see is dropped, as the Triton kernels drop
+    it, where ``s + bias`` alone would make the row NaN) or the sum is below ``MASKED_BELOW``."""
     if bias is None:
         return s
-    return (s + bias).masked_fill(bias == float("-inf"), float("-inf"))
+    s = s + bias
+    return s.masked_fill((bias == float("-inf")) | (s < MASKED_BELOW), float("-inf"))
 
 
 def masked_softmax(s: torch.Tensor):
@@ -52,7 +65,9 @@ def masked_softmax(s: torch.Tensor):
     empty = ~valid.any(dim=-1, keepdim=True)
     s = s.masked_fill(empty, 0.0)  # a finite row for logsumexp; its weights are zeroed below
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    log_p = (s - lse).masked_fill(~valid, 0.0)
+    # Not s - lse: where every score of a row carries one large bias (-1e9, say), lse rounds to it
+    # and loses the log of the row's mass; log_softmax subtracts the row max first.
+    log_p = torch.log_softmax(s, dim=-1).masked_fill(~valid, 0.0)
     p = torch.exp(log_p).masked_fill(~valid | empty, 0.0)
     return p, log_p, lse.squeeze(-1).masked_fill(empty.squeeze(-1), float("-inf"))
 
@@ -84,7 +99,7 @@ def reference_attention(inp: AttentionInputs, chunk_size: int | None = None):
     qc, kc, vc = dense_operands(inp)
     cdt = qc.dtype
     if chunk_size is None:
-        chunk_size = max(1, _CHUNK_ELEMENTS // (B * H * Nk))
+        chunk_size = chunk_rows(B, H, Nk)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, inp.attn_mask, inp.key_padding_mask)
     )

@@ -17,7 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ._inputs import AttentionInputs, score_bias
-from .reference import _CHUNK_ELEMENTS, _compute_dtype, masked_scores, masked_softmax
+from .reference import MASKED_BELOW, _compute_dtype, chunk_rows, masked_scores, masked_softmax
 
 
 def attention_probs(inp: AttentionInputs, rows: slice | None = None):
@@ -45,7 +45,7 @@ def map_rows(inp: AttentionInputs, fn: Callable, chunk_size: int | None = None) 
     """
     B, H, Nq, _ = inp.q.shape
     Nk = inp.k.shape[2]
-    chunk_size = chunk_size or max(1, _CHUNK_ELEMENTS // (B * H * Nk))
+    chunk_size = chunk_size or chunk_rows(B, H, Nk)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (inp.q, inp.k, inp.attn_mask, inp.key_padding_mask)
     )
@@ -69,7 +69,8 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 def key_counts(inp: AttentionInputs) -> torch.Tensor:
     """Number of unmasked keys ``n_i`` of every query row, float32, broadcastable to
     ``[B, H, Nq]``. A key is masked by the causal rule, a False boolean ``attn_mask`` entry, a True
-    boolean ``key_padding_mask`` entry, or a ``-inf`` float mask entry (finite biases count)."""
+    boolean ``key_padding_mask`` entry, or a float mask entry below ``MASKED_BELOW`` (-inf,
+    ``finfo.min``; other finite biases count)."""
     Nq, Nk = inp.q.shape[2], inp.k.shape[2]
     dev = inp.q.device
     if inp.attn_mask is None and inp.key_padding_mask is None:  # closed form, no [Nq, Nk] tensor
@@ -82,10 +83,10 @@ def key_counts(inp: AttentionInputs) -> torch.Tensor:
         keep = keep & (torch.arange(Nk, device=dev)[None, :] <= i + (Nk - Nq))
     if inp.attn_mask is not None:
         m = _compact(inp.attn_mask)
-        keep = keep & (m if m.dtype == torch.bool else m > float("-inf"))
+        keep = keep & (m if m.dtype == torch.bool else ~(m < MASKED_BELOW))
     if inp.key_padding_mask is not None:
         pad = inp.key_padding_mask
-        keep = keep & (~pad if pad.dtype == torch.bool else pad > float("-inf"))[:, None, None, :]
+        keep = keep & (~pad if pad.dtype == torch.bool else ~(pad < MASKED_BELOW))[:, None, None, :]
     counts = keep.sum(dim=-1, dtype=torch.float32)
     return counts.expand(*counts.shape[:2], Nq)
 
@@ -124,8 +125,10 @@ def entropy_loss(model: torch.nn.Module) -> torch.Tensor:
     """Sum over the model's ``EntropyAttention`` layers of the mean over heads of
     ``layer.last_regularizer`` (set by each layer's last forward in training mode).
 
-    Returns a differentiable scalar (float32). Layers whose last forward recorded nothing (not
-    run since, or ``regularizer='none'``) contribute 0.
+    Returns a differentiable scalar (float32). Layers whose last forward recorded nothing (run in
+    eval outside a monitor, or never run) contribute 0. A layer that a forward skips (LayerDrop,
+    a branch not taken) still holds the value of the forward that last ran it, whose graph an
+    earlier backward has freed: set its ``last_regularizer = None`` where you skip it.
 
     Raises:
         ValueError: the model holds no ``EntropyAttention`` (see ``replace_attention``).

@@ -1,6 +1,8 @@
 """Float64 evaluation of shared MATH.md section 1, materialized, written independently of the
 library's reference path. Used as ground truth for every attention test; also the generator that
 the tests drawing several input streams seed from the test's fresh seed."""
+import math
+
 import torch
 
 
@@ -38,13 +40,17 @@ def definition(q, k, v, *, causal=False, scale=None, attn_mask=None, key_padding
             allowed &= ~m
         else:
             s = s + m.double()
-    allowed = allowed & (s > float("-inf"))
+    # The library's convention: a score below -1e30 ln 2 (-1e30 in base 2; a float mask of
+    # torch.finfo(torch.float32).min, say) is masked, as -inf is.
+    allowed = allowed & (s >= -1e30 * math.log(2))
     empty = ~allowed.any(-1, keepdim=True)
     z = s.masked_fill(~allowed, float("-inf")).masked_fill(empty, 0.0)
     P = torch.softmax(z, dim=-1).masked_fill(empty, 0.0)
     lse = torch.logsumexp(z, dim=-1).masked_fill(empty.squeeze(-1), 0.0)
     O = P @ v
-    ent = lse - (P * s.masked_fill(~allowed, 0.0)).sum(-1)
+    # -sum P log P with log P from log_softmax: lse - sum P s would cancel for large scores (a row
+    # whose every score carries a bias of -1e9)
+    ent = -(P * torch.log_softmax(z, dim=-1).masked_fill(~allowed, 0.0)).sum(-1)
     return O, ent, lse, allowed
 
 

@@ -142,6 +142,49 @@ def test_rows_masked_by_the_attention_mask_are_zero_without_nan(kind, dtype, dev
         assert (t[:, :, [0, 7, 20]] == 0).all()
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_rows_under_one_large_bias(backend, device):
+    """A float mask that puts one large negative value on a whole row, as models that build their
+    masks from ``torch.finfo(dtype).min`` do on padded queries. At -1e9 the row's float32 scores all
+    round to the bias, so its softmax is uniform: out = the mean of v, entropy = log Nk, as in SDPA
+    (the reference path gave every key weight 1 there, P = exp(s - lse) with lse rounded to the
+    bias; in float64, where the scores survive, it lost digits of the log of the row's mass). At
+    ``finfo(float32).min`` (below -1e30 ln 2) the entries count as masked, as -inf would: that row
+    is empty (out and entropy 0), and a row with some entries there attends to the others."""
+    B, H, Nq, Nk, D = 1, 2, 19, 37, 16
+    q, k, v = make_inputs(B, H, H, Nq, Nk, D, D, torch.float32, device)
+    mask = torch.randn(Nq, Nk, device=device)
+    mask[3] = -1e9
+    mask[11] = torch.finfo(torch.float32).min
+    mask[5, :7] = torch.finfo(torch.float32).min
+    if backend == "reference":  # float64: every row against the definition, with gradients
+        check_against_definition(q.double(), k.double(), v.double(), backend=backend, attn_mask=mask.double())
+    out, ent = entropy_attention(q, k, v, attn_mask=mask, backend=backend)
+    ref_out, ref_ent, _, _ = definition(*(t.double().cpu() for t in (q, k, v)), attn_mask=mask)
+    rows = [r for r in range(Nq) if r != 3]  # row 3: float32 rounds its scores to one value
+    assert rel_err(out[:, :, rows], ref_out[:, :, rows]) < TOL[torch.float32]
+    assert rel_err(ent[:, :, rows], ref_ent[:, :, rows]) < TOL[torch.float32]
+    torch.testing.assert_close(out[:, :, 3], v.mean(2), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent[:, :, 3], torch.full_like(ent[:, :, 3], math.log(Nk)), rtol=0, atol=1e-5)
+    assert (out[:, :, 11] == 0).all() and (ent[:, :, 11] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_empty_batch(backend, device):
+    """B = 0: empty outputs and gradients (as SDPA), and both pruned modes with zero stats."""
+    q, k, v = make_inputs(0, 2, 2, 9, 7, 16, 16, torch.float32, device)
+    q.requires_grad_(True)
+    out, ent = entropy_attention(q, k, v, backend=backend)
+    assert out.shape == (0, 2, 9, 16) and ent.shape == (0, 2, 9)
+    (dq,) = torch.autograd.grad(out.sum() + ent.sum(), q)
+    assert dq.shape == q.shape
+    for mode in ("exact", "fast"):
+        out, stats = pruned_attention(q, k, v, mode=mode, return_stats=True, backend=backend)
+        assert out.shape == (0, 2, 9, 16)
+        for t in stats.values():
+            assert t.shape == (2,) and (t == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_large_logits(dtype, causal, device):

@@ -1,6 +1,7 @@
 """EntropyAttention against torch.nn.MultiheadAttention: construction, state_dict, forward,
 gradients, masks, layouts, errors, dropout, the Triton path, pruning, and model patching."""
 import copy
+import io
 
 import pytest
 import torch
@@ -251,6 +252,41 @@ def test_vit_b_16_bf16_on_gpu():
     assert (outs[1] - outs[0]).abs().max() <= 3e-2 * outs[0].abs().max()
     (outs[1].square().mean() + 0.1 * entropy_loss(swapped)).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in swapped.parameters())
+
+
+@pytest.mark.parametrize("config", [{}, {"add_bias_kv": True}], ids=["plain", "bias_kv"])
+def test_empty_batch_like_mha(config):
+    """A batch of 0 sequences: empty outputs and weights, as nn.MultiheadAttention returns."""
+    mha, ent = _pair(config)
+    x = torch.randn(L, 0, E)  # [L, N, E]: MHA's default layout
+    for kw in (dict(need_weights=False), dict(need_weights=True)):
+        out_mha, w_mha = mha(x, x, x, **kw)
+        out, w = ent(x, x, x, **kw)
+        assert out.shape == out_mha.shape == (L, 0, E)
+        assert (w is None) == (w_mha is None) and (w is None or w.shape == w_mha.shape)
+
+
+def test_deepcopy_and_pickle_after_a_training_step():
+    """EMA / SWA copies (``copy.deepcopy``) and ``torch.save(model)`` work mid-training: the layers'
+    records of their last forward, which hold its autograd graph, are copied detached."""
+    model = replace_attention(nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(E, H, 32, dropout=0.0, batch_first=True), 2, enable_nested_tensor=False))
+    x = torch.randn(N, L, E)
+    (model(x).square().mean() + 0.1 * entropy_loss(model)).backward()
+    ema = torch.optim.swa_utils.AveragedModel(model)
+    twin = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert model.layers[0].self_attn.last_entropy.requires_grad  # the original keeps its graph
+    for copied in (ema.module, twin, loaded):
+        for a, b in zip(model.modules(), copied.modules()):
+            if isinstance(a, EntropyAttention):
+                assert not b.last_entropy.requires_grad and b.last_regularizer is b.last_entropy
+                torch.testing.assert_close(b.last_entropy, a.last_entropy.detach())
+    for copied in (ema.module, twin, loaded):
+        torch.testing.assert_close(copied.eval()(x), model.eval()(x))
 
 
 def test_from_mha_shares_parameters_and_mode():

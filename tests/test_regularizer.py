@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import entropy_attn.reference as reference
 import entropy_attn.regularizer as reg
 from entropy_attn import AttentionMonitor, EntropyAttention, entropy_loss, replace_attention
 
@@ -59,7 +60,7 @@ def test_last_entropy_matches_definition(normalize):
 
 
 def test_l2_regularizer_value_and_gradient(monkeypatch):
-    monkeypatch.setattr(reg, "_CHUNK_ELEMENTS", N * H * L * 2)  # 2 rows per chunk: checkpointed chunks
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", N * H * L * 2)  # 2 rows per chunk: checkpointed chunks
     layer, x, blocked, pad = _setup(regularizer="l2")
     layer(x, x, x, attn_mask=blocked, key_padding_mask=pad, need_weights=False)
     P, _, valid = _definition(layer, x, blocked, pad)
