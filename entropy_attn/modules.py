@@ -68,6 +68,23 @@ def _tau_prune(p: Tensor, tau: float) -> Tensor:
     return a / a.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
 
 
+class _NoGradient(torch.autograd.Function):
+    """``out`` as a function of ``q, k, v`` whose backward raises: the pruned kernels have no
+    gradient, and a backward that went around them would leave q, k and v (and the layer's input
+    projection) silently without one."""
+
+    @staticmethod
+    def forward(ctx, out, q, k, v):
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(
+            "EntropyAttention: a forward in eval() with tau > 0 runs pruned_attention, which has no gradient; "
+            "call the layer with need_weights=True (the materialized path, differentiable), in train(), or with tau=0"
+        )
+
+
 class EntropyAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` that records its attention entropy and prunes at inference.
 
@@ -85,7 +102,9 @@ class EntropyAttention(nn.MultiheadAttention):
         normalize: divide the entropy by ``log n_i`` (``n_i`` unmasked keys of row i; 0 where
             ``n_i <= 1``), so ``last_entropy`` lies in [0, 1].
         tau: in eval mode, drop attention entries ``P_ij < tau`` and renormalize (MATH.md section 5)
-            through ``entropy_attn.pruned.pruned_attention``; 0 = dense.
+            through ``entropy_attn.pruned.pruned_attention``; 0 = dense. Its kernels have no
+            gradient: a backward through such a forward raises, eagerly (``need_weights=True`` runs
+            the materialized path, which has one; under ``torch.compile`` q, k and v get none).
         prune_mode: ``mode`` of ``pruned_attention`` (``'exact'`` by default).
         top_k: baseline that keeps only the ``k`` largest scores of each query row, in training and
             eval; the selection materializes a ``[B, H, L, S]`` boolean mask (no fused speed).
@@ -104,7 +123,8 @@ class EntropyAttention(nn.MultiheadAttention):
             self-attention, rows whose query is padding are left out). Differentiable.
         last_regularizer: ``[H]``, the ``regularizer`` kind's value averaged the same way
             (``last_entropy`` itself for ``'shannon'``). Differentiable.
-        last_prune_stats: eval with ``tau > 0`` under a monitor: ``pruned_attention``'s per-head stats.
+        last_prune_stats: eval with ``tau > 0`` and ``need_weights=False`` under a monitor:
+            ``pruned_attention``'s per-head stats.
     A layer called several times per step holds its last call's values; in training they keep
     the entropy's autograd graph alive until the next forward or the backward.
 
@@ -367,9 +387,13 @@ class EntropyAttention(nn.MultiheadAttention):
         result = pruned_attention(inp.q, inp.k, inp.v, tau=self.tau, causal=inp.causal, scale=inp.scale,
                                   attn_mask=inp.attn_mask, key_padding_mask=inp.key_padding_mask,
                                   mode=self.prune_mode, return_stats=record, backend=self.backend)
+        out, self.last_prune_stats = result if record else (result, None)
+        # Not under torch.compile, which traces the backward (and so the raise) ahead of time.
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
+                t.requires_grad for t in (inp.q, inp.k, inp.v)):
+            out = _NoGradient.apply(out, inp.q, inp.k, inp.v)
         if not record:
-            return result, {}
-        out, self.last_prune_stats = result
+            return out, {}
         _, entropies = attention_entropies(inp, self._kinds(record), cells=cells, backend=self.backend)
         return out, entropies
 

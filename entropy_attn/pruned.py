@@ -671,7 +671,10 @@ def pruned_attention(
             (Nq <= 16) pass a ``key_summary``: without one it pools the whole key cache on every
             call and is slower than ``'exact'`` with one query.
             Rows whose weights are all near tau (diffuse rows) are its weak case: it may keep
-            entries that the exact mode prunes.
+            entries that the exact mode prunes. With an ``attn_mask`` it runs the exact mode: its
+            predictor pools each key block without the mask (it takes ``key_padding_mask`` and
+            ``causal`` into account), so a hidden key could stand for its block and the row's
+            visible keys go unvisited (pass ``causal=True`` rather than a causal ``attn_mask``).
             The reference backend evaluates the exact definition in both modes.
         return_stats: also return the stats dict below.
         backend: ``'triton'``, ``'reference'`` or ``'auto'`` (Triton for CUDA inputs), as in
@@ -718,6 +721,8 @@ def pruned_attention(
         if not isinstance(key_summary, KeySummary):
             raise TypeError(f"key_summary must be an entropy_attn.KeySummary, got {type(key_summary).__name__}")
         pooled = key_summary.pooled(inp.k, inp.key_padding_mask, v.shape[3])
+    if mode == "fast" and inp.attn_mask is not None:
+        mode, pooled = "exact", None  # the predictor pools keys without attn_mask (see the docstring)
     with torch.no_grad():
         if q.shape[0] * H == 0:  # an empty batch: nothing to launch, no entry to count
             out = q.new_zeros(*q.shape[:3], v.shape[3])

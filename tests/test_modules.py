@@ -343,6 +343,25 @@ def test_tau_pruning_in_eval_uses_pruned_attention():
                                EntropyAttention.from_mha(ent, tau=0.0)(xs, xs, xs, need_weights=False)[0])
 
 
+def test_eval_pruning_has_no_gradient_and_says_so():
+    """In eval with tau > 0 the pruned kernels run, which have no gradient: a backward through them
+    raises (it used to leave x and the input projection silently without one). The need_weights
+    path (materialized) prunes alike and is differentiable; serving under no_grad builds no graph."""
+    _, ent = _pair({})
+    ent.tau = 0.2
+    ent.eval()
+    x = torch.randn(L, N, E, requires_grad=True)
+    out = ent(x, x, x, need_weights=False)[0]
+    with pytest.raises(RuntimeError, match="no gradient"):
+        out.sum().backward()
+    out_w = ent(x, x, x)[0]
+    torch.testing.assert_close(out_w, out.detach(), atol=ATOL, rtol=1e-4)
+    (g,) = torch.autograd.grad(out_w.sum(), x)
+    assert g.abs().max() > 0
+    with torch.no_grad():
+        assert not ent(x, x, x, need_weights=False)[0].requires_grad
+
+
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_eval_pruning_on_the_triton_path(mode, dtype):
