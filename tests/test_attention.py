@@ -321,7 +321,7 @@ def check_nan_rows(got, base, sees, name, atol):
 @pytest.mark.parametrize("causal", [False, True])
 def test_nan_reaches_exactly_the_rows_that_see_it(causal, padded, backend, device):
     """A NaN in q, or in a key, makes NaN every row that sees it (as SDPA) and no other row: the
-    output and entropy, dq for a NaN in q (a NaN key reaches every row's dq: 0 x NaN), and the
+    output and entropy, dq for a NaN in q (a NaN key reaches the dq of rows that do not see it too: 0 x NaN), and the
     output of both pruned modes (whose visited tiles here hold every key). Until 2026-12-02 the
     kernels' clamp of s - m dropped a NaN score in every masked tile (a row of NaN scores came out
     0, with zero gradients, as if masked), and so did the reference path for a row of NaN scores."""
