@@ -1,6 +1,7 @@
 """Functional attention with the row entropy: the library's main entry point."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -8,7 +9,7 @@ import torch
 from ._inputs import AttentionInputs, check_inputs
 from ._launch import check_triton_inputs
 from .range_entropy import DEFAULT_ALPHA, ball_cells, cell_entropy, init_anchors, sequence_positions
-from .reference import reference_attention
+from .reference import _compute_dtype, reference_attention
 
 BACKENDS = ("auto", "triton", "reference")
 ENTROPIES = ("shannon", "range")
@@ -59,23 +60,36 @@ def attention_with_lse(inp: AttentionInputs, *, entropy: bool = True, backend: s
     return out, (ent if entropy else None), lse
 
 
+def _check_range_tensor(name: str, t, device) -> None:
+    """``positions``, ``anchors`` or ``cells`` of the range entropy: a floating-point tensor on q's
+    device."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+
+
 def _range_cells(inp: AttentionInputs, cells, anchors, positions, alpha: float) -> torch.Tensor:
-    """The soft cells G ``[Nk, k]`` of the range entropy, checked, in v's dtype."""
+    """The soft cells G ``[Nk, k]`` of the range entropy, checked, in v's dtype. Default positions
+    and anchors are in the compute dtype (float64 for float64 inputs)."""
     nk = inp.k.shape[2]
     if cells is None:
         if positions is None:
-            positions = sequence_positions(nk, device=inp.q.device)
+            positions = sequence_positions(nk, device=inp.q.device, dtype=_compute_dtype(inp.q.dtype))
+        _check_range_tensor("positions", positions, inp.q.device)
+        if positions.dim() != 2 or positions.shape[0] != nk or positions.shape[1] < 1:
+            raise ValueError(f"positions must have shape [Nk, c] = [{nk}, c >= 1], got {tuple(positions.shape)}")
         if anchors is None:
             anchors = init_anchors(positions)
-        if positions.dim() != 2 or positions.shape[0] != nk:
-            raise ValueError(f"positions must have shape [Nk, c] = [{nk}, c], got {tuple(positions.shape)}")
-        if anchors.dim() != 2 or anchors.shape[1] != positions.shape[1]:
-            raise ValueError(f"anchors must have shape [k, {positions.shape[1]}], got {tuple(anchors.shape)}")
+        _check_range_tensor("anchors", anchors, inp.q.device)
+        if anchors.dim() != 2 or anchors.shape[0] < 1 or anchors.shape[1] != positions.shape[1]:
+            raise ValueError(f"anchors must have shape [k >= 1, {positions.shape[1]}], got {tuple(anchors.shape)}")
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be a positive finite number, got {alpha}")
         cells = ball_cells(positions, anchors, alpha)
-    if not isinstance(cells, torch.Tensor) or cells.dim() != 2 or cells.shape[0] != nk:
-        raise ValueError(f"cells must be a tensor of shape [Nk, k] = [{nk}, k], got {getattr(cells, 'shape', cells)}")
-    if cells.device != inp.q.device:
-        raise ValueError(f"cells are on {cells.device} but q is on {inp.q.device}")
+    _check_range_tensor("cells", cells, inp.q.device)
+    if cells.dim() != 2 or cells.shape[0] != nk:
+        raise ValueError(f"cells must have shape [Nk, k] = [{nk}, k], got {tuple(cells.shape)}")
     return cells.to(inp.v.dtype)
 
 
@@ -129,7 +143,7 @@ def entropy_attention(
         ``(out, *entropies)``, or ``out`` alone when ``return_entropy=False``. ``out`` is
         ``[B, H, Nq, Dv]`` in q's dtype; each entropy is ``[B, H, Nq]`` float32 (float64 for float64
         inputs), in nats; Shannon lies in ``[0, log n_i]`` for ``n_i`` unmasked keys, range in
-        ``[0, log k]``. A row with no unmasked key gives out 0 and entropies 0, with zero
+        ``[0, log k]`` for ``k`` cells (the anchors, and one more where keys without a position form it). A row with no unmasked key gives out 0 and entropies 0, with zero
         gradients. All outputs are differentiable; on the Triton path their gradients come from one
         fused backward kernel (the range entropy rides along as ``k`` extra value columns).
     """

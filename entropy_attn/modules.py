@@ -12,7 +12,9 @@ and replaces its forward:
 """
 from __future__ import annotations
 
+import math
 import warnings
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,7 @@ from ._inputs import AttentionInputs, check_inputs
 from .functional import BACKENDS, _range_cells, attention_entropies
 from .pruned import MODES, _check_tau, pruned_attention
 from .range_entropy import DEFAULT_ALPHA, cell_entropy, init_anchors, sequence_positions
+from .reference import MASKED_BELOW, _compute_dtype
 from .regularizer import REGULARIZERS, attention_probs, head_mean, key_counts, map_rows, normalized_entropy
 
 
@@ -41,7 +44,8 @@ def _pad_keys(mask: Tensor | None, n: int, bool_fill: bool) -> Tensor | None:
 
 
 def _is_pad(kpm: Tensor) -> Tensor:
-    return kpm if kpm.dtype == torch.bool else kpm == float("-inf")
+    """The padded keys of a ``key_padding_mask``: True, or a float entry below ``MASKED_BELOW``."""
+    return kpm if kpm.dtype == torch.bool else kpm < MASKED_BELOW
 
 
 def _top_k_inputs(inp: AttentionInputs, k: int) -> AttentionInputs:
@@ -100,7 +104,8 @@ class EntropyAttention(nn.MultiheadAttention):
             MATH.md section 4, fused into the same kernels as ``num_anchors`` extra value columns;
             the layer owns its ``anchors`` as a parameter), ``'none'`` (zeros).
         normalize: divide the entropy by ``log n_i`` (``n_i`` unmasked keys of row i; 0 where
-            ``n_i <= 1``), so ``last_entropy`` lies in [0, 1].
+            ``n_i <= 1``), so ``last_entropy`` lies in [0, 1]; the range regularizer by the log
+            of its number of cells (``num_anchors``, +1 where keys without a position add one).
         tau: in eval mode, drop attention entries ``P_ij < tau`` and renormalize (MATH.md section 5)
             through ``entropy_attn.pruned.pruned_attention``; 0 = dense. Its kernels have no
             gradient: a backward through such a forward raises, eagerly (``need_weights=True`` runs
@@ -111,9 +116,10 @@ class EntropyAttention(nn.MultiheadAttention):
         backend: ``'auto'`` (Triton kernels for CUDA inputs, PyTorch reference elsewhere),
             ``'triton'`` or ``'reference'``; see ``entropy_attention``.
         num_anchors, range_alpha, key_positions: for ``regularizer='range'``: the number of anchors
-            (about ``sqrt(S)`` is the paper's choice), the cells' temperature on [0, 1]
-            coordinates, and the keys' coordinates ``[S, c]`` (default the normalized 1-D
-            positions; e.g. ``range_entropy.patch_positions(14, 14, class_token=True)`` for a ViT).
+            (about ``sqrt(S)`` is the paper's choice; the grid rounds it to a power of c), the
+            cells' temperature on [0, 1] coordinates (> 0), and the keys' coordinates ``[S, c]``
+            (default the normalized 1-D positions; e.g.
+            ``range_entropy.patch_positions(14, 14, class_token=True)`` for a ViT).
             The anchors are initialized on a uniform grid of ``[0, 1]^c``. A ``state_dict`` of a
             ``'range'`` layer has the extra key ``anchors``.
 
@@ -170,8 +176,14 @@ class EntropyAttention(nn.MultiheadAttention):
         self._monitors = 0  # active AttentionMonitors: record the entropy in eval too
         self.register_forward_pre_hook(_keep_module_forward)
         if regularizer == "range":
+            if key_positions is not None and not (isinstance(key_positions, Tensor) and key_positions.is_floating_point()):
+                raise TypeError(f"key_positions must be a floating-point tensor, got {type(key_positions).__name__}")
             if key_positions is not None and (key_positions.dim() != 2 or key_positions.shape[1] < 1):
                 raise ValueError(f"key_positions must have shape [S, c], got {tuple(key_positions.shape)}")
+            if not isinstance(num_anchors, int) or num_anchors < 1:
+                raise ValueError(f"num_anchors must be a positive integer, got {num_anchors!r}")
+            if not (math.isfinite(range_alpha) and range_alpha > 0):
+                raise ValueError(f"range_alpha must be a positive finite number, got {range_alpha}")
             self.key_positions = key_positions
             self.range_alpha = float(range_alpha)
             self._init_anchors(num_anchors, device, dtype)
@@ -205,9 +217,13 @@ class EntropyAttention(nn.MultiheadAttention):
 
     def __getstate__(self) -> dict:
         """``copy.deepcopy`` (EMA and SWA copies of a model) and pickling take the last forward's
-        ``last_entropy`` / ``last_regularizer`` detached: they hold its autograd graph, which cannot
-        be copied."""
+        ``last_entropy`` / ``last_regularizer`` detached (they hold its autograd graph, which cannot
+        be copied), and leave out an active ``AttentionMonitor``."""
         state = self.__dict__.copy()
+        # An AttentionMonitor watches this layer, not its copies.
+        state["_monitors"] = 0
+        state["_forward_hooks"] = OrderedDict((i, h) for i, h in state["_forward_hooks"].items()
+                                              if not getattr(h, "attention_monitor", False))
         detached = {}
         for name in ("last_entropy", "last_regularizer"):
             t = state[name]
@@ -247,7 +263,7 @@ class EntropyAttention(nn.MultiheadAttention):
             out, entropies = attention_entropies(inp, self._kinds(record), cells=cells, backend=self.backend)
         if record:
             query_pad = _is_pad(key_padding_mask) if self_attention and key_padding_mask is not None else None
-            self._record(inp, entropies, query_pad)
+            self._record(inp, entropies, query_pad, cells)
         else:
             self.last_entropy = self.last_regularizer = self._last_rows = None
 
@@ -358,12 +374,13 @@ class EntropyAttention(nn.MultiheadAttention):
         """The range entropy's soft cells ``[S + n_extra, num_anchors (+1)]`` in v's dtype; the
         ``add_bias_kv`` / ``add_zero_attn`` keys have no position (a cell of their own)."""
         S = inp.k.shape[2] - n_extra
+        cdt = _compute_dtype(inp.q.dtype)
         pos = self.key_positions
-        pos = sequence_positions(S, device=inp.q.device) if pos is None else pos.to(inp.q.device, torch.float32)
+        pos = sequence_positions(S, device=inp.q.device, dtype=cdt) if pos is None else pos.to(inp.q.device, cdt)
         if pos.shape[0] != S:
             raise ValueError(f"key_positions has {pos.shape[0]} rows but the keys have length {S}")
         pos = torch.cat([pos, pos.new_full((n_extra, pos.shape[1]), float("nan"))])
-        return _range_cells(inp, None, self.anchors.float(), pos, self.range_alpha)
+        return _range_cells(inp, None, self.anchors.to(cdt), pos, self.range_alpha)
 
     def _materialized(self, inp: AttentionInputs, pruning: bool, cells: Tensor | None):
         """``P`` in full: returns ``(out [B, H, L, D], {'shannon': entropy [B, H, L] of the
@@ -397,9 +414,9 @@ class EntropyAttention(nn.MultiheadAttention):
         _, entropies = attention_entropies(inp, self._kinds(record), cells=cells, backend=self.backend)
         return out, entropies
 
-    def _record(self, inp: AttentionInputs, entropies: dict, query_pad: Tensor | None) -> None:
+    def _record(self, inp: AttentionInputs, entropies: dict, query_pad: Tensor | None, cells: Tensor | None) -> None:
         """Set ``last_entropy`` / ``last_regularizer`` (``[H]``) from the row entropies ``[B, H, L]``
-        (``entropies['range']`` is the range regularizer's row value)."""
+        (``entropies['range']`` is the range regularizer's row value, over the ``cells``)."""
         entropy = entropies["shannon"]
         counts = key_counts(inp)
         valid = counts > 0
@@ -411,7 +428,11 @@ class EntropyAttention(nn.MultiheadAttention):
         self.last_entropy = head_mean(entropy, valid)
         self._last_rows = valid.sum(dim=(0, 2)).float()
         if self.regularizer == "range":
-            self.last_regularizer = head_mean(entropies["range"], valid)
+            h_range = entropies["range"]
+            if self.normalize:  # 0 with one cell, as Shannon with one key
+                log_cells = math.log(cells.shape[-1])
+                h_range = h_range / log_cells if log_cells > 0 else torch.zeros_like(h_range)
+            self.last_regularizer = head_mean(h_range, valid)
             return
         fn = REGULARIZERS[self.regularizer]
         if fn is None:

@@ -35,6 +35,8 @@ class AttentionMonitor:
         self._handles = []
 
     def __enter__(self) -> "AttentionMonitor":
+        if self._handles:
+            raise RuntimeError("AttentionMonitor is already active; nest a new AttentionMonitor instead")
         for name, layer in self.layers.items():
             layer._monitors += 1
             self._handles.append(layer.register_forward_hook(self._hook(name)))
@@ -60,6 +62,7 @@ class AttentionMonitor:
                 v = v.detach().float()
                 sums[key] = sums.get(key, 0) + v * rows
                 weights[key] = weights.get(key, 0) + rows
+        hook.attention_monitor = True  # EntropyAttention.__getstate__ leaves it out of copies
         return hook
 
     def summary(self) -> dict[str, dict[str, torch.Tensor]]:

@@ -54,6 +54,28 @@ def test_monitor_scope_eval_entropy_only_inside():
         AttentionMonitor(nn.Linear(2, 2))
 
 
+def test_copies_and_reentry_of_an_active_monitor():
+    """A deep copy of a monitored model (an EMA copy) is not monitored: it neither records in eval
+    nor adds to the monitor's summary (the copy used to keep the monitor's hook and count). A monitor
+    entered twice raises, where its inner exit used to stop the outer recording."""
+    import copy
+
+    model = _model()
+    x = torch.randn(2, 6, E)
+    with torch.no_grad(), AttentionMonitor(model) as mon:
+        model(x)
+        twin = copy.deepcopy(model)
+        twin(torch.randn(2, 6, E) * 10)
+        assert twin.layers[0].self_attn.last_entropy is None
+        assert not twin.layers[0].self_attn._forward_hooks and twin.layers[0].self_attn._monitors == 0
+        with pytest.raises(RuntimeError, match="already active"):
+            mon.__enter__()
+    with torch.no_grad(), AttentionMonitor(model) as alone:
+        model(x)
+    for name, values in alone.summary().items():
+        torch.testing.assert_close(mon.summary()[name]["entropy"], values["entropy"])
+
+
 def test_records_pruning_stats_with_tau():
     from entropy_attn.pruned import pruned_attention
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from entropy_attn import entropy_attention
+from entropy_attn import EntropyAttention, entropy_attention
 from entropy_attn.range_entropy import ball_cells, halfspace_cells, init_anchors, interval_cells, patch_positions, sequence_positions
 from oracle import TOL, definition, fresh_generator, rel_err
 
@@ -219,5 +219,34 @@ def test_range_errors():
         entropy_attention(q, k, v, entropy="range", positions=torch.rand(8, 1))
     with pytest.raises(ValueError, match="anchors must have shape"):
         entropy_attention(q, k, v, entropy="range", anchors=torch.rand(3, 2))
-    with pytest.raises(ValueError, match="cells must be a tensor of shape"):
+    with pytest.raises(ValueError, match="cells must have shape"):
         entropy_attention(q, k, v, entropy="range", cells=torch.rand(8, 3))
+    bad = [  # (argument, value, error, match): each raised naming the argument
+        ("positions", torch.arange(9)[:, None], TypeError, "positions must be a floating-point tensor"),
+        ("positions", [[0.0]] * 9, TypeError, "positions must be a floating-point tensor"),
+        ("positions", torch.rand(9, 0), ValueError, "positions must have shape"),
+        ("positions", torch.rand(9, 1, device="meta"), ValueError, "positions is on meta"),
+        ("anchors", torch.rand(3, 1).bool(), TypeError, "anchors must be a floating-point tensor"),
+        ("anchors", torch.rand(0, 1), ValueError, "anchors must have shape"),
+        ("alpha", float("nan"), ValueError, "alpha must be a positive finite number"),
+        ("alpha", -5.0, ValueError, "alpha must be a positive finite number"),
+        ("cells", torch.ones(9, 3, dtype=torch.int64), TypeError, "cells must be a floating-point tensor"),
+    ]
+    for name, value, error, match in bad:
+        with pytest.raises(error, match=match):
+            entropy_attention(q, k, v, entropy="range", **{name: value})
+
+
+def test_range_default_positions_keep_float64():
+    """float64 inputs get float64 default positions and anchors (they were float32: errors of
+    3e-8 against the float64 definition), in the functional call and in a float64 layer."""
+    q, k, v = (torch.randn(1, 2, 23, 8, dtype=torch.float64) for _ in range(3))
+    _, hr = entropy_attention(q, k, v, entropy="range")
+    pos = sequence_positions(23, dtype=torch.float64)
+    _, hr64 = entropy_attention(q, k, v, entropy="range", positions=pos, anchors=init_anchors(pos))
+    torch.testing.assert_close(hr, hr64, rtol=0, atol=1e-14)
+    layer = EntropyAttention(16, 2, regularizer="range", num_anchors=5, batch_first=True, dtype=torch.float64)
+    x = torch.randn(2, 23, 16, dtype=torch.float64)
+    layer(x, x, x, need_weights=False)
+    cells = layer._cells(layer._inputs(x, x, x, True, None, None, False)[0], 0)
+    assert cells.dtype == torch.float64

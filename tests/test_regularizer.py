@@ -59,6 +59,40 @@ def test_last_entropy_matches_definition(normalize):
     assert torch.equal(layer._last_rows, valid.expand(N, H, L).sum((0, 2)).double().float())
 
 
+def test_a_finfo_min_padding_mask_drops_padded_queries():
+    """A float key_padding_mask of finfo.min pads as True and -inf do: the padded queries are left
+    out of last_entropy and of the monitor's row counts (they were counted as queries)."""
+    layer, x, blocked, pad = _setup()
+    recorded = []
+    for kpm in (pad, torch.zeros(N, L, dtype=torch.float64).masked_fill(pad, -math.inf),
+                torch.zeros(N, L, dtype=torch.float64).masked_fill(pad, torch.finfo(torch.float64).min)):
+        layer(x, x, x, attn_mask=blocked, key_padding_mask=kpm, need_weights=False)
+        recorded.append((layer.last_entropy, layer._last_rows))
+    for entropy, rows in recorded[1:]:
+        torch.testing.assert_close(entropy, recorded[0][0], rtol=1e-12, atol=1e-12)
+        assert torch.equal(rows, recorded[0][1])
+
+
+@pytest.mark.parametrize("bias_kv", [False, True], ids=["cells_k", "cells_k_plus_1"])
+def test_normalized_range_regularizer(bias_kv):
+    """normalize=True divides the range regularizer by the log of its number of cells (k anchors,
+    and one more for the add_bias_kv key, which has no position), as it divides Shannon's by
+    log n_i; it was left in nats, so one gamma weighed range about 3x Shannon in the examples."""
+    from entropy_attn import EntropyAttention
+
+    torch.manual_seed(0)
+    plain = EntropyAttention(E, H, regularizer="range", num_anchors=5, add_bias_kv=bias_kv, dtype=torch.float64)
+    normed = EntropyAttention.from_mha(plain, regularizer="range", num_anchors=5, normalize=True)
+    with torch.no_grad():
+        normed.anchors.copy_(plain.anchors)
+    x = torch.randn(L, N, E, dtype=torch.float64)
+    plain(x, x, x, need_weights=False)
+    normed(x, x, x, need_weights=False)
+    n_cells = 5 + bias_kv
+    torch.testing.assert_close(normed.last_regularizer, plain.last_regularizer / math.log(n_cells))
+    assert (normed.last_regularizer <= 1 + 1e-12).all()
+
+
 def test_l2_regularizer_value_and_gradient(monkeypatch):
     monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", N * H * L * 2)  # 2 rows per chunk: checkpointed chunks
     layer, x, blocked, pad = _setup(regularizer="l2")
