@@ -45,7 +45,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                         "gamma * sum P^2); topk (hard top-k attention, no penalty); shannon (row entropy); "
                         "range (range-partition entropy)")
     p.add_argument("--gamma", type=float, default=0.05, help="regularizer weight: loss = task + gamma * reg")
-    p.add_argument("--normalize", action="store_true", help="regularize entropy / log(n) instead of nats")
+    p.add_argument("--normalize", action="store_true",
+                   help="regularize entropy / log(n) (range: / log of its cells) instead of nats")
     p.add_argument("--topk-keep", type=float, default=0.2,
                    help="--reg topk: fraction of the keys each query keeps (top_k = fraction * tokens)")
     p.add_argument("--taus", type=float, nargs="+", default=list(DEFAULT_TAUS), help="inference thresholds to sweep")
@@ -69,7 +70,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 def check_range_supported() -> None:
     """Fail clearly when the installed entropy_attn has no range-partition regularizer."""
     try:
-        EntropyAttention(8, 2, regularizer="range")
+        # fork_rng: the throwaway layer's initialization must not draw from the global RNG, or at one
+        # seed range models would start from other weights than the other regularizers' (study.py pairs
+        # its runs by seed). It is built on the CPU, so only the CPU generator needs forking.
+        with torch.random.fork_rng(devices=[]):
+            EntropyAttention(8, 2, regularizer="range")
     except (ValueError, TypeError, NotImplementedError, KeyError) as e:
         raise SystemExit(f"--reg range needs entropy_attn's range-partition regularizer "
                          f"(regularizer='range'), which this installation does not support: {e}") from e
@@ -198,6 +203,13 @@ def _time_is_up(start: float, limit: float, device: torch.device) -> bool:
     return bool(flag)
 
 
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether AdamW's weight decay applies to parameter ``name``: to weight matrices only, not to
+    biases and norms (1-D), position embeddings, or the range regularizer's ``anchors`` (cell
+    centres: coordinates, which decay would pull towards 0 whatever the loss)."""
+    return param.ndim >= 2 and "pos" not in name and not name.endswith("anchors")
+
+
 def fit(model: nn.Module, batches: Iterator, task_loss: Callable, args: argparse.Namespace, steps: int,
         device: torch.device, show: bool = True) -> dict:
     """Train ``model`` (plain or DDP-wrapped) for ``steps`` AdamW steps on
@@ -208,8 +220,9 @@ def fit(model: nn.Module, batches: Iterator, task_loss: Callable, args: argparse
     reached and the LR schedule runs on the elapsed time too, so a time-limited run still anneals. Returns
     ``{"history": [{step, loss, reg, entropy, lr, time_s}], "steps", "train_time_s", "items_per_s"}``.
     """
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos" not in n)]
+    params = list(model.named_parameters())
+    decay = [p for n, p in params if decays(n, p)]
+    no_decay = [p for n, p in params if not decays(n, p)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     warmup = max(1, min(100, steps // 10))

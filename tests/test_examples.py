@@ -1,6 +1,8 @@
 """End-to-end runs of the example scripts' smallest configurations on the CPU (a few steps each):
 outputs, checkpoints and plots are produced, the tau sweep is consistent, and gamma > 0 lowers the
 attention entropy."""
+import argparse
+import itertools
 import json
 import math
 import os
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from entropy_attn import entropy_attention
 
@@ -123,6 +126,42 @@ def test_range_flag_fails_clearly(monkeypatch):
     monkeypatch.setattr(common, "EntropyAttention", no_range)
     with pytest.raises(SystemExit, match="range-partition regularizer"):
         train_vit.main([*TINY_VIT, "--dataset", "digits", "--reg", "range", "--steps", "1"])
+
+
+def _tiny_lm_model(reg: str) -> tuple[GPT, argparse.Namespace]:
+    """The ``TINY_LM`` GPT with ``--reg reg`` at seed 0, built as ``train_lm.main`` builds it, and its args."""
+    args = train_lm.build_parser().parse_args([*TINY_LM, "--reg", reg])
+    common.seed_everything(args.seed)
+    model = GPT(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                **common.attention_options(args, args.block_size))
+    return model, args
+
+
+def test_fit_leaves_range_anchors_undecayed():
+    """The range regularizer's anchors are coordinates, not weights. With gamma = 0 they get no
+    gradient, so only weight decay could move them during ``fit``: they must come out unchanged."""
+    model, args = _tiny_lm_model("range")
+    args.gamma, args.lr, args.weight_decay = 0.0, 1e-2, 0.5  # a large decay: drift ~0.02 in 5 steps if applied
+    before = [layer.anchors.detach().clone() for layer in common.attention_layers(model)]
+    batch = torch.randint(0, 256, (2, args.block_size + 1), generator=torch.Generator().manual_seed(0))
+
+    def task_loss(m, b):
+        return F.cross_entropy(m(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten()), b[:, 1:].numel()
+
+    common.fit(model, itertools.repeat(batch), task_loss, args, 5, torch.device("cpu"), show=False)
+    for layer, anchors in zip(common.attention_layers(model), before):
+        torch.testing.assert_close(layer.anchors.detach(), anchors, rtol=0, atol=0)
+
+
+def test_range_models_start_from_the_seeds_weights():
+    """study.py compares regularizers seed by seed: at one seed a range model must start from the
+    weights a shannon model does (all but its anchors), so building it draws nothing extra from the
+    global RNG (``attention_options`` checks range support with a throwaway layer)."""
+    shannon = _tiny_lm_model("shannon")[0].state_dict()
+    ranged = {k: v for k, v in _tiny_lm_model("range")[0].state_dict().items() if not k.endswith("anchors")}
+    assert ranged.keys() == shannon.keys()
+    for name, weight in shannon.items():
+        torch.testing.assert_close(ranged[name], weight, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
 def _torchrun_vit(out: Path, logs: Path) -> tuple[int, str]:
