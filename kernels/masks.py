@@ -63,9 +63,11 @@ def apply_masks(
     """Mask a tile of base-2 scores ``u`` whose query index is ``i`` and key index is ``j``
     (broadcastable index grids, so both ``[BM, BN]`` and transposed ``[BN, BM]`` tiles work).
 
-    Out-of-range entries, causal entries (``j > i + Nk - Nq``), padded keys and False entries of a
-    boolean ``attn_mask`` become -inf; float masks are added. ``Mask`` is ``[B, H, Nq, Nk]`` (any
-    strides, 0 for broadcast dims), ``Kpm`` is ``[B, Nk]`` with True = pad.
+    Out-of-range entries, causal entries (``j > i + Nk - Nq``), padded keys, False entries of a
+    boolean ``attn_mask`` and -inf entries of a float one become -inf, whatever the score (a NaN
+    score there is dropped, as the reference path drops it); other float mask entries are added.
+    ``Mask`` is ``[B, H, Nq, Nk]`` (any strides, 0 for broadcast dims), ``Kpm`` is ``[B, Nk]`` with
+    True = pad.
     """
     in_range = (i < Nq) & (j < Nk)
     valid = in_range
@@ -76,12 +78,16 @@ def apply_masks(
         if KPM_KIND == BOOL_MASK:
             valid = valid & (kpm == 0)
         else:
-            u = u + kpm.to(tl.float32) * LOG2E
+            kpm = kpm.to(tl.float32)
+            valid = valid & (kpm != float("-inf"))
+            u = u + kpm * LOG2E
     if MASK_KIND != NO_MASK:
         offs = b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + i.to(tl.int64) * stride_mm + j * stride_mn
         mask = tl.load(Mask + offs, mask=in_range, other=0)
         if MASK_KIND == BOOL_MASK:
             valid = valid & (mask != 0)
         else:
-            u = u + mask.to(tl.float32) * LOG2E
+            mask = mask.to(tl.float32)
+            valid = valid & (mask != float("-inf"))
+            u = u + mask * LOG2E
     return tl.where(valid, u, float("-inf"))

@@ -286,12 +286,15 @@ def test_gpu_long_sequence(dtype, device):
 
 
 def nan_cases(padded, causal):
-    """``(q, k, v, kpm, cases)``: float32 inputs ``[2, 2, 40, 8]`` (key 9 padded when ``padded``,
-    else kpm None), and per case the inputs with one NaN and the ``[B, H, Nq]`` rows that see it: in
-    q (its row), in a visible key (the rows of its kv head that see it) and in the padded key (none)."""
+    """``(q, k, v, kpm, cases)``: float32 inputs ``[2, 2, 40, 8]`` (key 9 padded when ``padded``:
+    ``'bool'`` True, ``'float'`` -inf; else kpm None), and per case the inputs with one NaN and the
+    ``[B, H, Nq]`` rows that see it: in q (its row), in a visible key (the rows of its kv head that
+    see it) and in the padded key (none)."""
     q, k, v = (torch.randn(2, 2, 40, 8) for _ in range(3))
     kpm = torch.zeros(2, 40, dtype=torch.bool)
     kpm[:, 9] = True
+    if padded == "float":
+        kpm = torch.zeros(2, 40).masked_fill(kpm, -math.inf)
     cases = [("q", 0, (0, 1, 4, 2), (0, 1, slice(4, 5))),
              ("key", 1, (1, 0, 6, 0), (1, 0, slice(6 if causal else 0, 40)))]
     if padded:
@@ -317,14 +320,16 @@ def check_nan_rows(got, base, sees, name, atol):
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-@pytest.mark.parametrize("padded", [False, True], ids=["no_kpm", "kpm"])
+@pytest.mark.parametrize("padded", [None, "bool", "float"], ids=["no_kpm", "kpm", "float_kpm"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_nan_reaches_exactly_the_rows_that_see_it(causal, padded, backend, device):
     """A NaN in q, or in a key, makes NaN every row that sees it (as SDPA) and no other row: the
     output and entropy, dq for a NaN in q (a NaN key reaches the dq of rows that do not see it too: 0 x NaN), and the
     output of both pruned modes (whose visited tiles here hold every key). Until 2026-12-02 the
     kernels' clamp of s - m dropped a NaN score in every masked tile (a row of NaN scores came out
-    0, with zero gradients, as if masked), and so did the reference path for a row of NaN scores."""
+    0, with zero gradients, as if masked), and so did the reference path for a row of NaN scores.
+    Until then too a NaN key under a -inf float padding mask made every row NaN in the kernels (NaN
+    plus -inf), where the reference path dropped it."""
     q, k, v, kpm, cases = nan_cases(padded, causal)
     kw = dict(causal=causal, key_padding_mask=None if kpm is None else kpm.to(device), backend=backend)
     # float64 on the reference path; the kernels take float32
