@@ -5,7 +5,11 @@ works throughout). Estimators return ``[B]``, or a 0-d tensor for ``[n, d]`` inp
 is differentiable in the points and in its parameters (anchors, halfspaces).
 
 With ``normalize=True`` (the default) points are first centred and divided by their RMS radius,
-so that ``H(lambda * S + t) == H(S)``; anchors and halfspaces then live in that normalized frame.
+so that ``H(lambda * S + t) == H(S)``, also at extreme scales (no raw coordinate is squared);
+anchors and halfspaces then live in that normalized frame.
+
+An empty set (``n == 0``) raises ``ValueError``: the estimators average over the points, which is
+undefined there (the hard entropy of :mod:`.partition`, a minimum over partitions, is 0 instead).
 """
 from __future__ import annotations
 
@@ -19,23 +23,40 @@ DEFAULT_ALPHA = 10.0
 DEFAULT_TAU = 0.1
 
 
+def _require_points(x: torch.Tensor) -> None:
+    """``ValueError`` if the set ``x`` ``[..., n, d]`` is empty (see the module docstring)."""
+    if x.shape[-2] == 0:
+        raise ValueError(f"the estimators need at least one point, got shape {tuple(x.shape)}")
+
+
 def _batched(x: torch.Tensor):
-    """``x`` as ``[B, n, d]`` and whether the batch axis was added."""
-    if x.dim() == 2:
-        return x.unsqueeze(0), True
-    if x.dim() != 3:
+    """``x`` as ``[B, n, d]`` and whether the batch axis was added; ``ValueError`` on another
+    shape or an empty set."""
+    if x.dim() not in (2, 3):
         raise ValueError(f"points must have shape [B, n, d] or [n, d], got {tuple(x.shape)}")
-    return x, False
+    _require_points(x)
+    return (x.unsqueeze(0), True) if x.dim() == 2 else (x, False)
 
 
 def centre_and_scale(x: torch.Tensor):
     """Centroid ``[..., 1, d]`` and RMS radius ``sqrt(mean_i ||x_i - mean||^2)`` ``[..., 1, 1]``
-    of ``x`` ``[..., n, d]``; a zero radius (all points equal) is replaced by 1, with zero gradient
-    (the square root is taken of the replaced mean square, so its backward never meets sqrt(0))."""
+    of ``x`` ``[..., n, d]``.
+
+    The deviations are divided by their largest magnitude before squaring, so that the squares
+    neither overflow nor underflow at any scale where the deviations are finite; that divisor is
+    detached (the radius does not depend on it). A zero radius (all points equal, or ``n == 0``)
+    is replaced by 1, with zero gradient (the square root is taken of the replaced mean square, so
+    its backward never meets sqrt(0)).
+    """
     centre = x.mean(dim=-2, keepdim=True)
-    mean_sq = (x - centre).square().sum(dim=-1, keepdim=True).mean(dim=-2, keepdim=True)
-    spread = mean_sq > torch.finfo(x.dtype).tiny
-    return centre, torch.where(spread, mean_sq, torch.ones_like(mean_sq)).sqrt()
+    if x.shape[-2] == 0:  # no deviation to scale by (amax has no identity)
+        return centre, torch.ones_like(centre[..., :1])
+    dev = x - centre
+    peak = dev.detach().abs().amax(dim=(-2, -1), keepdim=True)
+    spread = peak > 0
+    peak = torch.where(spread, peak, torch.ones_like(peak))
+    mean_sq = (dev / peak).square().sum(dim=-1, keepdim=True).mean(dim=-2, keepdim=True)
+    return centre, peak * torch.where(spread, mean_sq, torch.ones_like(mean_sq)).sqrt()
 
 
 def normalize_points(x: torch.Tensor) -> torch.Tensor:
@@ -201,6 +222,7 @@ class HalfspaceEntropy(nn.Module):
     def from_points(cls, x: torch.Tensor, m: int = 4, tau: float = DEFAULT_TAU,
                     normalize: bool = True, generator: torch.Generator | None = None):
         """Random unit normals; each halfspace passes through a random point of ``x`` ``[n, d]``."""
+        _require_points(x)
         base = normalize_points(x) if normalize else x
         normals = torch.randn(m, x.shape[-1], generator=generator, dtype=x.dtype, device=x.device)
         normals = normals / normals.norm(dim=-1, keepdim=True)

@@ -13,8 +13,8 @@ of an edge are not vertices. Degenerate input gets a defined answer:
 - NaN or infinite coordinates, or a wrong shape: ``ValueError`` naming the problem.
 
 Every orientation decision is exact (:func:`~entropy_attn.geometry.predicates.orient2d`), so
-nearly collinear points are never misclassified. The exact answers do not depend on the
-algorithm: all four return identical arrays.
+nearly collinear points are never misclassified, at any finite scale of the coordinates. The exact
+answers do not depend on the algorithm: all four return identical arrays.
 """
 from __future__ import annotations
 
@@ -130,6 +130,9 @@ def monotone_chain(points) -> np.ndarray:
 # Akl-Toussaint extreme-point filter and the fast path
 
 _FILTER_SLACK = 16 * np.finfo(np.float64).eps
+# Absolute part of the filter's bound: the four products of a line function that may underflow
+# are off by at most 2**-1075 each (cf. predicates.UNDERFLOW_ERR), with room for its own rounding.
+_FILTER_UNDERFLOW = 2.0**-1070
 _CHUNK = 16384  # points per block of the filter loop (keeps its temporaries in cache)
 
 
@@ -144,14 +147,16 @@ def _extremes(x: np.ndarray, y: np.ndarray, n_directions: int) -> np.ndarray:
     return (np.cos(angle)[:, None] * x + np.sin(angle)[:, None] * y).argmax(axis=1)
 
 
+@np.errstate(over="ignore", invalid="ignore")  # an overflow only voids thresholds (see below)
 def _filter(pts: np.ndarray, cand: np.ndarray, n_directions: int) -> np.ndarray:
     """Subset of ``cand`` (int64 indices) not certainly strictly inside the polygon spanned by the
     extreme points of ``pts[cand]`` in ``n_directions`` equally spaced directions.
 
     A point is discarded only when the float value of every edge's line function exceeds a bound
-    on its rounding error (coefficients and evaluation, 16 eps of the magnitudes involved), so a
-    discarded point lies strictly left of every edge, hence in the interior of the hull, whatever
-    rounding did to the choice of the extreme points.
+    on its rounding error (coefficients and evaluation, 16 eps of the magnitudes involved, plus
+    the error of products that underflow), so a discarded point lies strictly left of every edge,
+    hence in the interior of the hull, whatever rounding did to the choice of the extreme points.
+    Where a product overflows, that edge's threshold is inf or NaN, and discards nothing.
     """
     if cand.size < 3:  # no interior
         return cand
@@ -170,7 +175,7 @@ def _filter(pts: np.ndarray, cand: np.ndarray, n_directions: int) -> np.ndarray:
     slack = _FILTER_SLACK * (
         np.abs(coef_x) * mag_x + np.abs(coef_y) * mag_y
         + np.abs(a[:, 0] * b[:, 1]) + np.abs(a[:, 1] * b[:, 0])
-    )
+    ) + _FILTER_UNDERFLOW
     threshold = slack - const
     inside = np.empty(x.size, dtype=bool)
     value, term = np.empty(_CHUNK), np.empty(_CHUNK)
@@ -255,8 +260,10 @@ def _farthest_right(pts: np.ndarray, a: int, b: int, sub: np.ndarray) -> int:
         (fa[1] - fb[1]) * Fraction(pts[i, 0]) + (fb[0] - fa[0]) * Fraction(pts[i, 1])
         for i in close
     ]
-    far = close[[e == min(exact) for e in exact]]
-    dx, dy = pts[b] - pts[a]
+    best = min(exact)
+    far = close[[e == best for e in exact]]
+    with np.errstate(over="ignore"):  # only the signs are used, and survive overflow
+        dx, dy = pts[b] - pts[a]
     key = pts[far, 0] * np.sign(dx) if dx != 0 else pts[far, 1] * np.sign(dy)
     first = far[key == key.min()]
     return int(first.min())
@@ -300,8 +307,9 @@ def _farther(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Exactly, whether ``b`` is farther from ``p`` than ``a``, for ``a``, ``b`` on one ray from
     ``p`` (or ``a == p``). ``p`` ``[2]``, ``a``, ``b`` ``[..., 2]``; bool ``[...]``."""
     a_is_p = (a == p).all(axis=-1)
-    out_x = np.sign(a[..., 0] - p[0]) * np.sign(b[..., 0] - a[..., 0]) > 0
-    out_y = np.sign(a[..., 1] - p[1]) * np.sign(b[..., 1] - a[..., 1]) > 0
+    with np.errstate(over="ignore"):  # a difference that overflows keeps its sign, all we use
+        out_x = np.sign(a[..., 0] - p[0]) * np.sign(b[..., 0] - a[..., 0]) > 0
+        out_y = np.sign(a[..., 1] - p[1]) * np.sign(b[..., 1] - a[..., 1]) > 0
     along = np.where(a[..., 0] != p[0], out_x, out_y)
     return np.where(a_is_p, (b != p).any(axis=-1), along)
 
@@ -329,7 +337,7 @@ def _tournament(pts: np.ndarray, p: int, cand: np.ndarray) -> np.ndarray:
         win = _beats(pts, p, cand[..., 0::2], cand[..., 1::2])
         cand = np.where(win, cand[..., 1::2], cand[..., 0::2])
         pos = np.where(win, pos[..., 1::2], pos[..., 0::2])
-    return pos[..., 0]
+    return pos[..., 0].copy()  # pos may still be the read-only broadcast, and callers advance it
 
 
 def _chan_round(pts: np.ndarray, m: int):
@@ -354,7 +362,11 @@ def _chan_round(pts: np.ndarray, m: int):
     out, p = [start], start
     for _ in range(m):
         active = rows
-        while active.size:
+        # A pointer that moved counts times would be back at its start, and circle for ever: with
+        # exact predicates it never does, and the bound makes a broken predicate fail, not hang.
+        for _ in range(counts.max() + 1):
+            if not active.size:
+                break
             cur = hulls[active, ptr[active]]
             nxt_col = (ptr[active] + 1) % counts[active]
             nxt = hulls[active, nxt_col]
@@ -364,6 +376,8 @@ def _chan_round(pts: np.ndarray, m: int):
             move = (turn < 0) | ((turn == 0) & (farther | ((nxt != cur) & (counts[active] > 2))))
             ptr[active[move]] = nxt_col[move]
             active = active[move]
+        else:
+            raise RuntimeError("chan_hull: a tangent search did not stop (inconsistent predicate)")
         tangents = hulls[rows, ptr]
         q = int(tangents[_tournament(pts, p, tangents)])
         if q == start:

@@ -11,15 +11,21 @@ from .hull import check_points, convex_hull
 
 
 def polygon_area(poly) -> float:
-    """Signed shoelace area of ``poly`` ``[h, 2]`` (positive for counter-clockwise order)."""
+    """Signed shoelace area of ``poly`` ``[h, 2]`` (positive for counter-clockwise order, 0 for
+    fewer than 3 vertices). The sum runs over coordinates relative to the first vertex: on
+    absolute ones it cancels catastrophically for a polygon far from the origin."""
     p = np.asarray(poly, dtype=np.float64)
+    p = p - p[:1]
     x, y = p[:, 0], p[:, 1]
     return float(0.5 * (x @ np.roll(y, -1) - y @ np.roll(x, -1)))
 
 
 def hull_area_error(points, approx_points) -> float:
-    """``|Area(hull(S)) - Area(hull(S'))| / Area(hull(S))`` for ``[n, 2]`` and ``[m, 2]`` sets."""
+    """``|Area(hull(S)) - Area(hull(S'))| / Area(hull(S))`` for ``[n, 2]`` and ``[m, 2]`` sets;
+    ``ValueError`` when hull(S) has zero area (fewer than 3 points, or all collinear)."""
     area = [polygon_area(p[convex_hull(p)]) for p in map(check_points, (points, approx_points))]
+    if area[0] == 0:
+        raise ValueError("hull(S) has zero area: the relative area error is undefined")
     return abs(area[0] - area[1]) / area[0]
 
 
@@ -52,6 +58,8 @@ def hausdorff_polygons(poly_a, poly_b, samples_per_edge: int = 64) -> float:
     by at most half the longest sample spacing. Cost O(samples_per_edge * h_a * h_b).
     """
     a, b = (np.asarray(p, dtype=np.float64) for p in (poly_a, poly_b))
+    if not (len(a) and len(b)):
+        raise ValueError("the Hausdorff distance needs two non-empty polygons")
     sa, sb = _boundary_samples(a, samples_per_edge), _boundary_samples(b, samples_per_edge)
     return float(max(_distance_to_boundary(sa, b).max(), _distance_to_boundary(sb, a).max()))
 

@@ -25,6 +25,17 @@ def test_shapes_identity_at_init_and_equivariance():
     assert torch.allclose(net(x[:, perm]), y[:, perm], atol=1e-6)
 
 
+def test_equivariance_at_extreme_scales():
+    """Float32 normalization used to overflow beyond ~1e19 (inf output) and underflow below."""
+    torch.manual_seed(0)
+    net = EntropyNet(2)
+    torch.nn.init.normal_(net.head[-1].weight, std=0.1)
+    x, shift = torch.randn(2, 60, 2), torch.tensor([2.0, -1.0])
+    y = net(x)
+    for scale in (1e-30, 1e30):
+        assert torch.allclose(net(scale * (x + shift)) / scale, y + shift, atol=1e-5)
+
+
 def test_training_lowers_loss_and_entropy():
     torch.manual_seed(0)
     net = EntropyNet(2)

@@ -102,6 +102,35 @@ def test_invariances(estimator):
     assert fn(0.01 * x - 40).item() == pytest.approx(h.item(), rel=1e-10)
 
 
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e-30), (torch.float32, 1e30),
+                                         (D, 1e-200), (D, 1e200)])
+def test_invariances_at_extreme_scales(dtype, scale):
+    """The RMS radius used to square raw deviations: inf or 0 beyond ~1e+-19 (float32) and
+    ~1e+-160 (float64), and the estimates collapsed. Gradients scale as 1 / scale."""
+    x = _points(50).to(dtype).requires_grad_()
+    far = (scale * (x.detach() + torch.tensor([5.0, -9.0], dtype=dtype))).requires_grad_()
+    c, w, b = (v.to(dtype) for v in (_points(6, seed=7), _points(4, seed=8), torch.zeros(4)))
+    rel = 1e-5 if dtype == torch.float32 else 1e-10
+    for fn in (lambda s: ball_entropy(s, c), lambda s: halfspace_entropy(s, w, b)):
+        (h, grad), (h_far, grad_far) = ((fn(s), torch.autograd.grad(fn(s), s)[0]) for s in (x, far))
+        assert h_far.item() == pytest.approx(h.item(), rel=rel)
+        assert torch.allclose(grad_far * scale, grad, rtol=1e3 * rel, atol=1e3 * rel)
+    rms = normalize_points(far.detach()).square().sum(-1).mean().sqrt().item()
+    assert rms == pytest.approx(1, rel=rel)
+
+
+def test_empty_set_raises():
+    empty = torch.zeros(0, 2, dtype=D)
+    calls = [lambda: ball_entropy(empty), lambda: ball_entropy(empty[None], _points(3)),
+             lambda: halfspace_entropy(empty, _points(2), torch.zeros(2, dtype=D)),
+             lambda: kmeans_pp(empty, 2), lambda: BallEntropy.from_points(empty),
+             lambda: HalfspaceEntropy.from_points(empty)]
+    for call in calls:
+        with pytest.raises(ValueError, match="at least one point"):
+            call()
+    assert normalize_points(empty).shape == (0, 2)  # the hard entropy's path: H = 0 there
+
+
 def test_kmeans_pp():
     x = _points(100)
     a = kmeans_pp(x, 8, torch.Generator().manual_seed(0))

@@ -1,6 +1,7 @@
 """Hull algorithms against scipy's Qhull and an exact reference; degenerate and adversarial input."""
 from __future__ import annotations
 
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from entropy_attn.geometry import (akl_toussaint_filter, chan_hull, convex_hull, maxima_3d,
                                    monotone_chain, orient2d, polygon_area, quickhull, strip_hull)
+from entropy_attn.geometry import hull, predicates
 
 from ._reference import exact_hull, scipy_hull
 
@@ -110,6 +112,81 @@ def test_hull_of_nearly_collinear_points(algo):
     assert algo(pts).tolist() == exact_hull(pts)
 
 
+@pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda f: f.__name__)
+def test_runs_of_one_repeated_point(algo):
+    """Chan's groups of one repeated point each have a one-vertex hull (no tournament round)."""
+    runs = np.repeat(np.random.default_rng(0).normal(size=(10, 2)), 4, axis=0)
+    for pts in ([[3.0, 3.0]] * 5, [[0.0, 0.0]] * 4 + [[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4, runs):
+        assert algo(pts).tolist() == exact_hull(np.asarray(pts))
+
+
+def test_orient2d_exact_at_the_ends_of_the_float_range():
+    """Products that overflow (|x| >~ 1e154) or underflow (|x| <~ 1e-155) void the float filter."""
+    rng = np.random.default_rng(5)
+    scale = 10.0 ** rng.choice([-320, -300, -200, -170, -160, -150, 150, 154, 160, 200, 300, 307],
+                               (3000, 1))
+    a, b = rng.uniform(-1, 1, (2, 3000, 2)) * scale
+    c = a + rng.uniform(-2, 3, (3000, 1)) * (b - a)  # nearly collinear after rounding
+    exact = np.array([_fraction_sign(*t) for t in zip(a, b, c)])
+    np.testing.assert_array_equal(orient2d(a, b, c), exact)
+    assert orient2d([2e154, 3e154], [3e154, 2e154], [0.0, 0.0]) == -1
+    assert orient2d([0.0, 0.0], [1e-170, 0.0], [1e-170, 1e-170]) == 1
+
+
+def test_orient2d_settles_axis_parallel_runs_without_fractions(monkeypatch):
+    """Collinear grid runs are uncertified by the filter (its underflow term) but must stay fast."""
+    monkeypatch.setattr(predicates, "Fraction", None)  # the slow exact path would raise
+    a = np.random.default_rng(0).integers(0, 100, (1000, 2)).astype(float)
+    assert not orient2d(a, a + [1, 0], a + [5, 0]).any()
+    assert not orient2d(a, a + [0, 3], a - [0, 2]).any()
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("scale", [1e-300, 1e-200, 1e-170, 1e-160, 1e154, 1e160, 1e200, 1e300])
+def test_hull_at_extreme_scales(algo, scale):
+    """Overflowing products used to give NaN signs: wrong hulls, a quickhull crash and a chan_hull
+    hang; underflowing ones certified false collinearity."""
+    rng = np.random.default_rng(2)
+    sets = [np.array([[0, 0], [3, 2], [2, 3], [1, 1], [-1, 2], [2, -1]]),
+            rng.integers(0, 20, (80, 2)), rng.uniform(-1, 1, (80, 2))]
+    for base in sets:
+        pts = base * scale
+        assert algo(pts).tolist() == exact_hull(pts)
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda f: f.__name__)
+def test_hull_near_the_largest_float(algo):
+    """Differences of coordinates overflow here too: right answers, and no RuntimeWarning."""
+    big = np.finfo(np.float64).max
+    corners = np.array([[big, big], [-big, -big], [big, -big], [-big, big], [0.0, 0.0]])
+    triangle = np.array([[big, 0.0], [0.0, big], [-big, -big], [0.0, 0.0], [big / 2, -big / 2]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for pts in (corners, triangle):
+            assert algo(pts).tolist() == exact_hull(pts)
+
+
+def test_akl_toussaint_near_the_largest_float():
+    """Line functions overflow there: their thresholds discard nothing, and warn about nothing."""
+    big = np.finfo(np.float64).max
+    pts = np.r_[[[big, big], [-big, -big], [big, -big], [-big, big]],
+                big * np.random.default_rng(0).uniform(-1, 1, (50, 2))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert set(exact_hull(pts)) <= set(akl_toussaint_filter(pts).tolist())
+
+
+def test_chan_hull_fails_rather_than_hangs_on_a_broken_predicate(monkeypatch):
+    """A predicate that always says clockwise sends the tangent pointers round for ever."""
+
+    def always_clockwise(a, b, c):
+        return -np.ones(np.broadcast_shapes(*(np.shape(v)[:-1] for v in (a, b, c))), np.int8)
+
+    monkeypatch.setattr(hull, "orient2d", always_clockwise)
+    with pytest.raises(RuntimeError, match="did not stop"):
+        chan_hull(np.random.default_rng(0).random((40, 2)))
+
+
 def test_akl_toussaint_on_fewer_than_three_points():
     for n in range(3):
         assert akl_toussaint_filter(np.arange(2.0 * n).reshape(n, 2)).tolist() == list(range(n))
@@ -120,6 +197,19 @@ def test_akl_toussaint_keeps_every_vertex(rng):
     kept = akl_toussaint_filter(pts)
     assert kept.size < len(pts) // 20
     assert set(scipy_hull(pts).tolist()) <= set(kept.tolist())
+
+
+@pytest.mark.parametrize("exponent", [-530, -524, -515])
+def test_akl_toussaint_keeps_every_vertex_when_products_underflow(exponent):
+    """Near 1e-160 the line functions' products underflow: the filter dropped hull vertices."""
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(-1, 1, (3000, 2))
+    on_edge = (np.arange(3000), rng.integers(0, 2, 3000))
+    pts[on_edge] = np.sign(pts[on_edge])  # on the square's boundary, then jittered across it
+    pts = (pts + 1e-3 * rng.normal(size=pts.shape)) * 2.0**exponent
+    hull_vertices = exact_hull(pts)
+    assert set(hull_vertices) <= set(akl_toussaint_filter(pts).tolist())
+    assert convex_hull(pts).tolist() == hull_vertices
 
 
 def test_strip_hull_is_a_close_inner_approximation(rng):

@@ -24,6 +24,24 @@ def test_hull_area_error(rng):
     assert hull_area_error(SQUARE, SQUARE + 5) == 0.0
 
 
+def test_area_far_from_origin(rng):
+    """The shoelace sum over absolute coordinates cancelled: 0 at 1e8, -268435456 at 1e12."""
+    for offset in (1e8, 1e12):
+        assert polygon_area(SQUARE + offset) == 1.0
+    inner = rng.random((300, 2))
+    near = hull_area_error(np.r_[SQUARE, inner], 0.9 * np.r_[SQUARE, inner])
+    far = hull_area_error(np.r_[SQUARE, inner] + 1e8, 0.9 * np.r_[SQUARE, inner] + 1e8)
+    assert far == pytest.approx(near, rel=1e-6)
+
+
+def test_degenerate_input_raises():
+    for flat in ([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]], [[1.0, 2.0]]):
+        with pytest.raises(ValueError, match="zero area"):
+            hull_area_error(flat, SQUARE)
+    with pytest.raises(ValueError, match="non-empty"):
+        hausdorff_polygons(np.zeros((0, 2)), SQUARE)
+
+
 def test_hausdorff():
     centred = SQUARE - 0.5
     assert hausdorff_polygons(2 * centred, 4 * centred) == pytest.approx(math.sqrt(2))

@@ -64,6 +64,17 @@ def test_known_values_and_invariance():
         range_partition_entropy(np.random.default_rng(0).random((40, 2)))
 
 
+@pytest.mark.parametrize("scale", [1e-200, 1e200])
+def test_invariance_at_extreme_scales(scale):
+    """The normalization used to overflow / underflow (~1e+-160), collapsing H_w to 0."""
+    p = np.random.default_rng(0).normal(size=(10, 2))
+    far = scale * (p + [3.0, -1.0])
+    for fn in (range_partition_entropy, range_partition_bounds):
+        assert fn(far, 0.7) == pytest.approx(fn(p, 0.7))
+    h_1d = range_partition_entropy(p[:, 0], 0.7)
+    assert range_partition_entropy(far[:, 0], 0.7) == pytest.approx(h_1d)
+
+
 @pytest.mark.parametrize("width", [0.0, -1.0, float("nan"), float("inf")])
 def test_bad_width_and_shapes_raise(rng, width):
     for fn in (range_partition_entropy, range_partition_bounds):
