@@ -143,7 +143,8 @@ def entropy_attention(
         ``(out, *entropies)``, or ``out`` alone when ``return_entropy=False``. ``out`` is
         ``[B, H, Nq, Dv]`` in q's dtype; each entropy is ``[B, H, Nq]`` float32 (float64 for float64
         inputs), in nats; Shannon lies in ``[0, log n_i]`` for ``n_i`` unmasked keys, range in
-        ``[0, log k]`` for ``k`` cells (the anchors, and one more where keys without a position form it). A row with no unmasked key gives out 0 and entropies 0, with zero
+        ``[0, log k]`` for ``k`` cells (the anchors, and one more where keys without a position
+        form it). A row with no unmasked key gives out 0 and entropies 0, with zero
         gradients. All outputs are differentiable; on the Triton path their gradients come from one
         fused backward kernel (the range entropy rides along as ``k`` extra value columns).
     """

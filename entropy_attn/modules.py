@@ -176,10 +176,11 @@ class EntropyAttention(nn.MultiheadAttention):
         self._monitors = 0  # active AttentionMonitors: record the entropy in eval too
         self.register_forward_pre_hook(_keep_module_forward)
         if regularizer == "range":
-            if key_positions is not None and not (isinstance(key_positions, Tensor) and key_positions.is_floating_point()):
-                raise TypeError(f"key_positions must be a floating-point tensor, got {type(key_positions).__name__}")
-            if key_positions is not None and (key_positions.dim() != 2 or key_positions.shape[1] < 1):
-                raise ValueError(f"key_positions must have shape [S, c], got {tuple(key_positions.shape)}")
+            if key_positions is not None:
+                if not (isinstance(key_positions, Tensor) and key_positions.is_floating_point()):
+                    raise TypeError(f"key_positions must be a floating-point tensor, got {type(key_positions).__name__}")
+                if key_positions.dim() != 2 or key_positions.shape[1] < 1:
+                    raise ValueError(f"key_positions must have shape [S, c], got {tuple(key_positions.shape)}")
             if not isinstance(num_anchors, int) or num_anchors < 1:
                 raise ValueError(f"num_anchors must be a positive integer, got {num_anchors!r}")
             if not (math.isfinite(range_alpha) and range_alpha > 0):
