@@ -24,8 +24,9 @@ from ._inputs import AttentionInputs, check_inputs
 from .functional import BACKENDS, _range_cells, attention_entropies
 from .pruned import MODES, _check_tau, pruned_attention
 from .range_entropy import DEFAULT_ALPHA, cell_entropy, init_anchors, sequence_positions
-from .reference import MASKED_BELOW, _compute_dtype
-from .regularizer import REGULARIZERS, attention_probs, head_mean, key_counts, map_rows, normalized_entropy
+from .reference import _compute_dtype
+from .regularizer import (REGULARIZERS, attention_probs, head_mean, key_counts, map_rows, normalized_entropy,
+                          padded_keys)
 
 
 def _keep_module_forward(module, args):
@@ -41,11 +42,6 @@ def _pad_keys(mask: Tensor | None, n: int, bool_fill: bool) -> Tensor | None:
     fill = bool_fill if mask.dtype == torch.bool else 0.0
     extra = torch.full((*mask.shape[:-1], n), fill, dtype=mask.dtype, device=mask.device)
     return torch.cat([mask, extra], dim=-1)
-
-
-def _is_pad(kpm: Tensor) -> Tensor:
-    """The padded keys of a ``key_padding_mask``: True, or a float entry below ``MASKED_BELOW``."""
-    return kpm if kpm.dtype == torch.bool else kpm < MASKED_BELOW
 
 
 def _top_k_inputs(inp: AttentionInputs, k: int) -> AttentionInputs:
@@ -263,7 +259,7 @@ class EntropyAttention(nn.MultiheadAttention):
         else:
             out, entropies = attention_entropies(inp, self._kinds(record), cells=cells, backend=self.backend)
         if record:
-            query_pad = _is_pad(key_padding_mask) if self_attention and key_padding_mask is not None else None
+            query_pad = padded_keys(key_padding_mask) if self_attention and key_padding_mask is not None else None
             self._record(inp, entropies, query_pad, cells)
         else:
             self.last_entropy = self.last_regularizer = self._last_rows = None

@@ -66,6 +66,14 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t[tuple(slice(0, 1) if st == 0 else slice(None) for st in t.stride())]
 
 
+def padded_keys(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """The padded keys of a ``key_padding_mask`` ``[B, Nk]``: its True entries, or its float entries
+    below ``MASKED_BELOW`` (-inf, ``finfo.min``); bool ``[B, Nk]``."""
+    if key_padding_mask.dtype == torch.bool:
+        return key_padding_mask
+    return key_padding_mask < MASKED_BELOW
+
+
 def key_counts(inp: AttentionInputs) -> torch.Tensor:
     """Number of unmasked keys ``n_i`` of every query row, float32, broadcastable to
     ``[B, H, Nq]``. A key is masked by the causal rule, a False boolean ``attn_mask`` entry, a True
@@ -85,8 +93,7 @@ def key_counts(inp: AttentionInputs) -> torch.Tensor:
         m = _compact(inp.attn_mask)
         keep = keep & (m if m.dtype == torch.bool else ~(m < MASKED_BELOW))
     if inp.key_padding_mask is not None:
-        pad = inp.key_padding_mask
-        keep = keep & (~pad if pad.dtype == torch.bool else ~(pad < MASKED_BELOW))[:, None, None, :]
+        keep = keep & ~padded_keys(inp.key_padding_mask)[:, None, None, :]
     counts = keep.sum(dim=-1, dtype=torch.float32)
     return counts.expand(*counts.shape[:2], Nq)
 
