@@ -31,7 +31,8 @@ def _mlp(*widths: int) -> nn.Sequential:
 
 
 class EntropyNet(nn.Module):
-    """``forward(x)``: ``x`` ``[B, n, d]`` or ``[n, d]`` -> ``S'`` of the same shape and dtype."""
+    """``forward(x)``: ``x`` ``[B, n, d]`` or ``[n, d]`` (floating point, ``d = dim``) -> ``S'`` of the
+    same shape and dtype; an empty set (``n = 0``) is returned as it is (a copy)."""
 
     def __init__(self, dim: int = 2):
         super().__init__()
@@ -49,6 +50,13 @@ class EntropyNet(nn.Module):
         return self.head(torch.cat([local, pooled.expand(-1, z.shape[1], -1)], dim=-1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() not in (2, 3) or x.shape[-1] != self.dim:
+            raise ValueError(f"points must have shape [B, n, {self.dim}] or [n, {self.dim}] (EntropyNet(dim="
+                             f"{self.dim})), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"points must be floating point, got {x.dtype}")
+        if x.shape[-2] == 0:  # nothing to move (and the max-pool has no identity)
+            return x.clone()
         xb = x.unsqueeze(0) if x.dim() == 2 else x
         centre, radius = centre_and_scale(xb)
         out = xb + radius * self.offsets((xb - centre) / radius)

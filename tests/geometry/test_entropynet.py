@@ -1,6 +1,7 @@
 """EntropyNet: architecture, equivariance, training lowers the loss, save/load."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from entropy_attn.geometry import (EntropyNet, ball_entropy, entropynet_loss, grid_anchors,
@@ -34,6 +35,22 @@ def test_equivariance_at_extreme_scales():
     y = net(x)
     for scale in (1e-30, 1e30):
         assert torch.allclose(net(scale * (x + shift)) / scale, y + shift, atol=1e-5)
+
+
+def test_empty_sets_and_bad_points():
+    net = EntropyNet(2)
+    torch.nn.init.normal_(net.head[-1].weight, std=0.1)
+    for x in (torch.zeros(0, 2), torch.zeros(3, 0, 2)):
+        y = net(x)
+        assert y.shape == x.shape and y.dtype == x.dtype
+    x = torch.zeros(0, 2, requires_grad=True)
+    net(x).sum().backward()
+    assert x.grad.shape == (0, 2)
+    for bad in (torch.randn(5, 3), torch.randn(5), torch.randn(2, 5, 2, 1)):
+        with pytest.raises(ValueError, match=r"\[n, 2\]"):
+            net(bad)
+    with pytest.raises(TypeError, match="floating point"):
+        net(torch.randint(0, 3, (5, 2)))
 
 
 def test_training_lowers_loss_and_entropy():
