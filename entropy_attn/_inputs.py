@@ -83,12 +83,15 @@ def check_inputs(
     """Validate shapes, dtypes and devices; return normalized inputs.
 
     Raises:
-        TypeError: a non-tensor argument, an unsupported dtype, or mismatched dtypes.
+        TypeError: a non-tensor argument, a ``causal`` that is not a bool, an unsupported dtype, or
+            mismatched dtypes.
         ValueError: mismatched shapes, ``H % Hkv != 0``, different devices, masks that do not
             broadcast, or a non-positive scale.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, 4)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
@@ -128,7 +131,7 @@ def check_inputs(
             ) from None
     if key_padding_mask is not None:
         check_padding_mask(key_padding_mask, B, Nk, q)
-    return AttentionInputs(q, k, v, attn_mask, key_padding_mask, bool(causal), scale)
+    return AttentionInputs(q, k, v, attn_mask, key_padding_mask, causal, scale)
 
 
 def _neg_inf_where(cond: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

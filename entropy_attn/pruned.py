@@ -168,6 +168,8 @@ def _predict_config(nqb: int, bh: int, device) -> tuple[int, int, int, int]:
 
 
 def _check_tau(tau) -> float:
+    if isinstance(tau, (bool, str, bytes)):
+        raise TypeError(f"tau must be a real number, got {type(tau).__name__}")
     try:
         tau = float(tau)
     except (TypeError, ValueError):

@@ -42,6 +42,9 @@ def test_bad_masks():
         entropy_attention(q, k, v, scale=-1.0)
     with pytest.raises(ValueError, match="backend must be one of"):
         entropy_attention(q, k, v, backend="cuda")
+    for causal in (1, None, "yes", torch.tensor(True)):  # SDPA's is_causal takes a bool only
+        with pytest.raises(TypeError, match="causal must be a bool"):
+            entropy_attention(q, k, v, causal=causal)
 
 
 def test_triton_backend_limits():

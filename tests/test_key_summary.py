@@ -148,6 +148,8 @@ def test_stale_or_mismatched_summary_raises():
         call(k[:, :1], v[:, :1])
     with pytest.raises(ValueError, match="float32"):
         call(k.double(), v.double(), q=q.double())
+    with pytest.raises(TypeError, match="k must be float16"):
+        KeySummary(k.to(torch.int32))
     # Same shape, other data: another tensor, or the cache written in place without an update.
     with pytest.raises(ValueError, match="stale"):
         call(k.clone())

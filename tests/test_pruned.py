@@ -1062,6 +1062,9 @@ def test_validation_and_no_grad():
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError):
             pruned_attention(q, k, v, tau=bad, backend="reference")
+    for bad in (True, "0.1", None):
+        with pytest.raises(TypeError, match="tau must be a real number"):
+            pruned_attention(q, k, v, tau=bad, backend="reference")
     with pytest.raises(ValueError):
         pruned_attention(q, k, v, mode="approx", backend="reference")
     with pytest.raises(ValueError):
