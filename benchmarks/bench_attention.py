@@ -1,7 +1,11 @@
 """Fused entropy attention vs SDPA (FlashAttention-2, cuDNN) vs the materialized path, one run.
 
 bf16, 16k tokens per batch (B = 16384 / N), 2048 model width (H = 2048 / D). Forward and
-forward+backward (with the entropy in the loss for ``ours``). Run on a GPU:
+forward+backward (with the entropy in the loss for ``ours``). ``test_masked_attention``: the same
+at N = 16k under a mask, against the SDPA backends that take one (memory-efficient, cuDNN; FA-2
+takes none): a boolean or a float (-inf) ``key_padding_mask`` hiding the last eighth of the keys,
+or a float ``attn_mask [N, N]`` of random N(0, 1) biases, given to SDPA as the equivalent
+``attn_mask`` (a padding mask as ``[B, 1, 1, N]``). Run on a GPU:
 
     pytest benchmarks/bench_attention.py --benchmark-enable --benchmark-json=out.json
     python benchmarks/report.py out.json
@@ -33,11 +37,12 @@ def materialized(q, k, v, causal):
 def sdpa(backend):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    kind = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    kind = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
 
-    def run(q, k, v, causal):
+    def run(q, k, v, causal, attn_mask=None):
         with sdpa_kernel(kind):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal), None
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal), None
 
     return run
 
@@ -85,3 +90,56 @@ def test_attention(measure, impl, n, d, causal, mode):
 
     measure(step, flops=attention_flops(b, h, n, n, d, causal=causal, mode=mode), rounds=10,
             group=f"attention {mode}", impl=impl, N=n, D=d, causal=causal)
+
+
+MASKS = ("padding_bool", "padding_float", "bias_float")
+MASKED_IMPLS = ("ours", "ours_no_entropy", "sdpa_efficient", "sdpa_cudnn")
+
+
+def masks(kind, b, n):
+    """``(ours, sdpa)``: the keyword arguments of our call and SDPA's ``attn_mask`` for mask ``kind``."""
+    if kind == "bias_float":
+        bias = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        return {"attn_mask": bias}, bias
+    pad = torch.zeros(b, n, dtype=torch.bool, device="cuda")
+    pad[:, n - n // 8:] = True  # MHA convention: True = padding
+    if kind == "padding_bool":
+        return {"key_padding_mask": pad}, ~pad[:, None, None, :]  # SDPA: True = attend
+    bias = torch.zeros(b, n, device="cuda", dtype=torch.bfloat16).masked_fill(pad, float("-inf"))
+    return {"key_padding_mask": bias}, bias[:, None, None, :]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("impl", MASKED_IMPLS)
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("d", [64, 128])
+def test_masked_attention(measure, impl, mask, d, mode):
+    n = 16384
+    b, h = TOKENS // n, WIDTH // d
+    grad = mode == "fwd_bwd"
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad) for _ in range(3))
+    dout = torch.randn_like(q)
+    dent = torch.full((b, h, n), 0.1 / (b * h * n), device="cuda")
+    ours, theirs = masks(mask, b, n)
+    if impl.startswith("sdpa"):
+        fn = IMPLS[impl]
+        call = lambda: fn(q, k, v, False, attn_mask=theirs)  # noqa: E731
+    else:
+        ent = impl == "ours"
+        call = lambda: entropy_attention(q, k, v, return_entropy=ent, backend="triton", **ours)  # noqa: E731
+
+    def step():
+        if not grad:
+            with torch.no_grad():
+                call()
+            return
+        res = call()
+        out, ent = res if isinstance(res, tuple) else (res, None)
+        outs, grads = [out], [dout]
+        if ent is not None:
+            outs.append(ent)
+            grads.append(dent)
+        torch.autograd.backward(outs, grads)
+
+    measure(step, flops=attention_flops(b, h, n, n, d, causal=False, mode=mode), rounds=10,
+            group=f"attention masked {mode}", impl=impl, mask=mask, N=n, D=d)
