@@ -5,7 +5,7 @@ A short ``pruned_attention`` call spends most of its time on the host (0.25-0.5 
 H200 machines without plans, 0.15-0.25 ms with them: five launches, each through Triton's argument binder, a dozen allocations, and the Python
 that derives tile shapes, grids and splits; benchmarks/RESULTS.md). All of that but the tensors'
 addresses is a function of the call's signature (shapes, strides, dtypes and 16-byte alignment of
-its input tensors, its scalar options), and so is every binary Triton picks (it specializes on the
+its input tensors, which of them are the same tensor, its scalar options), and so is every binary Triton picks (it specializes on the
 same things). A ``Plan`` recorded once per signature replays the call as: allocate its buffers, then
 launch each recorded binary with its recorded launcher arguments, the tensors swapped in (and the
 tensor descriptors of the kernels that load through the copy engine rebuilt around them).
@@ -71,6 +71,15 @@ def clear_plans() -> None:
 def tensor_signature(t: torch.Tensor | None):
     """What a kernel's specialization and configuration can depend on in a tensor argument."""
     return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0)
+
+
+def inputs_signature(inputs) -> tuple:
+    """What a plan recorded with the tensors ``inputs`` depends on in them: each one's
+    ``tensor_signature``, and the position of the first input that is the same tensor. A plan's
+    slots are per tensor object, so one recorded with ``k is v`` (or with a placeholder standing for
+    an absent mask) must not replay where they are two tensors, nor the other way round."""
+    first: dict = {}
+    return tuple((tensor_signature(t), first.setdefault(id(t), i)) for i, t in enumerate(inputs))
 
 
 def _carried(a) -> torch.Tensor | None:

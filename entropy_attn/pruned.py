@@ -39,7 +39,7 @@ import torch
 
 from ._inputs import AttentionInputs, batch_rows, check_inputs, score_bias
 from . import _plan
-from ._plan import PLAIN, Workspace, clear_plans, tensor_signature
+from ._plan import PLAIN, Workspace, clear_plans, inputs_signature
 from ._launch import (LOG2E, _block, _Config, _input_precision, _mask_args, _on_device, _unit_stride,
                       batch_slices, cdiv, early_launch, interpreting, next_pow2, tma_operands)
 from .functional import attention_with_lse, resolve_backend
@@ -476,7 +476,7 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
     signature = None
     if not stats:
         signature = (mode, tau, slack, splits, local, inp.scale, _input_precision(q.dtype), q.device,
-                     *(tensor_signature(t) for t in inputs))
+                     mask_args[-1], kpm_args[-1], *inputs_signature(inputs))
     shape = (B, H, Nq_in, v.shape[3])
     with _on_device(q):
         plan, record = _plan.lookup(signature) if signature is not None else (None, False)

@@ -839,6 +839,41 @@ def test_launch_plan_replays_the_call(monkeypatch, mode, case):
 
 @triton_ok
 @pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_launch_plan_tells_apart_masks_and_aliased_inputs(mode):
+    """A plan's slots are per tensor object, and a call without a mask hands its kernels q as the
+    mask's placeholder: a plan recorded without a mask must not replay for a float mask of q's
+    shape, strides and dtype (Nk = D), a plan recorded with ``k is v`` or ``q is k is v`` must not
+    replay for distinct tensors, nor the other way round (each of these replayed the other's plan
+    and returned wrong values, 1.3-4.0 off)."""
+    from entropy_attn import _plan
+
+    B, H, N, D = 1, 2, 32, 32  # Nk = D: a full float mask [B, H, N, N] has q's signature
+    q, k, v = (t.to(DEV) for t in random_qkv(B, H, H, N, N, D, seed=5))
+    x = torch.randn(B, H, N, D, generator=fresh_generator(6)).to(DEV)
+    mask = torch.zeros(B, H, N, N, device=DEV)
+    mask[..., N // 2:] = float("-inf")
+    cases = {"none": ((q, k, v), {}), "mask": ((q, k, v), {"attn_mask": mask}),
+             "k is v": ((q, x, x), {}), "q is k is v": ((x, x, x), {})}
+
+    def call(name):
+        args, kw = cases[name]
+        return pruned_attention(*args, tau=0.01, mode=mode, backend="triton", **kw)
+
+    expected = {}
+    for name in cases:  # a signature's first call records no plan
+        _plan.clear_plans()
+        expected[name] = call(name)
+    assert not torch.equal(expected["none"], expected["mask"]) and not torch.equal(expected["none"], expected["k is v"])
+    for first, then in (("none", "mask"), ("mask", "none"), ("k is v", "none"), ("q is k is v", "none"),
+                        ("none", "k is v")):
+        _plan.clear_plans()
+        for name in (first, first, then, then, first):  # seen, recorded; seen, recorded; replayed
+            assert torch.equal(call(name), expected[name]), (first, then, name)
+    _plan.clear_plans()
+
+
+@triton_ok
+@pytest.mark.parametrize("mode", ["exact", "fast"])
 @pytest.mark.parametrize("case", ["prefill", "decoding", "stats"])
 def test_early_launches_chain_the_call(monkeypatch, mode, case):
     """With early launches (programmatic dependent launch, ``kernels/pdl.py``), every kernel of a
