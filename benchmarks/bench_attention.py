@@ -122,7 +122,7 @@ def test_masked_attention(measure, impl, mask, d, mode):
     dent = torch.full((b, h, n), 0.1 / (b * h * n), device="cuda")
     ours, theirs = masks(mask, b, n)
     if impl.startswith("sdpa"):
-        fn = IMPLS[impl]
+        fn = sdpa(impl.removeprefix("sdpa_"))
         call = lambda: fn(q, k, v, False, attn_mask=theirs)  # noqa: E731
     else:
         ent = impl == "ours"
