@@ -1,7 +1,9 @@
 """Sweep the block configurations of the Triton kernels on the GPU (bf16, 16k tokens) and print
 the time of each: ``python benchmarks/tune_attention.py``. The winners go into
-``entropy_attn/_launch.py`` (``_fwd_config``, ``_bwd_config``)."""
+``entropy_attn/_launch.py`` (``_fwd_config``, ``_bwd_config``). ``--masked``: the forward's
+configurations at N = 16k under ``bench_attention.py``'s masks instead."""
 import itertools
+import sys
 
 import torch
 import triton
@@ -42,5 +44,22 @@ def main():
                     print(f"bwd D={d} cfg={cfg}: {type(e).__name__}", flush=True)
 
 
+def masked():
+    sys.path.insert(0, "benchmarks")
+    from bench_attention import MASKS, masks
+
+    n, tokens, width = 16384, 16384, 2048
+    for d, kind in itertools.product((64, 128), MASKS):
+        b, h = tokens // n, width // d
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        ours, _ = masks(kind, b, n)
+        fl = attention_flops(b, h, n, n, d, causal=False)
+        for cfg, ent in itertools.product(FWD, (True, False)):
+            _launch._fwd_config = lambda *a, c=cfg: _launch._Config(*c)
+            call = lambda: entropy_attention(q, k, v, return_entropy=ent, backend="triton", **ours)  # noqa: E731
+            ms = triton.testing.do_bench(call, return_mode="median")
+            print(f"fwd D={d} mask={kind} entropy={ent} cfg={cfg}: {ms:.3f} ms {fl / ms / 1e9:.0f} TFLOP/s", flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    masked() if "--masked" in sys.argv else main()
