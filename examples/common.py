@@ -21,6 +21,7 @@ from torch import nn
 
 from entropy_attn import AttentionMonitor, EntropyAttention, entropy_loss
 from entropy_attn._inputs import AttentionInputs
+from entropy_attn.functional import BACKENDS
 
 try:  # optional: progress bars
     from tqdm.auto import tqdm
@@ -38,6 +39,21 @@ DEFAULT_TAUS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1)
 # ---------------------------------------------------------------------------- flags
 
 
+def in_range(kind: type, low: float, high: float = math.inf, *, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: ``kind(text)``, refused with argparse's usage error unless finite and
+    in ``[low, high]`` (``(low, high]`` with ``low_open``). A bad value stops the script at parse
+    time instead of running with a silently clamped or meaningless setting."""
+    bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+
+    def parse(text: str):
+        value = kind(text)  # a ValueError becomes argparse's "invalid <kind> value"
+        if not (math.isfinite(value) and (low < value if low_open else low <= value) and value <= high):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be finite and {bound}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def add_common_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``train_vit.py`` and ``train_lm.py``."""
     p.add_argument("--reg", choices=REGULARIZERS, default="shannon",
@@ -47,17 +63,18 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, default=0.05, help="regularizer weight: loss = task + gamma * reg")
     p.add_argument("--normalize", action="store_true",
                    help="regularize entropy / log(n) (range: / log of its cells) instead of nats")
-    p.add_argument("--topk-keep", type=float, default=0.2,
-                   help="--reg topk: fraction of the keys each query keeps (top_k = fraction * tokens)")
-    p.add_argument("--taus", type=float, nargs="+", default=list(DEFAULT_TAUS), help="inference thresholds to sweep")
+    p.add_argument("--topk-keep", type=in_range(float, 0, 1, low_open=True), default=0.2,
+                   help="--reg topk: fraction in (0, 1] of the keys each query keeps "
+                        "(top_k = round(fraction * tokens), at least 1)")
+    p.add_argument("--taus", type=in_range(float, 0), nargs="+", default=list(DEFAULT_TAUS),
+                   help="inference thresholds to sweep (finite, >= 0)")
     p.add_argument("--prune-mode", choices=("exact", "fast"), default="exact", help="tau-pruning kernel mode")
-    p.add_argument("--backend", default="auto", help="attention backend: auto, triton or reference")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="attention backend")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU only)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default); 1 is fastest for the tiny configs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=0, help="optimizer steps (overrides --epochs when > 0)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--time-limit", type=float, default=0.0, help="stop training after this many seconds (0: none)")
@@ -177,7 +194,8 @@ def attention_layers(model: nn.Module) -> list[EntropyAttention]:
 
 
 def mean_train_entropy(model: nn.Module) -> float:
-    """Mean over layers and heads of ``layer.last_entropy`` from the last training forward (nats)."""
+    """Mean over layers and heads of ``layer.last_entropy`` from the last training forward (nats, or
+    see ``entropy_unit``)."""
     return float(torch.stack([m.last_entropy.detach().float().mean() for m in attention_layers(model)]).mean())
 
 
@@ -261,6 +279,12 @@ def fit(model: nn.Module, batches: Iterator, task_loss: Callable, args: argparse
 
 
 # ---------------------------------------------------------------------------- evaluation
+
+
+def entropy_unit(normalize: bool) -> str:
+    """The unit of the entropies the layers record (``last_entropy``, the monitor's): nats, or
+    entropy / log n when built with ``normalize=True``; for labelling printed values."""
+    return "entropy / log n" if normalize else "nats"
 
 
 def set_tau(model: nn.Module, tau: float) -> None:

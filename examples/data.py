@@ -131,7 +131,8 @@ def digits_data(*, seed: int = 0, val_fraction: float = 0.2) -> ImageData:
 
 def cifar_data(name: str = "cifar10", *, root: str = "data", download: bool = False) -> ImageData:
     """CIFAR-10 or CIFAR-100 through torchvision (random crop + flip on train). Needs the files
-    under ``root`` or ``download=True`` with internet access."""
+    under ``root`` or ``download=True`` with internet access; without either (a download fails with
+    an ``OSError`` such as ``URLError`` offline) a ``RuntimeError`` says so."""
     import torchvision
     import torchvision.transforms as T
 
@@ -142,7 +143,7 @@ def cifar_data(name: str = "cifar10", *, root: str = "data", download: bool = Fa
     try:
         train = cls(root, train=True, download=download, transform=train_tf)
         val = cls(root, train=False, download=download, transform=val_tf)
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+    except (RuntimeError, OSError) as e:  # torchvision's "Dataset not found or corrupted"; offline download: URLError
         raise RuntimeError(f"{name} not found under {root!r}; pass --download where internet is available") from e
     return ImageData(train, val, len(train.classes), 3, 32)
 

@@ -25,14 +25,20 @@ CONFIG = ["--dataset", "digits", "--dim", "32", "--depth", "2", "--heads", "4", 
           "--lr", "3e-3", "--threads", "1", "--reg", "shannon", "--no-progress", "--no-plots"]
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Train both models; returns ``{gamma: metrics}`` (``train_vit.main``'s metrics)."""
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--gamma", type=float, default=0.05)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--out", type=Path, default=None, help="keep checkpoints and plots here")
-    args = p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=None,
+                   help="keep each run's checkpoint.pt, args.json and metrics.json here, under gamma_<gamma>/ "
+                        "(no plots)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train both models; returns ``{gamma: metrics}`` (``train_vit.main``'s metrics)."""
+    args = build_parser().parse_args(argv)
     start = time.perf_counter()
     results = {}
     for gamma in (0.0, args.gamma):

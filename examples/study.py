@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a file: make ``examples`` importable
 
 import numpy as np
 
-from examples.common import REGULARIZERS, plot_tradeoff, write_json
+from examples.common import REGULARIZERS, in_range, plot_tradeoff, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TAUS = ["--taus", "0", "0.001", "0.003", "0.01", "0.03", "0.1", "0.3"]
@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regs", nargs="+", choices=REGULARIZERS, default=list(REGULARIZERS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--gamma", type=float, default=None, help="one gamma for every penalized regularizer")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help=f"total training seconds over all runs (0: none; default: {PRESET_BUDGET_S} per preset, else 0)")
+    p.add_argument("--budget-s", type=in_range(float, 0), default=argparse.SUPPRESS,
+                   help="total training seconds over all runs (0: no limit; default: the preset's, "
+                        + ", ".join(f"{k} {v:g}" for k, v in PRESET_BUDGET_S.items()) + ", others 0)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (subprocesses when > 1)")
     p.add_argument("--out", type=Path, default=Path("runs/study"))
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     tasks = ["vit", "lm"] if args.task == "both" else [args.task]
     plan = [(t, reg, seed) for t in tasks for reg in args.regs for seed in args.seeds]
-    budget = PRESET_BUDGET_S.get(args.preset, 0.0) if args.budget_s is None else args.budget_s
+    # unset --budget-s: the preset's, recorded in args (study.json) as the budget the runs had
+    budget = vars(args).setdefault("budget_s", PRESET_BUDGET_S.get(args.preset, 0.0))
     time_limit = budget * args.jobs / len(plan) if budget else 0.0
     jobs = []
     for task, reg, seed in plan:

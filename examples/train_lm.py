@@ -24,8 +24,8 @@ if __package__ in (None, ""):  # run as a file: make ``examples`` importable
 import torch
 import torch.nn.functional as F
 
-from examples.common import (add_common_args, attention_options, autocast, fit, plot_tradeoff, pyplot,
-                             save_checkpoint, seed_everything, set_tau, setup_distributed, tau_sweep,
+from examples.common import (add_common_args, attention_options, autocast, entropy_unit, fit, in_range, plot_tradeoff,
+                             pyplot, save_checkpoint, seed_everything, set_tau, setup_distributed, tau_sweep,
                              teardown_distributed, topk_keep_fraction, wrap_ddp, write_json)
 from examples.data import lm_batch, stdlib_text
 from examples.models import GPT
@@ -40,9 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="sequences per step and process")
     p.add_argument("--max-bytes", type=int, default=16_000_000, help="stdlib source bytes to read")
     p.add_argument("--eval-batches", type=int, default=16, help="validation batches (fixed windows)")
+    p.add_argument("--steps", type=in_range(int, 1), default=1000, help="optimizer steps")
     add_common_args(p)
-    p.set_defaults(steps=1000, gamma=0.01)
+    p.set_defaults(gamma=0.01)
     return p
+
+
+def check_text_fits(train_data: torch.Tensor, val_data: torch.Tensor, args: argparse.Namespace) -> None:
+    """Stop with a clear message unless each split is longer than ``args.block_size + 1`` bytes,
+    the least ``lm_batch`` draws a window from; otherwise a short training split fails at the first
+    step and a short validation split only after all of training."""
+    need = args.block_size + 1
+    if min(len(train_data), len(val_data)) <= need:
+        raise SystemExit(f"--max-bytes {args.max_bytes} gives {len(train_data)} training and {len(val_data)} "
+                         f"validation bytes; each needs more than --block-size + 1 = {need}: raise --max-bytes "
+                         "or lower --block-size")
 
 
 def validation_windows(val_data: torch.Tensor, args: argparse.Namespace) -> list:
@@ -108,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = setup_distributed(args.device)
     seed_everything(args.seed, args.threads)
     train_data, val_data = stdlib_text(args.max_bytes)
+    check_text_fits(train_data, val_data, args)
     attn = attention_options(args, args.block_size)
     model = GPT(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                 **attn).to(info.device)
@@ -128,8 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
     keep = topk_keep_fraction(args.block_size, attn.get("top_k"), causal=True)
     sweep = tau_sweep(model, args.taus, lambda m: evaluate(m, windows, info.device, args.amp), base_keep=keep,
                       show=not args.no_progress)
-    metrics = dict(task="lm", dataset="stdlib", reg=args.reg, gamma=args.gamma, seed=args.seed, primary="ppl",
-                   params=sum(p.numel() for p in model.parameters()), world_size=info.world_size,
+    metrics = dict(task="lm", dataset="stdlib", reg=args.reg, gamma=args.gamma, normalize=args.normalize,
+                   seed=args.seed, primary="ppl", params=sum(p.numel() for p in model.parameters()),
+                   world_size=info.world_size,
                    tokens_per_s=train["items_per_s"] * info.world_size, train_bytes=len(train_data),
                    val_bytes=len(val_data), **train,
                    dense=next(r for r in sweep if r["tau"] == 0) if 0 in args.taus else None, sweep=sweep)
@@ -149,7 +163,8 @@ def print_summary(metrics: dict) -> None:
     """Print training speed and the tau sweep table."""
     last = metrics["history"][-1]
     print(f"trained {metrics['steps']} steps in {metrics['train_time_s']:.1f}s ({metrics['tokens_per_s']:.0f} tokens/s); "
-          f"reg={metrics['reg']} gamma={metrics['gamma']} final train entropy {last['entropy']:.3f} nats")
+          f"reg={metrics['reg']} gamma={metrics['gamma']} final train entropy {last['entropy']:.3f} "
+          f"({entropy_unit(metrics['normalize'])})")
     print(f"{'tau':>7} {'val ppl':>8} {'bpb':>6} {'sparsity':>9} {'entropy':>8}")
     for r in metrics["sweep"]:
         print(f"{r['tau']:>7g} {r['ppl']:>8.3f} {r['bpb']:>6.3f} {r['sparsity']:>9.3f} {r['entropy']:>8.3f}")

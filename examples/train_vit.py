@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
-from examples.common import (add_common_args, attention_options, fit, plot_tradeoff, pyplot, save_checkpoint,
-                             seed_everything, setup_distributed, tau_sweep, teardown_distributed, autocast,
-                             topk_keep_fraction, wrap_ddp, write_json)
+from examples.common import (add_common_args, attention_options, entropy_unit, fit, in_range, plot_tradeoff, pyplot,
+                             save_checkpoint, seed_everything, setup_distributed, tau_sweep, teardown_distributed,
+                             autocast, topk_keep_fraction, wrap_ddp, write_json)
 from entropy_attn.range_entropy import patch_positions
 from examples.data import SHAPE_CLASSES, image_data
 from examples.models import ViT
@@ -50,12 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--mlp-ratio", type=float, default=2.0)
     p.add_argument("--batch-size", type=int, default=128, help="per process")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=in_range(int, 1), default=10,
+                   help="passes over the training set, when --steps is 0")
+    p.add_argument("--steps", type=in_range(int, 0), default=0, help="optimizer steps (0: --epochs passes)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--eval-batch-size", type=int, default=500)
     p.add_argument("--iou-images", type=int, default=500, help="shapes: validation images for the IoU")
     add_common_args(p)
     return p
+
+
+def train_loader(data, args: argparse.Namespace, sampler: DistributedSampler | None) -> DataLoader:
+    """The shuffled training batches of ``args.batch_size``, whole batches only. Stops with a clear
+    message when one batch needs more examples than a process has: the loader would yield nothing,
+    and ``cycle`` would wait on it forever."""
+    n = len(data.train) if sampler is None else len(sampler)
+    if args.batch_size > n:
+        per = "" if sampler is None else f" per process ({len(data.train)} in all)"
+        raise SystemExit(f"--batch-size {args.batch_size} exceeds the {n} training examples{per}; lower it")
+    return DataLoader(data.train, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
+                      drop_last=True, num_workers=args.workers, generator=torch.Generator().manual_seed(args.seed))
 
 
 def cycle(loader: DataLoader, sampler: DistributedSampler | None):
@@ -159,8 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
                 dim=args.dim, depth=args.depth, heads=args.heads, mlp_ratio=args.mlp_ratio, stem=args.stem, **attn).to(info.device)
 
     sampler = DistributedSampler(data.train, seed=args.seed, drop_last=True) if info.world_size > 1 else None
-    loader = DataLoader(data.train, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
-                        drop_last=True, num_workers=args.workers, generator=torch.Generator().manual_seed(args.seed))
+    loader = train_loader(data, args, sampler)
     steps = args.steps or args.epochs * len(loader)
 
     def task_loss(m, batch):
@@ -176,9 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
     run_eval = lambda m: evaluate(m, val_loader, info.device, args.amp)
     keep = topk_keep_fraction(n_tokens, attn.get("top_k"), causal=False)
     sweep = tau_sweep(model, args.taus, run_eval, base_keep=keep, show=not args.no_progress)
-    metrics = dict(task="vit", dataset=args.dataset, reg=args.reg, gamma=args.gamma, seed=args.seed,
-                   primary="accuracy", params=sum(p.numel() for p in model.parameters()), world_size=info.world_size,
-                   images_per_s=train["items_per_s"] * info.world_size, **train,
+    metrics = dict(task="vit", dataset=args.dataset, reg=args.reg, gamma=args.gamma, normalize=args.normalize,
+                   seed=args.seed, primary="accuracy", params=sum(p.numel() for p in model.parameters()),
+                   world_size=info.world_size, images_per_s=train["items_per_s"] * info.world_size, **train,
                    dense=next(r for r in sweep if r["tau"] == 0) if 0 in args.taus else None, sweep=sweep)
     if data.val_masks is not None:
         metrics["iou"] = attention_iou(model, data, args.iou_images, info.device)
@@ -197,7 +210,8 @@ def print_summary(metrics: dict) -> None:
     """Print training speed, the tau sweep table and the IoU."""
     last = metrics["history"][-1]
     print(f"trained {metrics['steps']} steps in {metrics['train_time_s']:.1f}s ({metrics['images_per_s']:.0f} img/s); "
-          f"reg={metrics['reg']} gamma={metrics['gamma']} final train entropy {last['entropy']:.3f} nats")
+          f"reg={metrics['reg']} gamma={metrics['gamma']} final train entropy {last['entropy']:.3f} "
+          f"({entropy_unit(metrics['normalize'])})")
     print(f"{'tau':>7} {'accuracy':>9} {'sparsity':>9} {'entropy':>8}")
     for r in metrics["sweep"]:
         print(f"{r['tau']:>7g} {r['accuracy']:>9.4f} {r['sparsity']:>9.3f} {r['entropy']:>8.3f}")

@@ -6,8 +6,10 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import urllib.error
 import warnings
 from pathlib import Path
 
@@ -111,11 +113,15 @@ def test_study_all_regularizers(tmp_path):
     assert len(rows) == 1 + 2 * 5 * 3  # header + tasks x regularizers x taus
 
 
-def test_quickstart(capsys):
-    results = quickstart.main(["--steps", "10"])
+def test_quickstart(capsys, tmp_path):
+    results = quickstart.main(["--steps", "10", "--out", str(tmp_path)])
     assert set(results) == {0.0, 0.05}
     printed = capsys.readouterr().out
     assert "quickstart summary" in printed and "sparsity" in printed and "entropy" in printed
+    for gamma in ("0", "0.05"):  # what --out's help promises, and no plots
+        run = tmp_path / f"gamma_{gamma}"
+        assert all((run / name).is_file() for name in ("checkpoint.pt", "args.json", "metrics.json"))
+        assert not list(run.glob("*.png"))
 
 
 def test_range_flag_fails_clearly(monkeypatch):
@@ -126,6 +132,104 @@ def test_range_flag_fails_clearly(monkeypatch):
     monkeypatch.setattr(common, "EntropyAttention", no_range)
     with pytest.raises(SystemExit, match="range-partition regularizer"):
         train_vit.main([*TINY_VIT, "--dataset", "digits", "--reg", "range", "--steps", "1"])
+
+
+def test_vit_batch_larger_than_train_set_fails_clearly():
+    """A batch larger than the training set: drop_last leaves the loader empty, which hung (--steps:
+    ``cycle`` waited forever) or ended in an IndexError (--epochs: no step, no history). It must stop
+    up front naming the flag. (--epochs here: without the check --steps would hang the test.)"""
+    with pytest.raises(SystemExit, match="--batch-size 32 exceeds the 16 training examples"):
+        train_vit.main([*TINY_VIT, "--dataset", "shapes", "--n-train", "16", "--epochs", "1", "--no-plots"])
+
+
+def test_cifar_download_offline_fails_clearly(monkeypatch):
+    """An offline --download raises torchvision's URLError (an OSError), which escaped the clear
+    message meant for missing CIFAR files."""
+    torchvision = pytest.importorskip("torchvision")
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    with pytest.raises(RuntimeError, match="cifar100 not found.*pass --download where internet is available"):
+        data.cifar_data("cifar100", root="nowhere", download=True)
+
+
+@pytest.mark.parametrize("max_bytes", ["2000", "100"], ids=["short-val", "short-train"])
+def test_lm_text_shorter_than_block_fails_clearly(max_bytes):
+    """A split no longer than a block (+ 1 target byte) has no window to draw: torch.randint failed
+    at the first step (short training text) or after all of training (short validation text)."""
+    with pytest.raises(SystemExit, match="raise --max-bytes or lower --block-size"):
+        train_lm.main([*TINY_LM, "--block-size", "256", "--max-bytes", max_bytes, "--steps", "1", "--no-plots"])
+
+
+@pytest.mark.parametrize("script,argv", [
+    (train_vit, [*TINY_VIT, "--dataset", "digits"]),
+    (train_lm, TINY_LM),
+], ids=["vit", "lm"])
+def test_normalized_entropy_is_labelled(script, argv, capsys):
+    """With --normalize the layers record entropy / log n; the summary said "nats" regardless."""
+    script.main([*argv, "--steps", "1", "--normalize", "--taus", "0", "--no-plots"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if "final train entropy" in x)
+    assert line.endswith("(entropy / log n)") and "nats" not in line, line
+
+
+def flag_help(parser: argparse.ArgumentParser, flag: str) -> str:
+    """What ``parser``'s --help prints for ``flag``, whitespace collapsed (the wrapping depends on
+    the terminal's width)."""
+    block = re.search(rf"^  {re.escape(flag)}\b.*?(?=^  -|\Z)", parser.format_help(), re.M | re.S).group(0)
+    return " ".join(block.split())
+
+
+@pytest.mark.parametrize("script,flag,false_claim", [
+    (train_lm, "--steps", "--epochs"),  # train_lm has no --epochs
+    (study, "--budget-s", "{"),  # the PRESET_BUDGET_S dict printed raw
+    (study, "--budget-s", "(default: None)"),  # beside "default: <the preset's>"
+    (quickstart, "--out", "and plots"),  # quickstart passes --no-plots
+], ids=["lm-steps", "study-budget-dict", "study-budget-none", "quickstart-out"])
+def test_help_texts_are_true(script, flag, false_claim):
+    assert false_claim not in flag_help(script.build_parser(), flag)
+
+
+def test_study_budget_defaults_to_the_presets(tmp_path):
+    """Without --budget-s, the preset's budget applies and study.json records it."""
+    study.main(["--task", "vit", "--preset", "smoke", "--regs", "none", "--seeds", "0", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "study.json").read_text())["args"]["budget_s"] == 0.0
+
+
+@pytest.mark.parametrize("script,argv", [
+    (train_vit, ["--backend", "foo"]),
+    (train_vit, ["--taus", "0", "-0.1"]),
+    (train_lm, ["--taus", "nan"]),
+    (train_vit, ["--taus", "inf"]),
+    (train_vit, ["--topk-keep", "0"]),
+    (train_lm, ["--topk-keep", "1.5"]),
+    (train_vit, ["--epochs", "0"]),
+    (train_lm, ["--steps", "0"]),  # no step, no history: print_summary's IndexError
+    (study, ["--budget-s", "-1"]),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else v.__name__.split(".")[-1])
+def test_bad_flag_values_are_refused_at_parse_time(script, argv, capsys):
+    """Values the scripts ran with silently (a negative tau row, top_k clamped to 1, ...) or that
+    failed later with a traceback stop at parse time with argparse's usage error naming the flag."""
+    with pytest.raises(SystemExit) as exit_info:
+        script.build_parser().parse_args(argv)
+    assert exit_info.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
+
+
+def test_edge_flag_values_are_accepted():
+    args = train_vit.build_parser().parse_args(["--taus", "0", "0.5", "--topk-keep", "1", "--steps", "0"])
+    assert args.taus == [0.0, 0.5] and args.topk_keep == 1.0 and args.steps == 0
+
+
+def test_readme_documents_every_example():
+    """examples/README.md has a table row for every module and a command for every script."""
+    readme = (ROOT / "examples" / "README.md").read_text()
+    for path in (ROOT / "examples").glob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        assert f"| `{path.name}` |" in readme, path.name
+        if '__name__ == "__main__"' in path.read_text():
+            assert f"examples/{path.name}" in readme or f"examples.{path.stem}" in readme, path.name
 
 
 def _tiny_lm_model(reg: str) -> tuple[GPT, argparse.Namespace]:
