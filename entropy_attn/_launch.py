@@ -99,11 +99,15 @@ class _Config:
     maxnreg: int | None = None  # registers per thread ptxas may use (None: its own choice)
 
 
-def _fwd_config(d: int, dv: int, dtype: torch.dtype) -> _Config:
-    """Block shape of the forward (measured on an H100, see benchmarks/RESULTS.md)."""
+def _fwd_config(d: int, dv: int, dtype: torch.dtype, padding_only: bool = False) -> _Config:
+    """Block shape of the forward (measured on an H100, see benchmarks/RESULTS.md). ``padding_only``:
+    a key padding mask is the call's only mask (no ``attn_mask``, not causal), where 64-row blocks
+    of 4 warps measured faster at 64 columns (H200, 16k, ``tune_attention.py --masked``)."""
     if interpreting():
         return _Config(16, 16, 1, 1)
     width = max(_block(d), _block(dv)) * dtype.itemsize // 2  # in 16-bit columns
+    if width <= 64 and padding_only:
+        return _Config(64, 64, 4, 3)
     if width <= 128:
         return _Config(128, 64, 8, 3)
     return _Config(64, 32, 4, 2)
@@ -240,7 +244,7 @@ def _forward_launch(inp: AttentionInputs, out, lse, ent, entropy: bool) -> None:
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     (mask, *mstr, mkind), (kpm, *pstr, pkind) = _mask_args(inp)
-    cfg = _fwd_config(D, Dv, q.dtype)
+    cfg = _fwd_config(D, Dv, q.dtype, padding_only=pkind != 0 and mkind == 0 and not inp.causal)
     from .kernels.attention_fwd import attention_fwd
 
     launch(
