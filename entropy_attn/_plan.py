@@ -33,7 +33,7 @@ import torch
 from ._fastlaunch import bind, current_stream, direct_enabled, launch, run_bound
 from ._launch import TensorDescriptor
 
-#: Signatures kept; the cache is emptied when it would grow past this (a plan holds no tensor).
+#: Signatures kept (the least recently used is dropped past this; a plan holds no tensor).
 MAX_PLANS = 256
 #: Byte alignment of each buffer in a plan's arena (Triton specializes pointers on 16 bytes).
 ARENA_ALIGN = 256
@@ -46,13 +46,16 @@ _UNSEEN = object()
 
 def lookup(signature) -> tuple:
     """``(plan, record)``: the plan recorded for ``signature`` (or None), and whether the call
-    should record one (its signature was seen once before)."""
-    plan = _plans.get(signature, _UNSEEN)
+    should record one (its signature was seen once before). The cache keeps its entries in the
+    order of their last use and drops the least recently used one when full, so that a stream of
+    signatures seen once (decoding against a growing key cache) does not evict the plans in use."""
+    plan = _plans.pop(signature, _UNSEEN)
     if plan is _UNSEEN:
         if len(_plans) >= MAX_PLANS:
-            _plans.clear()
+            del _plans[next(iter(_plans))]
         _plans[signature] = None
         return None, False
+    _plans[signature] = plan  # now the most recently used
     if plan is None or plan is False:
         return None, plan is None
     return plan, False

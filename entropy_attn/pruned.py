@@ -475,8 +475,8 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
     inputs = (q, k, v, mask_args[0], kpm_args[0], *(pooled or ()))
     signature = None
     if not stats:
-        signature = (mode, tau, slack, splits, local, inp.scale, _input_precision(q.dtype), q.device,
-                     mask_args[-1], kpm_args[-1], *inputs_signature(inputs))
+        signature = (mode, tau, slack, splits, local, pack, inp.causal, inp.scale, _input_precision(q.dtype),
+                     q.device, mask_args[-1], kpm_args[-1], *inputs_signature(inputs))
     shape = (B, H, Nq_in, v.shape[3])
     with _on_device(q):
         plan, record = _plan.lookup(signature) if signature is not None else (None, False)

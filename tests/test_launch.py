@@ -109,3 +109,22 @@ def test_plan_arena_layout():
     assert a >= 64 and a % 16 == 0
     assert _arena(allocs, launches, 6, 2) == ((0, a, None, None, None, 2 * a), 2 * a)
     assert _arena(allocs, launches + (step((), bound=None),), 6, 2) == (None, 0)
+
+
+def test_plan_cache_keeps_the_plans_in_use(monkeypatch):
+    """Past ``MAX_PLANS`` signatures the least recently used entry goes: a stream of signatures seen
+    once (decoding against a growing key cache) does not evict a plan that is replayed between them
+    (the cache used to be emptied whole, every 256 new signatures)."""
+    from entropy_attn import _plan
+
+    monkeypatch.setattr(_plan, "_plans", {})
+    monkeypatch.setattr(_plan, "MAX_PLANS", 8)
+    plan = object()
+    assert _plan.lookup("in use") == (None, False)  # seen once
+    assert _plan.lookup("in use") == (None, True)  # record now
+    _plan.store("in use", plan)
+    for step in range(50):
+        assert _plan.lookup(("decoding", step)) == (None, False)
+        assert _plan.lookup("in use") == (plan, False)
+        assert len(_plan._plans) <= 8
+    assert ("decoding", 49) in _plan._plans and ("decoding", 0) not in _plan._plans

@@ -837,23 +837,40 @@ def test_launch_plan_replays_the_call(monkeypatch, mode, case):
     assert all(r() is None for r in alive)
 
 
+def _plan_cases(scenario):
+    """``(cases, pairs)`` for ``test_launch_plan_tells_apart_calls``: named calls ``(args, kwargs)``
+    whose launch-plan signatures once coincided, and the orders to run them in."""
+    g = fresh_generator(5)
+    mk = lambda *shape, scale=1.0: (scale * torch.randn(*shape, generator=g)).to(DEV)  # noqa: E731
+    B, N, D = 1, 32, 32
+    if scenario == "masks and aliases":  # Nk = D: a float mask [B, H, N, N] has q's signature
+        q, k, v, x = (mk(B, 2, N, D) for _ in range(4))
+        mask = torch.zeros(B, 2, N, N, device=DEV)
+        mask[..., N // 2:] = float("-inf")
+        cases = {"none": ((q, k, v), {}), "mask": ((q, k, v), {"attn_mask": mask}),
+                 "k is v": ((q, x, x), {}), "q is k is v": ((x, x, x), {})}
+        pairs = (("none", "mask"), ("mask", "none"), ("k is v", "none"), ("q is k is v", "none"), ("none", "k is v"))
+    else:  # grouped-query decoding packs q [1, 8, 1, D] into [1, 2, 4, D] and drops the causal mask
+        k, v = mk(B, 2, 40, 16, scale=3.0), mk(B, 2, 40, 16)
+        cases = {"gqa decoding": ((mk(B, 8, 1, 16), k, v), {"causal": True}),
+                 "causal": ((mk(B, 2, 4, 16, scale=3.0), k, v), {"causal": True})}
+        pairs = (("gqa decoding", "causal"), ("causal", "gqa decoding"))
+    return cases, pairs
+
+
 @triton_ok
 @pytest.mark.parametrize("mode", ["exact", "fast"])
-def test_launch_plan_tells_apart_masks_and_aliased_inputs(mode):
-    """A plan's slots are per tensor object, and a call without a mask hands its kernels q as the
-    mask's placeholder: a plan recorded without a mask must not replay for a float mask of q's
-    shape, strides and dtype (Nk = D), a plan recorded with ``k is v`` or ``q is k is v`` must not
-    replay for distinct tensors, nor the other way round (each of these replayed the other's plan
-    and returned wrong values, 1.3-4.0 off)."""
+@pytest.mark.parametrize("scenario", ["masks and aliases", "packed causal"])
+def test_launch_plan_tells_apart_calls(mode, scenario):
+    """A plan's slots are per tensor object, a call without a mask hands its kernels q as the mask's
+    placeholder, and grouped-query decoding packs its query heads into rows and drops the causal
+    mask: a plan recorded without a mask must not replay for a float mask of q's shape, strides and
+    dtype (Nk = D), one recorded with ``k is v`` or ``q is k is v`` not for distinct tensors, one of
+    packed causal decoding not for a causal call on q of the packed shape, nor each the other way
+    round (each replayed the other's plan and returned values 0.24-4.0 off)."""
     from entropy_attn import _plan
 
-    B, H, N, D = 1, 2, 32, 32  # Nk = D: a full float mask [B, H, N, N] has q's signature
-    q, k, v = (t.to(DEV) for t in random_qkv(B, H, H, N, N, D, seed=5))
-    x = torch.randn(B, H, N, D, generator=fresh_generator(6)).to(DEV)
-    mask = torch.zeros(B, H, N, N, device=DEV)
-    mask[..., N // 2:] = float("-inf")
-    cases = {"none": ((q, k, v), {}), "mask": ((q, k, v), {"attn_mask": mask}),
-             "k is v": ((q, x, x), {}), "q is k is v": ((x, x, x), {})}
+    cases, pairs = _plan_cases(scenario)
 
     def call(name):
         args, kw = cases[name]
@@ -863,9 +880,7 @@ def test_launch_plan_tells_apart_masks_and_aliased_inputs(mode):
     for name in cases:  # a signature's first call records no plan
         _plan.clear_plans()
         expected[name] = call(name)
-    assert not torch.equal(expected["none"], expected["mask"]) and not torch.equal(expected["none"], expected["k is v"])
-    for first, then in (("none", "mask"), ("mask", "none"), ("k is v", "none"), ("q is k is v", "none"),
-                        ("none", "k is v")):
+    for first, then in pairs:
         _plan.clear_plans()
         for name in (first, first, then, then, first):  # seen, recorded; seen, recorded; replayed
             assert torch.equal(call(name), expected[name]), (first, then, name)
