@@ -102,7 +102,9 @@ class KeySummary:
     written since the last ``update`` (address and version counter; inference tensors have no
     version counter, so there only the address and length are checked): a stale summary raises
     ``ValueError`` instead of mispredicting. The keys the summary had seen must not change except
-    through ``update(..., start=...)``.
+    through ``update(..., start=...)``: the test cannot see writes that bypass the version counter
+    (``.data``, NumPy views, other tensors on the same storage), a new cache at a freed cache's
+    address with as many writes, nor anything under ``torch.compile``, which skips it.
 
     Args:
         k: ``[B, Hkv, Nk, D]`` keys, float16, bfloat16 or float32 (float64 and devices the Triton
