@@ -127,7 +127,8 @@ def entropy_attention(
         entropy: ``'shannon'`` (MATH.md section 2), ``'range'`` (the range-partition entropy of
             MATH.md section 4) or a tuple of both, returned in that order.
         anchors: ``[k, c]`` cell centres for ``'range'`` (a tensor the caller owns, learnable);
-            default a uniform grid of ``ceil(sqrt(Nk))`` (see ``range_entropy.init_anchors``).
+            default a uniform grid of about ``ceil(sqrt(n))`` anchors, ``n`` the keys with a
+            position, rounded to a power of ``c`` (see ``range_entropy.init_anchors``).
         positions: ``[Nk, c]`` key coordinates in [0, 1]^c for ``'range'``; default the normalized
             1-D positions ``j / (Nk - 1)``. NaN rows (e.g. a class token) form a cell of their own.
         alpha: temperature of the ball cells, acting on [0, 1] coordinates: the default 5 (the

@@ -93,7 +93,8 @@ class EntropyAttention(nn.MultiheadAttention):
     boolean ``key_padding_mask`` True = padding, float masks added to the scores). Keyword-only:
 
     Args:
-        regularizer: what ``last_regularizer`` holds, a key of ``entropy_attn.regularizer.REGULARIZERS``:
+        regularizer: what ``last_regularizer`` holds, a key of ``entropy_attn.regularizer.REGULARIZERS``
+            or ``'range'``:
             ``'shannon'`` (the row entropy of the fused kernel, free), ``'l2'`` (``sum_j P_ij^2``,
             computed by a second, materialized and checkpointed pass over ``P``: about the cost of
             an unfused attention forward+backward), ``'range'`` (the range-partition entropy of

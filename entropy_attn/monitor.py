@@ -66,7 +66,8 @@ class AttentionMonitor:
         return hook
 
     def summary(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Per layer (in module order; layers never called are left out), per metric, ``[H]``."""
+        """Per layer (in the order the layers were first called; layers never called are left out),
+        per metric, ``[H]``."""
         return {name: {k: (s / self._weights[name][k].clamp_min(1.0)).cpu() for k, s in sums.items()}
                 for name, sums in self._sums.items()}
 

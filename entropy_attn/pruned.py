@@ -694,8 +694,9 @@ def pruned_attention(
 
         - ``entry_sparsity``: pruned unmasked entries / unmasked entries (0 if none is unmasked).
         - ``tile_sparsity``: 1 - visited tiles / tiles with at least one unmasked entry, on the
-          kernel's tile grid (BLOCK_M x BLOCK_N: 128 x 64 for prefill on the GPU, 16 x 64 for
-          Nq <= 16, 16 x 16 under the interpreter; the reference backend uses 128 x 64). Exact mode:
+          kernel's tile grid (BLOCK_M x BLOCK_N, ``_config``: 128 x 64 for Nq > 64, 64 x 64 for
+          17-64 queries, 16 x 64 for Nq <= 16, with 32 key columns and at most 64 rows where
+          ``max(D, Dv) > 128``; 16 x 16 under the interpreter; the reference backend uses 128 x 64). Exact mode:
           the tiles passing the skip test; fast mode: the tiles the predictor listed. In grouped-query
           decoding (``Nq <= 16``, ``Hkv < H``, no ``attn_mask``, causal only with ``Nq = 1``) a tile's
           rows are the ``Nq`` queries of all ``H / Hkv`` query heads of a kv head: those heads share

@@ -132,7 +132,7 @@ def entropy_loss(model: torch.nn.Module) -> torch.Tensor:
     """Sum over the model's ``EntropyAttention`` layers of the mean over heads of
     ``layer.last_regularizer`` (set by each layer's last forward in training mode).
 
-    Returns a differentiable scalar (float32). Layers whose last forward recorded nothing (run in
+    Returns a differentiable scalar (float32; float64 for float64 layers). Layers whose last forward recorded nothing (run in
     eval outside a monitor, or never run) contribute 0. A layer that a forward skips (LayerDrop,
     a branch not taken) still holds the value of the forward that last ran it, whose graph an
     earlier backward has freed: set its ``last_regularizer = None`` where you skip it.
