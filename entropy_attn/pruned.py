@@ -653,11 +653,10 @@ def pruned_attention(
             of tiles it does not visit and may keep entries the exact mode prunes; it never returns
             NaN from finite inputs and never empties a row that has an unmasked key. It pays off for
             long prefill on attention with block structure (sinks, vertical stripes, clustered keys;
-            measured on H200s, bf16, D = 128, against the dense kernel at tile sparsity 0.9 /
-            0.95: 7.6-8.6x / 11.9-14.5x at N = 32k, 8.5-9.0x / 15.1-16.4x at 64k (several
-            machines); at 8k-16k the host's work per call (0.1-0.45 ms, by machine) bounds it
-            (3.2x-10.4x called directly), unless it is replayed from a CUDA graph (4.7x-11.5x);
-            max |fast - exact| 0.05 - 0.1 on sink-key inputs). With ``causal=True`` it also visits
+            from 32k tokens 8-16x the dense kernel at tile sparsity 0.9-0.95, while at 8k-16k the
+            host's work per call bounds it unless it is replayed from a CUDA graph; max |fast -
+            exact| 0.05 - 0.1 on sink-key inputs; the README's "Measured" section and
+            benchmarks/RESULTS.md give the numbers). With ``causal=True`` it also visits
             the key blocks of each row's 128 most recent keys (local attention, which pooling
             smears) in the heads whose sampled rows attend there (every head below 1024 queries).
             From 1024 queries it checks its lists against 64 sampled rows: a head where two of them
