@@ -47,13 +47,37 @@ def sdpa(backend):
     return run
 
 
-IMPLS = {
-    "ours": lambda q, k, v, causal: entropy_attention(q, k, v, causal=causal, backend="triton"),
-    "ours_no_entropy": lambda q, k, v, causal: (entropy_attention(q, k, v, causal=causal, return_entropy=False, backend="triton"), None),
+IMPLS = {  # (q, k, v, causal, **masks) -> (out, entropy or None)
+    "ours": lambda q, k, v, causal, **m: entropy_attention(q, k, v, causal=causal, backend="triton", **m),
+    "ours_no_entropy": lambda q, k, v, causal, **m: (
+        entropy_attention(q, k, v, causal=causal, return_entropy=False, backend="triton", **m), None),
     "sdpa_flash": sdpa("flash"),
     "sdpa_cudnn": sdpa("cudnn"),
     "materialized": materialized,
 }
+
+
+def bench_step(fn, b, h, n, d, grad, **kw):
+    """The timed step: ``fn(q, k, v, **kw)`` (an ``IMPLS`` entry or ``sdpa``; ``kw``: ``causal`` and
+    the masks) on fresh bf16 inputs ``[b, h, n, d]``; with ``grad``, also the backward of the
+    output and of the entropy (weighted as ``gamma * H.mean()``)."""
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad) for _ in range(3))
+    dout = torch.randn_like(q)
+    dent = torch.full((b, h, n), 0.1 / (b * h * n), device="cuda")
+
+    def step():
+        if not grad:
+            with torch.no_grad():
+                fn(q, k, v, **kw)
+            return
+        out, ent = fn(q, k, v, **kw)
+        outs, grads = [out], [dout]
+        if ent is not None:
+            outs.append(ent)
+            grads.append(dent)
+        torch.autograd.backward(outs, grads)
+
+    return step
 
 
 def cases():
@@ -70,24 +94,7 @@ def cases():
 @pytest.mark.parametrize("impl,n,d,causal", list(cases()), ids=lambda x: str(x))
 def test_attention(measure, impl, n, d, causal, mode):
     b, h = TOKENS // n, WIDTH // d
-    grad = mode == "fwd_bwd"
-    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad) for _ in range(3))
-    dout = torch.randn_like(q)
-    dent = torch.full((b, h, n), 0.1 / (b * h * n), device="cuda")  # gamma * H.mean()
-    fn = IMPLS[impl]
-
-    def step():
-        if not grad:
-            with torch.no_grad():
-                fn(q, k, v, causal)
-            return
-        out, ent = fn(q, k, v, causal)
-        outs, grads = [out], [dout]
-        if ent is not None:
-            outs.append(ent)
-            grads.append(dent)
-        torch.autograd.backward(outs, grads)
-
+    step = bench_step(IMPLS[impl], b, h, n, d, mode == "fwd_bwd", causal=causal)
     measure(step, flops=attention_flops(b, h, n, n, d, causal=causal, mode=mode), rounds=10,
             group=f"attention {mode}", impl=impl, N=n, D=d, causal=causal)
 
@@ -116,30 +123,11 @@ def masks(kind, b, n):
 def test_masked_attention(measure, impl, mask, d, mode):
     n = 16384
     b, h = TOKENS // n, WIDTH // d
-    grad = mode == "fwd_bwd"
-    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad) for _ in range(3))
-    dout = torch.randn_like(q)
-    dent = torch.full((b, h, n), 0.1 / (b * h * n), device="cuda")
     ours, theirs = masks(mask, b, n)
     if impl.startswith("sdpa"):
-        fn = sdpa(impl.removeprefix("sdpa_"))
-        call = lambda: fn(q, k, v, False, attn_mask=theirs)  # noqa: E731
+        fn, kw = sdpa(impl.removeprefix("sdpa_")), {"attn_mask": theirs}
     else:
-        ent = impl == "ours"
-        call = lambda: entropy_attention(q, k, v, return_entropy=ent, backend="triton", **ours)  # noqa: E731
-
-    def step():
-        if not grad:
-            with torch.no_grad():
-                call()
-            return
-        res = call()
-        out, ent = res if isinstance(res, tuple) else (res, None)
-        outs, grads = [out], [dout]
-        if ent is not None:
-            outs.append(ent)
-            grads.append(dent)
-        torch.autograd.backward(outs, grads)
-
+        fn, kw = IMPLS[impl], ours
+    step = bench_step(fn, b, h, n, d, mode == "fwd_bwd", causal=False, **kw)
     measure(step, flops=attention_flops(b, h, n, n, d, causal=False, mode=mode), rounds=10,
             group=f"attention masked {mode}", impl=impl, mask=mask, N=n, D=d)
