@@ -29,6 +29,13 @@ from .regularizer import (REGULARIZERS, attention_probs, head_mean, key_counts, 
                           padded_keys)
 
 
+def recomputing() -> bool:
+    """Whether this forward runs inside a backward: activation checkpointing's recomputation
+    (``torch.utils.checkpoint``, either form). The layers keep the records of the forward proper
+    then, and the monitor counts a call once (not traced by ``torch.compile``, which records)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def _keep_module_forward(module, args):
     """No-op forward pre-hook. ``nn.TransformerEncoderLayer`` in eval under ``no_grad`` takes the
     fused ``torch._transformer_encoder_layer_fwd``, which reads ``self_attn``'s weights and never
@@ -261,7 +268,9 @@ class EntropyAttention(nn.MultiheadAttention):
             out, entropies = attention_entropies(inp, self._kinds(record), cells=cells, backend=self.backend)
         if record:
             query_pad = padded_keys(key_padding_mask) if self_attention and key_padding_mask is not None else None
-            self._record(inp, entropies, query_pad, cells)
+            records = self._records(inp, entropies, query_pad, cells)
+            if not recomputing():  # activation checkpointing's recomputation keeps the forward's records
+                self.last_entropy, self._last_rows, self.last_regularizer = records
         else:
             self.last_entropy = self.last_regularizer = self._last_rows = None
 
@@ -412,9 +421,11 @@ class EntropyAttention(nn.MultiheadAttention):
         _, entropies = attention_entropies(inp, self._kinds(record), cells=cells, backend=self.backend)
         return out, entropies
 
-    def _record(self, inp: AttentionInputs, entropies: dict, query_pad: Tensor | None, cells: Tensor | None) -> None:
-        """Set ``last_entropy`` / ``last_regularizer`` (``[H]``) from the row entropies ``[B, H, L]``
-        (``entropies['range']`` is the range regularizer's row value, over the ``cells``)."""
+    def _records(self, inp: AttentionInputs, entropies: dict, query_pad: Tensor | None, cells: Tensor | None) -> tuple:
+        """``(last_entropy, rows, last_regularizer)`` (``[H]`` each; ``rows``: the valid rows behind
+        the entropy) from the row entropies ``[B, H, L]`` (``entropies['range']`` is the range
+        regularizer's row value, over the ``cells``). A recomputation under activation
+        checkpointing computes them again (they save the same tensors) and drops them."""
         entropy = entropies["shannon"]
         counts = key_counts(inp)
         valid = counts > 0
@@ -423,21 +434,18 @@ class EntropyAttention(nn.MultiheadAttention):
         valid = valid.expand_as(entropy)
         if self.normalize:
             entropy = normalized_entropy(entropy, counts)
-        self.last_entropy = head_mean(entropy, valid)
-        self._last_rows = valid.sum(dim=(0, 2)).float()
+        mean_entropy, rows = head_mean(entropy, valid), valid.sum(dim=(0, 2)).float()
         if self.regularizer == "range":
             h_range = entropies["range"]
             if self.normalize:  # 0 with one cell, as Shannon with one key
                 log_cells = math.log(cells.shape[-1])
                 h_range = h_range / log_cells if log_cells > 0 else torch.zeros_like(h_range)
-            self.last_regularizer = head_mean(h_range, valid)
-            return
+            return mean_entropy, rows, head_mean(h_range, valid)
         fn = REGULARIZERS[self.regularizer]
         if fn is None:
-            self.last_regularizer = torch.zeros_like(self.last_entropy)
-        else:
-            per_row = fn(inp, entropy)
-            self.last_regularizer = self.last_entropy if per_row is entropy else head_mean(per_row, valid)
+            return mean_entropy, rows, torch.zeros_like(mean_entropy)
+        per_row = fn(inp, entropy)
+        return mean_entropy, rows, mean_entropy if per_row is entropy else head_mean(per_row, valid)
 
 
 def replace_attention(model: nn.Module, **options) -> nn.Module:

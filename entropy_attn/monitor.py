@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .modules import EntropyAttention
+from .modules import EntropyAttention, recomputing
 
 _STATS = ("entry_sparsity", "tile_sparsity", "pruned_mass")
 
@@ -51,7 +51,7 @@ class AttentionMonitor:
 
     def _hook(self, name: str):
         def hook(layer: EntropyAttention, args, output):
-            if layer.last_entropy is None:
+            if layer.last_entropy is None or recomputing():
                 return
             # sums stay on the layer's device (no host sync per call); summary() moves them
             rows = layer._last_rows.detach()

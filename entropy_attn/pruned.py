@@ -44,7 +44,7 @@ from ._launch import (LOG2E, _block, _Config, _input_precision, _mask_args, _on_
                       batch_slices, cdiv, early_launch, interpreting, next_pow2, tma_operands)
 from .functional import attention_with_lse, resolve_backend
 from .key_summary import KeySummary, _pool_keys
-from .reference import chunk_rows, dense_operands, masked_scores, masked_softmax
+from .reference import chunk_rows, dense_operands, full_precision, masked_scores, masked_softmax
 
 MODES = ("exact", "fast")
 #: The fast predictor visits a tile when its estimated share of some pooled row's mass is at least
@@ -209,6 +209,7 @@ def _zero_stats(H: int, device) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+@full_precision
 def reference_pruned(inp: AttentionInputs, tau: float, *, block=REFERENCE_BLOCK, stats: bool = False,
                      chunk_size: int | None = None):
     """MATH.md section 5 evaluated densely, chunk by chunk over the queries.

@@ -11,15 +11,17 @@ top-k attention, ``need_weights``).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from ._inputs import AttentionInputs, score_bias
-from .reference import MASKED_BELOW, _compute_dtype, chunk_rows, masked_scores, masked_softmax
+from .reference import MASKED_BELOW, _compute_dtype, chunk_rows, full_precision, masked_scores, masked_softmax
 
 
+@full_precision
 def attention_probs(inp: AttentionInputs, rows: slice | None = None):
     """``(P, log P)`` of MATH.md section 1 for the query ``rows`` (all when None).
 
@@ -132,10 +134,14 @@ def entropy_loss(model: torch.nn.Module) -> torch.Tensor:
     """Sum over the model's ``EntropyAttention`` layers of the mean over heads of
     ``layer.last_regularizer`` (set by each layer's last forward in training mode).
 
-    Returns a differentiable scalar (float32; float64 for float64 layers). Layers whose last forward recorded nothing (run in
-    eval outside a monitor, or never run) contribute 0. A layer that a forward skips (LayerDrop,
+    Returns a differentiable scalar (float32; float64 for float64 layers). Layers whose last
+    forward recorded nothing (run in eval outside a monitor, or never run) contribute 0. A layer that a forward skips (LayerDrop,
     a branch not taken) still holds the value of the forward that last ran it, whose graph an
-    earlier backward has freed: set its ``last_regularizer = None`` where you skip it.
+    earlier backward has freed: set its ``last_regularizer = None`` where you skip it. Under
+    activation checkpointing, use ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``:
+    the reentrant form runs the forward under ``no_grad``, so its values carry no gradient
+    (``entropy_loss`` warns when grad mode is on); the recomputation in the backward leaves the
+    layers' values as the forward set them.
 
     Raises:
         ValueError: the model holds no ``EntropyAttention`` (see ``replace_attention``).
@@ -149,10 +155,18 @@ def entropy_loss(model: torch.nn.Module) -> torch.Tensor:
             "entropy_loss: the model has no EntropyAttention layer; swap its attention with "
             "entropy_attn.replace_attention(model) first"
         )
-    terms = [m.last_regularizer.mean() for m in layers if m.last_regularizer is not None]
-    if not terms:
+    recorded = [m for m in layers if m.last_regularizer is not None]
+    if not recorded:
         raise RuntimeError(
             "entropy_loss: no EntropyAttention layer has recorded a value; call the model in "
             "training mode (model.train()) before entropy_loss(model)"
         )
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
+            m.regularizer != "none" and not m.last_regularizer.requires_grad
+            and any(p.requires_grad for p in m.parameters()) for m in recorded):
+        warnings.warn(
+            "entropy_loss: some layers' values carry no gradient, so the penalty does not train them: "
+            "their forward ran under torch.no_grad, as reentrant activation checkpointing runs it; "
+            "use torch.utils.checkpoint.checkpoint(..., use_reentrant=False)", stacklevel=2)
+    terms = [m.last_regularizer.mean() for m in recorded]
     return sum(terms[1:], terms[0])
