@@ -136,7 +136,8 @@ class EntropyAttention(nn.MultiheadAttention):
         last_prune_stats: eval with ``tau > 0`` and ``need_weights=False`` under a monitor:
             ``pruned_attention``'s per-head stats.
     A layer called several times per step holds its last call's values; in training they keep
-    the entropy's autograd graph alive until the next forward or the backward.
+    the entropy's autograd graph alive until the next forward or the backward. The recomputation
+    of activation checkpointing, inside the backward, leaves them as they are.
 
     Differences from ``nn.MultiheadAttention``:
         - ``need_weights=True`` (the default, as there) and attention dropout in training run the

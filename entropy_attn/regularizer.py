@@ -135,13 +135,14 @@ def entropy_loss(model: torch.nn.Module) -> torch.Tensor:
     ``layer.last_regularizer`` (set by each layer's last forward in training mode).
 
     Returns a differentiable scalar (float32; float64 for float64 layers). Layers whose last
-    forward recorded nothing (run in eval outside a monitor, or never run) contribute 0. A layer that a forward skips (LayerDrop,
-    a branch not taken) still holds the value of the forward that last ran it, whose graph an
-    earlier backward has freed: set its ``last_regularizer = None`` where you skip it. Under
-    activation checkpointing, use ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``:
-    the reentrant form runs the forward under ``no_grad``, so its values carry no gradient
-    (``entropy_loss`` warns when grad mode is on); the recomputation in the backward leaves the
-    layers' values as the forward set them.
+    forward recorded nothing (run in eval outside a monitor, or never run) contribute 0. A layer
+    that a forward skips (LayerDrop, a branch not taken) still holds the value of the forward that
+    last ran it, whose graph an earlier backward has freed: set its ``last_regularizer = None``
+    where you skip it. Under activation checkpointing, use
+    ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the reentrant form runs the
+    forward under ``no_grad``, so its values carry no gradient (``entropy_loss`` warns when grad
+    mode is on); the recomputation in the backward leaves the layers' values as the forward set
+    them.
 
     Raises:
         ValueError: the model holds no ``EntropyAttention`` (see ``replace_attention``).
