@@ -29,11 +29,16 @@ from .regularizer import (REGULARIZERS, attention_probs, head_mean, key_counts, 
                           padded_keys)
 
 
+#: The id of the running autograd graph task, -1 outside a backward (what ``torch.utils.checkpoint``
+#: itself reads; a private function, so a torch without it never counts as recomputing).
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
 def recomputing() -> bool:
     """Whether this forward runs inside a backward: activation checkpointing's recomputation
     (``torch.utils.checkpoint``, either form). The layers keep the records of the forward proper
     then, and the monitor counts a call once (not traced by ``torch.compile``, which records)."""
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+    return not torch.compiler.is_compiling() and _graph_task_id() != -1
 
 
 def _keep_module_forward(module, args):
