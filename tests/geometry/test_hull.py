@@ -152,6 +152,33 @@ def test_hull_at_extreme_scales(algo, scale):
     for base in sets:
         pts = base * scale
         assert algo(pts).tolist() == exact_hull(pts)
+        # with a point at the other end of the float range the set cannot be scaled exactly
+        # (hull._planar_points), so the predicates meet the overflow and underflow themselves
+        spanning = np.r_[pts, [[2.0**-1000, 2.0**-1000] if scale > 1 else [2.0**1000, -(2.0**1000)]]]
+        assert algo(spanning).tolist() == exact_hull(spanning)
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS + [akl_toussaint_filter, strip_hull], ids=lambda f: f.__name__)
+def test_hull_at_extreme_scales_takes_no_more_exact_tests(monkeypatch, algo):
+    """Beyond 2^+-500 the determinant's products overflow or underflow and the filter certifies
+    nothing, so the exact Fraction fallback settled most tests (300-1200x slower on 6000 points).
+    A set within 2^1022 of dynamic range is now scaled by a power of two first (exact: the same
+    orientations, comparisons and indices)."""
+    exact_triples = []
+    exact_signs = predicates._exact_signs
+
+    def counted(*cols):
+        exact_triples.append(cols[0].size)
+        return exact_signs(*cols)
+
+    monkeypatch.setattr(predicates, "_exact_signs", counted)
+    pts = np.random.default_rng(3).normal(size=(2000, 2))
+    expected = algo(pts)
+    at_unit_scale = sum(exact_triples)  # a few nearly collinear triples (chan_hull's tangents)
+    for exponent in (600, -600, 1000, -1000):
+        exact_triples.clear()
+        assert np.array_equal(algo(np.ldexp(pts, exponent)), expected)
+        assert sum(exact_triples) == at_unit_scale, exponent
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda f: f.__name__)
