@@ -58,6 +58,11 @@ def _check_tensor(name: str, t, dims: int) -> None:
         raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(t.shape)}")
 
 
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
 def _check_mask(name: str, mask, q: torch.Tensor) -> None:
     """A mask must be a boolean or floating tensor on q's device."""
     if not isinstance(mask, torch.Tensor):
@@ -92,8 +97,7 @@ def check_inputs(
         _check_tensor(name, t, 4)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if q.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    _check_float("q", q)
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; all three must match")

@@ -2,11 +2,12 @@
 given input signature and replayed on later calls.
 
 A short ``pruned_attention`` call spends most of its time on the host (0.25-0.5 ms per call on the
-H200 machines without plans, 0.15-0.25 ms with them: five launches, each through Triton's argument binder, a dozen allocations, and the Python
-that derives tile shapes, grids and splits; benchmarks/RESULTS.md). All of that but the tensors'
-addresses is a function of the call's signature (shapes, strides, dtypes and 16-byte alignment of
-its input tensors, which of them are the same tensor, its scalar options), and so is every binary
-Triton picks (it specializes on the same things). A ``Plan`` recorded once per signature replays the call as: allocate its buffers, then
+H200 machines without plans, 0.15-0.25 ms with them: five launches, each through Triton's argument
+binder, a dozen allocations, and the Python that derives tile shapes, grids and splits;
+benchmarks/RESULTS.md). All of that but the tensors' addresses is a function of the call's signature
+(shapes, strides, dtypes and 16-byte alignment of its input tensors, which of them are the same
+tensor, its scalar options), and so is every binary Triton picks (it specializes on the same
+things). A ``Plan`` recorded once per signature replays the call as: allocate its buffers, then
 launch each recorded binary with its recorded launcher arguments, the tensors swapped in (and the
 tensor descriptors of the kernels that load through the copy engine rebuilt around them).
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._inputs import FLOAT_DTYPES, _check_tensor, batch_rows, check_padding_mask
+from ._inputs import _check_float, _check_tensor, batch_rows, check_padding_mask
 from ._launch import (MAX_HEAD_DIM, TRITON_DTYPES, _block, _on_device, _padding_args, _unit_stride, batch_slices, cdiv,
                       interpreting)
 from ._plan import PLAIN, Workspace
@@ -118,8 +118,7 @@ class KeySummary:
     def __init__(self, k: torch.Tensor, key_padding_mask: torch.Tensor | None = None, *,
                  value_dim: int | None = None):
         _check_tensor("k", k, 4)
-        if k.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"k must be float16, bfloat16, float32 or float64, got {k.dtype}")
+        _check_float("k", k)
         B, Hkv, Nk, D = k.shape
         value_dim = D if value_dim is None else int(value_dim)
         if min(Nk, D, value_dim) <= 0:

@@ -476,8 +476,8 @@ def pruned_triton(inp: AttentionInputs, tau: float, mode: str = "exact", *, stat
     inputs = (q, k, v, mask_args[0], kpm_args[0], *(pooled or ()))
     signature = None
     if not stats:
-        signature = (mode, tau, slack, splits, local, pack, inp.causal, inp.scale, _input_precision(q.dtype),
-                     q.device, mask_args[-1], kpm_args[-1], *inputs_signature(inputs))
+        signature = (mode, tau, slack, splits, local, pack, inp.scale, _input_precision(q.dtype), q.device,
+                     mask_args[-1], kpm_args[-1], *inputs_signature(inputs))
     shape = (B, H, Nq_in, v.shape[3])
     with _on_device(q):
         plan, record = _plan.lookup(signature) if signature is not None else (None, False)
@@ -696,11 +696,11 @@ def pruned_attention(
         - ``tile_sparsity``: 1 - visited tiles / tiles with at least one unmasked entry, on the
           kernel's tile grid (BLOCK_M x BLOCK_N, ``_config``: 128 x 64 for Nq > 64, 64 x 64 for
           17-64 queries, 16 x 64 for Nq <= 16, with 32 key columns and at most 64 rows where
-          ``max(D, Dv) > 128``; 16 x 16 under the interpreter; the reference backend uses 128 x 64). Exact mode:
-          the tiles passing the skip test; fast mode: the tiles the predictor listed. In grouped-query
-          decoding (``Nq <= 16``, ``Hkv < H``, no ``attn_mask``, causal only with ``Nq = 1``) a tile's
-          rows are the ``Nq`` queries of all ``H / Hkv`` query heads of a kv head: those heads share
-          one tile list and report its sparsity.
+          ``max(D, Dv) > 128``; 16 x 16 under the interpreter; the reference backend uses 128 x
+          64). Exact mode: the tiles passing the skip test; fast mode: the tiles the predictor
+          listed. In grouped-query decoding (``Nq <= 16``, ``Hkv < H``, no ``attn_mask``, causal
+          only with ``Nq = 1``) a tile's rows are the ``Nq`` queries of all ``H / Hkv`` query heads
+          of a kv head: those heads share one tile list and report its sparsity.
         - ``pruned_mass``: the mean over rows with an unmasked key of the softmax mass of the entries
           not kept, ``sum_j P_ij (1 - keep_ij)``, with P the full (unpruned) softmax; in fast mode
           this includes the mass of the tiles it skipped (its "mass lost").
