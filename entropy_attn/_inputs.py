@@ -138,37 +138,34 @@ def check_inputs(
     return AttentionInputs(q, k, v, attn_mask, key_padding_mask, causal, scale)
 
 
-def _neg_inf_where(cond: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    zero = torch.zeros((), dtype=dtype, device=cond.device)
-    return torch.where(cond, zero - float("inf"), zero)
-
-
-def score_bias(inp: AttentionInputs, rows: slice | None = None, dtype=torch.float32) -> torch.Tensor | None:
-    """The additive score bias of ``inp`` as a ``[B, H, n, Nk]`` tensor (0 or -inf, plus float
-    masks), for the query rows ``rows`` (all when None); None when nothing is masked."""
+def score_masks(inp: AttentionInputs, rows: slice | None = None,
+                dtype=torch.float32) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The masks of ``inp`` for the query rows ``rows`` (all when None), as the kernels apply them
+    (``kernels/masks.py``): ``(bias, hidden)``, each ``[B, H, n, Nk]`` or None where nothing is.
+    ``bias`` (``dtype``) is the sum of the float masks, added to the scores; ``hidden`` (bool) is
+    True where an entry is masked whatever its score: causal, a False ``attn_mask`` entry, a padded
+    key (True, or -inf in a float ``key_padding_mask``). A -inf entry of a float ``attn_mask`` is only
+    added, so a NaN score under it stays NaN, as in SDPA."""
     B, H, Nq, _ = inp.q.shape
     Nk = inp.k.shape[2]
     rows = rows or slice(0, Nq)
     r0, r1 = rows.start, min(rows.stop, Nq)
-    bias = None
-
-    def add(term):
-        nonlocal bias
-        bias = term if bias is None else bias + term
-
+    bias = hidden = None
     if inp.causal:
         i = torch.arange(r0, r1, device=inp.q.device)[:, None]
         j = torch.arange(Nk, device=inp.q.device)[None, :]
-        add(_neg_inf_where(j > i + (Nk - Nq), dtype))
+        hidden = j > i + (Nk - Nq)
     for mask, view in ((inp.attn_mask, lambda m: m[:, :, r0:r1]), (inp.key_padding_mask, lambda m: m[:, None, None, :])):
         if mask is None:
             continue
         m = view(mask)
         if m.dtype == torch.bool:
-            keep = m if mask is inp.attn_mask else ~m
-            add(_neg_inf_where(~keep, dtype))
+            hide = ~m if mask is inp.attn_mask else m
         else:
-            add(m.to(dtype))
-    if bias is not None:
-        bias = bias.expand(B, H, r1 - r0, Nk)
-    return bias
+            bias = m.to(dtype) if bias is None else bias + m.to(dtype)
+            if mask is inp.attn_mask:
+                continue
+            hide = m == float("-inf")
+        hidden = hide if hidden is None else hidden | hide
+    shape = (B, H, r1 - r0, Nk)
+    return (None if bias is None else bias.expand(shape)), (None if hidden is None else hidden.expand(shape))

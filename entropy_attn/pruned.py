@@ -37,7 +37,7 @@ from dataclasses import replace
 
 import torch
 
-from ._inputs import AttentionInputs, batch_rows, check_inputs, score_bias
+from ._inputs import AttentionInputs, batch_rows, check_inputs, score_masks
 from . import _plan
 from ._plan import PLAIN, Workspace, clear_plans, inputs_signature
 from ._launch import (LOG2E, _block, _Config, _input_precision, _mask_args, _on_device, _unit_stride,
@@ -238,7 +238,7 @@ def reference_pruned(inp: AttentionInputs, tau: float, *, block=REFERENCE_BLOCK,
     outs = []
     for r0 in range(0, Nq, chunk_size):
         rows = slice(r0, min(r0 + chunk_size, Nq))
-        s = masked_scores(inp.scale * (qc[:, :, rows] @ kc.transpose(-1, -2)), score_bias(inp, rows, dtype=cdt))
+        s = masked_scores(inp.scale * (qc[:, :, rows] @ kc.transpose(-1, -2)), *score_masks(inp, rows, dtype=cdt))
         valid = s != float("-inf")  # a NaN score is seen: its row is NaN
         empty = ~valid.any(-1)
         p, _, lse = masked_softmax(s)

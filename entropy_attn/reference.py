@@ -14,7 +14,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ._inputs import AttentionInputs, score_bias
+from ._inputs import AttentionInputs, score_masks
 
 #: Score elements per chunk (B * H * chunk * Nk) when ``chunk_size`` is not given: 16 Mi floats.
 _CHUNK_ELEMENTS = 1 << 24
@@ -56,14 +56,16 @@ def dense_operands(inp: AttentionInputs):
     return inp.q.to(cdt), k.to(cdt), v.to(cdt)
 
 
-def masked_scores(s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Scores ``s`` plus the bias of ``score_bias`` (None: nothing masked), -inf wherever the bias is
-    -inf (a NaN or infinite score that its row does not see is dropped, as the Triton kernels drop
-    it, where ``s + bias`` alone would make the row NaN) or the sum is below ``MASKED_BELOW``."""
-    if bias is None:
+def masked_scores(s: torch.Tensor, bias: torch.Tensor | None, hidden: torch.Tensor | None) -> torch.Tensor:
+    """Scores ``s`` plus ``bias``, -inf where ``hidden`` (``score_masks``; None: nothing) or where
+    the sum is below ``MASKED_BELOW``. A NaN or infinite score under a hidden entry is dropped; under a
+    -inf float ``attn_mask`` entry it gives NaN (NaN or inf plus -inf), as in SDPA and the kernels."""
+    if bias is None and hidden is None:
         return s
-    s = s + bias
-    return s.masked_fill((bias == float("-inf")) | (s < MASKED_BELOW), float("-inf"))
+    if bias is not None:
+        s = s + bias
+    drop = s < MASKED_BELOW
+    return s.masked_fill(drop if hidden is None else drop | hidden, float("-inf"))
 
 
 def masked_softmax(s: torch.Tensor):
@@ -84,17 +86,17 @@ def masked_softmax(s: torch.Tensor):
     return p, log_p, lse.squeeze(-1).masked_fill(empty.squeeze(-1), float("-inf"))
 
 
-def attention_rows(q, k, v, bias, scale: float):
+def attention_rows(q, k, v, masks: tuple, scale: float):
     """Attention of a block of query rows, with the row entropy.
 
     Args:
         q: ``[B, H, n, D]``; k ``[B, H, Nk, D]``, v ``[B, H, Nk, Dv]`` (heads already expanded).
-        bias: ``[B, H, n, Nk]`` additive bias (0 / -inf / float mask) or None.
+        masks: ``(bias, hidden)`` of ``score_masks`` for these rows.
     Returns:
         ``(out [B, H, n, Dv], entropy [B, H, n], lse [B, H, n])`` in q's dtype. Rows with no
         unmasked key give out 0, entropy 0 and lse -inf, with zero gradients.
     """
-    p, log_p, lse = masked_softmax(masked_scores(scale * (q @ k.transpose(-1, -2)), bias))
+    p, log_p, lse = masked_softmax(masked_scores(scale * (q @ k.transpose(-1, -2)), *masks))
     return p @ v, -(p * log_p).sum(dim=-1), lse
 
 
@@ -118,7 +120,7 @@ def reference_attention(inp: AttentionInputs, chunk_size: int | None = None):
     )
 
     def rows_attention(q_rows, k_all, v_all, rows):
-        return attention_rows(q_rows, k_all, v_all, score_bias(inp, rows, dtype=cdt), inp.scale)
+        return attention_rows(q_rows, k_all, v_all, score_masks(inp, rows, dtype=cdt), inp.scale)
 
     outs, ents, lses = [], [], []
     for r0 in range(0, Nq, chunk_size):

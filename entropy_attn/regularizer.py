@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ._inputs import AttentionInputs, score_bias
+from ._inputs import AttentionInputs, score_masks
 from .reference import MASKED_BELOW, _compute_dtype, chunk_rows, full_precision, masked_scores, masked_softmax
 
 
@@ -34,7 +34,7 @@ def attention_probs(inp: AttentionInputs, rows: slice | None = None):
     q, k = inp.q[:, :, rows].to(cdt), inp.k.to(cdt)
     if inp.groups > 1:
         k = k.repeat_interleave(inp.groups, dim=1)
-    p, log_p, _ = masked_softmax(masked_scores(inp.scale * (q @ k.transpose(-1, -2)), score_bias(inp, rows, dtype=cdt)))
+    p, log_p, _ = masked_softmax(masked_scores(inp.scale * (q @ k.transpose(-1, -2)), *score_masks(inp, rows, dtype=cdt)))
     return p, log_p
 
 

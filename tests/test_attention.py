@@ -349,3 +349,36 @@ def test_nan_reaches_exactly_the_rows_that_see_it(causal, padded, backend, devic
         got = run(args, grad=name == "q")  # dq only for the q case: zip stops before base's dq
         for t, ref in zip(got, base):
             check_nan_rows(t, ref, sees, name, atol)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_nan_key_under_an_attention_mask(kind, backend, device):
+    """A NaN key that some rows' attention mask hides: a False entry drops it (those rows attend to
+    the other keys), a -inf float entry does not (NaN + -inf is NaN, as in SDPA), on both paths and
+    in the pruned call at tau = 0 (dense attention). Until 2026-12-02 the reference path dropped it
+    under the -inf float entry too, where the kernels and SDPA give NaN."""
+    B, H, Nq, Nk, D = 1, 2, 9, 13, 16
+    q, k, v = make_inputs(B, H, H, Nq, Nk, D, D, torch.float64, "cpu")
+    keep = torch.rand(Nq, Nk) > 0.3
+    keep[:, 0] = True
+    keep[:5, 4] = False  # rows 0-4 hide key 4, the others see it
+    keep[5:, 4] = True
+    mask = keep if kind == "bool" else torch.where(keep, torch.randn(Nq, Nk, dtype=torch.float64), -math.inf)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    want = sdpa(q, k, v, attn_mask=mask)  # key 4 finite here
+    k[0, 0, 4] = float("nan")
+    nan_rows = torch.zeros(B, H, Nq, dtype=torch.bool)
+    nan_rows[0, 0, 5:] = True  # the rows that see key 4
+    if kind == "float":
+        nan_rows[0, 0] = True
+        assert torch.equal(sdpa(q, k, v, attn_mask=mask).isnan().any(-1), nan_rows)
+    dtype, atol = (torch.float64, 1e-12) if backend == "reference" else (torch.float32, 2e-5)
+    args = [t.to(device, dtype) for t in (q, k, v)]
+    m = mask.to(device) if kind == "bool" else mask.to(device, dtype)
+    outs = [entropy_attention(*args, attn_mask=m, backend=backend)[0],
+            pruned_attention(*args, attn_mask=m, tau=0.0, backend=backend)]
+    for got in outs:
+        got = got.cpu().double()
+        assert got[nan_rows].isnan().all()
+        torch.testing.assert_close(got[~nan_rows], want[~nan_rows], rtol=0, atol=atol)
