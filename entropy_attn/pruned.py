@@ -646,7 +646,9 @@ def pruned_attention(
         tau: pruning threshold on the attention weights, finite and >= 0 (default 0.01).
         mode: ``'exact'``: the definition, exactly (up to floating point): a scores-only first
             pass computes lse, the row maxima and the per-tile score maxima, then only the tiles
-            that can hold a kept entry are loaded and multiplied. ``'fast'``: no full first pass:
+            that can hold a kept entry are loaded and multiplied. On the Triton path an entry
+            within ``1e-6 (1 + |m|)`` of its row's maximum ``m`` (base-2 scores) counts as a tie
+            of the maximum and is kept, so that the recomputed maximum is never lost. ``'fast'``: no full first pass:
             the tiles are predicted from pooled queries and keys (a tile is visited when its
             estimated share of a pooled row's mass is at least ``tau * fast_slack``, and the best
             tile of each pooled row always is; its one-sweep listing may add a few more) and

@@ -342,6 +342,28 @@ def test_tau_above_one_keeps_row_max(mode, nk):
 
 
 @triton_ok
+@pytest.mark.parametrize("gap,tie", [(2.0 ** -5, False), (2.0 ** -8, True)])
+def test_exact_keeps_near_ties_of_the_row_max(gap, tie):
+    """The exact mode's one tolerance (README, ``pruned_attention``): on the Triton path an entry
+    within 1e-6 (1 + |m|) of its row's maximum m (base-2 scores) counts as a tie of the maximum and
+    is kept, even at tau > 1, so that the maximum recomputed by the second pass is never lost; an
+    entry further below is pruned. At logits near 1e4 that is 0.01 nats: a gap of 2^-5 nats is
+    pruned, one of 2^-8 kept; the reference path prunes both. (Scores 1e4 and 1e4 - gap, exact in
+    float32 and from operands exact in TF32.)"""
+    q = torch.zeros(1, 1, 1, 16)
+    q[..., :2] = 1
+    k = torch.zeros(1, 1, 2, 16)
+    k[0, 0, :, 0] = 1e4
+    k[0, 0, 1, 1] = -gap
+    v = torch.zeros(1, 1, 2, 16)
+    v[0, 0, :, 0] = torch.tensor([1.0, -1.0])
+    expect = math.tanh(gap / 2) if tie else 1.0  # w0 - w1 over both keys, or v0 alone
+    out = run(q, k, v, tau=1.5, scale=1.0, mode="exact")[0, 0, 0, 0].item()
+    assert out == pytest.approx(expect, abs=1e-4)
+    assert run(q, k, v, tau=1.5, scale=1.0, backend="reference")[0, 0, 0, 0].item() == 1.0
+
+
+@triton_ok
 def test_gqa():
     q, k, v = clustered(1, 4, 2, 32, 64, 16, dtype=torch.float16, seed=10)
     ref, _, amb = definition(q, k, v, 0.01)
