@@ -1,7 +1,8 @@
 """Sweep the block configurations of the Triton kernels on the GPU (bf16, 16k tokens) and print
 the time of each: ``python benchmarks/tune_attention.py``. The winners go into
 ``entropy_attn/_launch.py`` (``_fwd_config``, ``_bwd_config``). ``--masked``: the forward's
-configurations at N = 16k under ``bench_attention.py``'s masks instead."""
+configurations at N = 16k under ``bench_attention.py``'s masks instead (``--masked --causal``: with
+the causal mask too)."""
 import itertools
 import sys
 
@@ -44,7 +45,7 @@ def main():
                     print(f"bwd D={d} cfg={cfg}: {type(e).__name__}", flush=True)
 
 
-def masked():
+def masked(causal: bool):
     sys.path.insert(0, "benchmarks")
     from bench_attention import MASKS, masks
 
@@ -53,16 +54,16 @@ def masked():
         b, h = tokens // n, width // d
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         ours, _ = masks(kind, b, n)
-        fl = attention_flops(b, h, n, n, d, causal=False)
+        fl = attention_flops(b, h, n, n, d, causal=causal)
         for cfg, ent in itertools.product(FWD, (True, False)):
             _launch._fwd_config = lambda *a, c=cfg, **kw: _launch._Config(*c)
-            call = lambda: entropy_attention(q, k, v, return_entropy=ent, backend="triton", **ours)  # noqa: E731
+            call = lambda: entropy_attention(q, k, v, causal=causal, return_entropy=ent, backend="triton", **ours)  # noqa: E731
             try:
                 ms = triton.testing.do_bench(call, return_mode="median")
-                print(f"fwd D={d} mask={kind} entropy={ent} cfg={cfg}: {ms:.3f} ms {fl / ms / 1e9:.0f} TFLOP/s", flush=True)
+                print(f"fwd D={d} mask={kind} causal={causal} entropy={ent} cfg={cfg}: {ms:.3f} ms {fl / ms / 1e9:.0f} TFLOP/s", flush=True)
             except Exception as e:  # noqa: BLE001 - report and go on with the sweep
                 print(f"fwd D={d} mask={kind} cfg={cfg}: {type(e).__name__}", flush=True)
 
 
 if __name__ == "__main__":
-    masked() if "--masked" in sys.argv else main()
+    masked("--causal" in sys.argv) if "--masked" in sys.argv else main()

@@ -99,15 +99,22 @@ class _Config:
     maxnreg: int | None = None  # registers per thread ptxas may use (None: its own choice)
 
 
-def _fwd_config(d: int, dv: int, dtype: torch.dtype, padding_only: bool = False) -> _Config:
-    """Block shape of the forward (measured on an H100, see benchmarks/RESULTS.md). ``padding_only``:
-    a key padding mask is the call's only mask (no ``attn_mask``, not causal), where 64-row blocks
-    of 4 warps measured faster at 64 columns (H200, 16k, ``tune_attention.py --masked``)."""
+def _fwd_config(d: int, dv: int, dtype: torch.dtype, padding: int = 0, causal: bool = False) -> _Config:
+    """Block shape of the forward (measured on an H100, see benchmarks/RESULTS.md). ``padding``: the
+    kind of the key padding mask (1 boolean, 2 float) where it is the call's only mask tensor (no
+    ``attn_mask``), else 0. There other shapes measured faster (H200, 16k bf16, same process,
+    ``tune_attention.py --masked [--causal]``): at 64 columns 64 x 64 blocks of 4 warps, or with
+    the causal mask under a float padding mask 128 x 64 of 4 warps (1.23x-1.28x; 0.95x-0.99x under
+    a boolean one, which keeps the default); at 128 columns with the causal mask 64 x 64 of 4 warps
+    (1.01x-1.08x)."""
     if interpreting():
         return _Config(16, 16, 1, 1)
     width = max(_block(d), _block(dv)) * dtype.itemsize // 2  # in 16-bit columns
-    if width <= 64 and padding_only:
-        return _Config(64, 64, 4, 3)
+    if padding and width <= 128:
+        if causal != (width <= 64):  # 64 columns without the causal mask, 128 with it
+            return _Config(64, 64, 4, 3)
+        if causal and padding == 2:
+            return _Config(128, 64, 4, 3)
     if width <= 128:
         return _Config(128, 64, 8, 3)
     return _Config(64, 32, 4, 2)
@@ -244,7 +251,7 @@ def _forward_launch(inp: AttentionInputs, out, lse, ent, entropy: bool) -> None:
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     (mask, *mstr, mkind), (kpm, *pstr, pkind) = _mask_args(inp)
-    cfg = _fwd_config(D, Dv, q.dtype, padding_only=pkind != 0 and mkind == 0 and not inp.causal)
+    cfg = _fwd_config(D, Dv, q.dtype, padding=pkind if mkind == 0 else 0, causal=inp.causal)
     from .kernels.attention_fwd import attention_fwd
 
     launch(
