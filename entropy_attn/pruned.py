@@ -644,42 +644,41 @@ def pruned_attention(
         q, k, v, causal, scale, attn_mask, key_padding_mask: as in ``entropy_attention`` (same
             layouts, masks and grouped-query rules; checked by ``check_inputs``).
         tau: pruning threshold on the attention weights, finite and >= 0 (default 0.01).
-        mode: ``'exact'``: the definition, exactly (up to floating point): a scores-only first
-            pass computes lse, the row maxima and the per-tile score maxima, then only the tiles
-            that can hold a kept entry are loaded and multiplied. On the Triton path an entry
-            within ``1e-6 (1 + |m|)`` of its row's maximum ``m`` (base-2 scores) counts as a tie
-            of the maximum and is kept, so that the recomputed maximum is never lost. ``'fast'``: no full first pass:
-            the tiles are predicted from pooled queries and keys (a tile is visited when its
+        mode: ``'exact'``: the definition, exactly (up to floating point): a scores-only first pass
+            computes lse, the row maxima and the per-tile score maxima, then only the tiles that can
+            hold a kept entry are loaded and multiplied. On the Triton path an entry within ``1e-6
+            (1 + |m|)`` of its row's maximum ``m`` (base-2 scores) counts as a tie of the maximum
+            and is kept, so that the recomputed maximum is never lost. ``'fast'``: no full first
+            pass: the tiles are predicted from pooled queries and keys (a tile is visited when its
             estimated share of a pooled row's mass is at least ``tau * fast_slack``, and the best
-            tile of each pooled row always is; its one-sweep listing may add a few more) and
-            entries are pruned within them against a running lower bound of lse. It misses the mass
-            of tiles it does not visit and may keep entries the exact mode prunes; it never returns
-            NaN from finite inputs and never empties a row that has an unmasked key. It pays off for
-            long prefill on attention with block structure (sinks, vertical stripes, clustered keys;
-            from 32k tokens 8-16x the dense kernel at tile sparsity 0.9-0.95, while at 8k-16k the
-            host's work per call bounds it unless it is replayed from a CUDA graph; max |fast -
-            exact| 0.05 - 0.1 on sink-key inputs; the README's "Measured" section and
-            benchmarks/RESULTS.md give the numbers). With ``causal=True`` it also visits
-            the key blocks of each row's 128 most recent keys (local attention, which pooling
-            smears) in the heads whose sampled rows attend there (every head below 1024 queries).
-            From 1024 queries it checks its lists against 64 sampled rows: a head where two of them
-            or more keep a key block (that no other sampled row keeps) which their query block lists
-            only for the sample is swept whole, every tile it sees (pooling misses attention by
-            content there; such a head takes 1.0-1.2x the dense kernel's time).
-            On the attention of the example LMs (8k tokens) it is close to the exact mode in the
-            regularized model's sparser layers (relative error 0.03-0.23 %, 1.9-3.5x dense); in their
-            first layers the check sweeps the heads that attend by content whole, and a head that
-            passes it may still miss tiles (2.5-3.5 %); it visits nearly every tile of an
-            unregularized model (benchmarks/RESULTS.md): check its error on your model, layer by
-            layer (``return_stats``, or against ``'exact'``), before serving with it. For decoding
-            (Nq <= 16) pass a ``key_summary``: without one it pools the whole key cache on every
-            call and is slower than ``'exact'`` with one query.
-            Rows whose weights are all near tau (diffuse rows) are its weak case: it may keep
-            entries that the exact mode prunes. With an ``attn_mask`` it runs the exact mode: its
-            predictor pools each key block without the mask (it takes ``key_padding_mask`` and
-            ``causal`` into account), so a hidden key could stand for its block and the row's
-            visible keys go unvisited (pass ``causal=True`` rather than a causal ``attn_mask``).
-            The reference backend evaluates the exact definition in both modes.
+            tile of each pooled row always is; its one-sweep listing may add a few more) and entries
+            are pruned within them against a running lower bound of lse. It misses the mass of tiles
+            it does not visit and may keep entries the exact mode prunes; it never returns NaN from
+            finite inputs and never empties a row that has an unmasked key. It pays off for long
+            prefill on attention with block structure (sinks, vertical stripes, clustered keys; from
+            32k tokens 8-16x the dense kernel at tile sparsity 0.9-0.95, while at 8k-16k the host's
+            work per call bounds it unless it is replayed from a CUDA graph; max |fast - exact|
+            0.05-0.1 on sink-key inputs; the README's "Measured" section and benchmarks/RESULTS.md
+            give the numbers). With ``causal=True`` it also visits the key blocks of each row's 128
+            most recent keys (local attention, which pooling smears) in the heads whose sampled rows
+            attend there (every head below 1024 queries). From 1024 queries it checks its lists
+            against 64 sampled rows: a head where two of them or more keep a key block (that no
+            other sampled row keeps) which their query block lists only for the sample is swept
+            whole, every tile it sees (pooling misses attention by content there; such a head takes
+            1.0-1.2x the dense kernel's time). On the attention of the example LMs (8k tokens) it is
+            close to the exact mode in the regularized model's sparser layers (relative error
+            0.03-0.23 %, 1.9-3.5x dense); in their first layers the check sweeps the heads that
+            attend by content whole, and a head that passes it may still miss tiles (2.5-3.5 %); it
+            visits nearly every tile of an unregularized model (benchmarks/RESULTS.md): check its
+            error on your model, layer by layer (``return_stats``, or against ``'exact'``), before
+            serving with it. For decoding (Nq <= 16) pass a ``key_summary``: without one it pools
+            the whole key cache on every call and is slower than ``'exact'`` with one query. Rows
+            whose weights are all near tau (diffuse rows) are its weak case: it may keep entries
+            that the exact mode prunes. With an ``attn_mask`` it runs the exact mode: its predictor
+            pools each key block without the mask (it takes ``key_padding_mask`` and ``causal`` into
+            account), so a hidden key could stand for its block and the row's visible keys go
+            unvisited (pass ``causal=True`` rather than a causal ``attn_mask``). The reference
+            backend evaluates the exact definition in both modes.
         return_stats: also return the stats dict below.
         backend: ``'triton'``, ``'reference'`` or ``'auto'`` (Triton for CUDA inputs), as in
             ``entropy_attention``.
