@@ -115,11 +115,7 @@ def check_inputs(
         raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hkv})")
     if min(Nq, Nk, D, v.shape[-1]) == 0:
         raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    scale = float(scale)
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    scale = 1.0 / math.sqrt(D) if scale is None else finite_number("scale", scale)
 
     if attn_mask is not None:
         _check_mask("attn_mask", attn_mask, q)
@@ -136,6 +132,20 @@ def check_inputs(
     if key_padding_mask is not None:
         check_padding_mask(key_padding_mask, B, Nk, q)
     return AttentionInputs(q, k, v, attn_mask, key_padding_mask, causal, scale)
+
+
+def finite_number(name: str, value, *, positive: bool = True) -> float:
+    """``value`` as a float, checked: a real number (not a bool or a string; TypeError naming
+    ``name``), finite and > 0, or >= 0 when not ``positive`` (ValueError naming ``name``)."""
+    if isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} finite number, got {value}")
+    return value
 
 
 def score_masks(inp: AttentionInputs, rows: slice | None = None,

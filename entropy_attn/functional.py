@@ -1,12 +1,11 @@
 """Functional attention with the row entropy: the library's main entry point."""
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
 
-from ._inputs import AttentionInputs, check_inputs
+from ._inputs import AttentionInputs, check_inputs, finite_number
 from ._launch import check_triton_inputs
 from .range_entropy import DEFAULT_ALPHA, ball_cells, cell_entropy, init_anchors, sequence_positions
 from .reference import _compute_dtype, reference_attention
@@ -84,12 +83,10 @@ def _range_cells(inp: AttentionInputs, cells, anchors, positions, alpha: float) 
         _check_range_tensor("anchors", anchors, inp.q.device)
         if anchors.dim() != 2 or anchors.shape[0] < 1 or anchors.shape[1] != positions.shape[1]:
             raise ValueError(f"anchors must have shape [k >= 1, {positions.shape[1]}], got {tuple(anchors.shape)}")
-        if not (math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha must be a positive finite number, got {alpha}")
-        cells = ball_cells(positions, anchors, alpha)
+        cells = ball_cells(positions, anchors, finite_number("alpha", alpha))
     _check_range_tensor("cells", cells, inp.q.device)
-    if cells.dim() != 2 or cells.shape[0] != nk:
-        raise ValueError(f"cells must have shape [Nk, k] = [{nk}, k], got {tuple(cells.shape)}")
+    if cells.dim() != 2 or cells.shape[0] != nk or cells.shape[1] < 1:
+        raise ValueError(f"cells must have shape [Nk, k] = [{nk}, k >= 1], got {tuple(cells.shape)}")
     return cells.to(inp.v.dtype)
 
 

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._inputs import AttentionInputs, check_inputs
+from ._inputs import AttentionInputs, check_inputs, finite_number
 from .functional import BACKENDS, _range_cells, attention_entropies
-from .pruned import MODES, _check_tau, pruned_attention
+from .pruned import MODES, pruned_attention
 from .range_entropy import DEFAULT_ALPHA, cell_entropy, init_anchors, sequence_positions
 from .reference import _compute_dtype
 from .regularizer import (REGULARIZERS, attention_probs, head_mean, key_counts, map_rows, normalized_entropy,
@@ -168,7 +168,7 @@ class EntropyAttention(nn.MultiheadAttention):
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if regularizer not in (*REGULARIZERS, "range"):
             raise ValueError(f"regularizer must be one of {sorted((*REGULARIZERS, 'range'))}, got {regularizer!r}")
-        tau = _check_tau(tau)
+        tau = finite_number("tau", tau, positive=False)
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be None or a positive integer, got {top_k!r}")
         if backend not in BACKENDS:
@@ -193,10 +193,8 @@ class EntropyAttention(nn.MultiheadAttention):
                     raise ValueError(f"key_positions must have shape [S, c], got {tuple(key_positions.shape)}")
             if not isinstance(num_anchors, int) or num_anchors < 1:
                 raise ValueError(f"num_anchors must be a positive integer, got {num_anchors!r}")
-            if not (math.isfinite(range_alpha) and range_alpha > 0):
-                raise ValueError(f"range_alpha must be a positive finite number, got {range_alpha}")
             self.key_positions = key_positions
-            self.range_alpha = float(range_alpha)
+            self.range_alpha = finite_number("range_alpha", range_alpha)
             self._init_anchors(num_anchors, device, dtype)
 
     def _init_anchors(self, num_anchors: int, device, dtype) -> None:

@@ -37,7 +37,7 @@ from dataclasses import replace
 
 import torch
 
-from ._inputs import AttentionInputs, batch_rows, check_inputs, score_masks
+from ._inputs import AttentionInputs, batch_rows, check_inputs, finite_number, score_masks
 from . import _plan
 from ._plan import PLAIN, Workspace, clear_plans, inputs_signature
 from ._launch import (LOG2E, _block, _Config, _input_precision, _mask_args, _on_device, _unit_stride,
@@ -165,18 +165,6 @@ def _predict_config(nqb: int, bh: int, device) -> tuple[int, int, int, int]:
     while qb > 1 and cdiv(nqb, qb) * bh < _sm_count(device):
         qb //= 2
     return qb, _chunk(), 4, 3
-
-
-def _check_tau(tau) -> float:
-    if isinstance(tau, (bool, str, bytes)):
-        raise TypeError(f"tau must be a real number, got {type(tau).__name__}")
-    try:
-        tau = float(tau)
-    except (TypeError, ValueError):
-        raise TypeError(f"tau must be a real number, got {type(tau).__name__}") from None
-    if not math.isfinite(tau) or tau < 0:
-        raise ValueError(f"tau must be finite and >= 0, got {tau}")
-    return tau
 
 
 # --------------------------------------------------------------------------------------------
@@ -710,12 +698,10 @@ def pruned_attention(
         slower than without.
     """
     inp = check_inputs(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
-    tau = _check_tau(tau)
+    tau = finite_number("tau", tau, positive=False)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    fast_slack = float(fast_slack)
-    if not (math.isfinite(fast_slack) and fast_slack > 0):
-        raise ValueError(f"fast_slack must be a positive finite number, got {fast_slack}")
+    fast_slack = finite_number("fast_slack", fast_slack)
     path = resolve_backend(backend, inp)
     H = q.shape[1]
     pooled = None

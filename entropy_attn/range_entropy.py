@@ -68,8 +68,12 @@ def _with_unplaced_cell(positions: torch.Tensor, cells_of_placed) -> torch.Tenso
 
 def ball_cells(positions: torch.Tensor, anchors: torch.Tensor, alpha: float = DEFAULT_ALPHA) -> torch.Tensor:
     """Soft ball cells ``G_jr = softmax_r(-alpha ||x_j - a_r||^2)``: ``positions [Nk, c]``,
-    ``anchors [k, c]`` -> ``[Nk, k]`` (``[Nk, k + 1]`` with position-less keys)."""
-    return _with_unplaced_cell(positions, lambda x: ball_assignments(x[None], anchors, alpha)[0])
+    ``anchors [k, c]`` -> ``[Nk, k]`` (``[Nk, k + 1]`` with position-less keys), in positions'
+    dtype. Computed in float64 (``[Nk, k]`` is small), where no squared distance of finite float32
+    coordinates and no ``alpha`` overflows."""
+    def cells(x):
+        return ball_assignments(x[None].double(), anchors.double(), alpha)[0].to(positions.dtype)
+    return _with_unplaced_cell(positions, cells)
 
 
 def halfspace_cells(positions: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor, tau: float = 0.1) -> torch.Tensor:

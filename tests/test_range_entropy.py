@@ -230,11 +230,37 @@ def test_range_errors():
         ("anchors", torch.rand(0, 1), ValueError, "anchors must have shape"),
         ("alpha", float("nan"), ValueError, "alpha must be a positive finite number"),
         ("alpha", -5.0, ValueError, "alpha must be a positive finite number"),
+        ("alpha", "5", TypeError, "alpha must be a real number"),
+        ("alpha", None, TypeError, "alpha must be a real number"),
         ("cells", torch.ones(9, 3, dtype=torch.int64), TypeError, "cells must be a floating-point tensor"),
+        ("cells", torch.rand(9, 0), ValueError, "cells must have shape"),
     ]
     for name, value, error, match in bad:
         with pytest.raises(error, match=match):
             entropy_attention(q, k, v, entropy="range", **{name: value})
+    for value, error in (("x", TypeError), (0.0, ValueError)):
+        with pytest.raises(error, match="range_alpha must be a"):
+            EntropyAttention(16, 2, regularizer="range", range_alpha=value)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("alpha,anchors", [(1e39, [[0.2], [0.7]]), (1e38, [[3.0], [4.0]]), (5.0, [[2e19], [3e19]])],
+                         ids=["alpha_beyond_float32", "far_anchors", "huge_anchors"])
+def test_range_entropy_stays_finite_at_extreme_alpha_and_anchors(alpha, anchors, backend, device):
+    """Float32 cells where alpha * ||x - a||^2 (or the squared distance itself) overflows float32:
+    the memberships become hard (each key in its nearest anchor's cell), as the float64 definition
+    says; they were NaN (every softmax term -inf, or inf * 0), and so were the entropy and dq."""
+    q, k, v = (torch.randn(1, 2, 7, 16, device=device, requires_grad=True) for _ in range(3))
+    positions = sequence_positions(7, device=device)
+    anchors = torch.tensor(anchors, device=device)
+    _, hr = entropy_attention(q, k, v, entropy="range", anchors=anchors, positions=positions, alpha=alpha,
+                              backend=backend)
+    cells = cells_definition(positions.double().cpu(), anchors.double().cpu(), alpha)
+    assert torch.equal(cells, cells.round())  # hard memberships
+    ref = range_definition(*(t.detach().double().cpu() for t in (q, k, v)), cells)[1]
+    torch.testing.assert_close(hr.detach().double().cpu(), ref, rtol=0, atol=1e-5)  # 0 where one cell holds every key
+    dq, = torch.autograd.grad(hr.sum(), q)
+    assert dq.isfinite().all()
 
 
 def test_range_default_positions_keep_float64():

@@ -118,9 +118,12 @@ def ball_assignments(x: torch.Tensor, anchors: torch.Tensor, alpha: float = DEFA
 
     ``x``: ``[B, n, d]``; ``anchors``: ``[k, d]`` or ``[B, k, d]``. Returns ``[B, n, k]``. The
     squared distances are formed from differences (not ``torch.cdist``), so the gradient is exact
-    also where a point sits on an anchor.
+    also where a point sits on an anchor, and each point's are taken relative to its nearest
+    anchor's (softmax is invariant to the shift), so that a large ``alpha`` makes the memberships
+    hard instead of every term -inf (NaN).
     """
     sq = (x[:, :, None, :] - anchors[..., None, :, :]).square().sum(-1)
+    sq = sq - sq.detach().amin(-1, keepdim=True)
     return torch.softmax(-alpha * sq, dim=-1)
 
 
