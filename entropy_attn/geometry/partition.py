@@ -27,6 +27,7 @@ import math
 import numpy as np
 import torch
 
+from .._inputs import finite_number
 from .estimators import normalize_points
 
 
@@ -39,8 +40,7 @@ def partition_cost(sizes) -> float:
 def _normalized(points, width: float, normalize: bool) -> np.ndarray:
     """``points`` as a float64 ``[n, d]`` array (``[n]`` is 1-D), normalized if asked, after checking
     them and the range width."""
-    if not (math.isfinite(width) and width > 0):
-        raise ValueError(f"width must be a positive finite number, got {width!r}")
+    finite_number("width", width)
     pts = np.asarray(points, dtype=np.float64)
     if pts.ndim == 1:
         pts = pts[:, None]
