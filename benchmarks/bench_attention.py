@@ -5,7 +5,10 @@ forward+backward (with the entropy in the loss for ``ours``). ``test_masked_atte
 at N = 16k under a mask, against the SDPA backends that take one (memory-efficient, cuDNN; FA-2
 takes none): a boolean or a float (-inf) ``key_padding_mask`` hiding the last eighth of the keys,
 or a float ``attn_mask [N, N]`` of random N(0, 1) biases, given to SDPA as the equivalent
-``attn_mask`` (a padding mask as ``[B, 1, 1, N]``). Run on a GPU:
+``attn_mask`` (a padding mask as ``[B, 1, 1, N]``). ``test_causal_masked_attention``: a padding mask
+and the causal mask together, against what SDPA takes for that (it refuses ``is_causal`` with an
+``attn_mask``: one ``attn_mask [B, 1, N, N]`` of both, which its kernels read whole) and against
+FlexAttention (``torch.compile``d, with a block mask of both, which skips the masked tiles). Run on a GPU:
 
     pytest benchmarks/bench_attention.py --benchmark-enable --benchmark-json=out.json
     python benchmarks/report.py out.json
@@ -131,3 +134,38 @@ def test_masked_attention(measure, impl, mask, d, mode):
     step = bench_step(fn, b, h, n, d, mode == "fwd_bwd", causal=False, **kw)
     measure(step, flops=attention_flops(b, h, n, n, d, causal=False, mode=mode), rounds=10,
             group=f"attention masked {mode}", impl=impl, mask=mask, N=n, D=d)
+
+
+def flex(pad, n):
+    """FlexAttention (compiled) under the causal mask and key padding mask ``pad [B, N]`` (True =
+    padding): ``(q, k, v, causal) -> (out, None)``, its block mask built once, outside the timing."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def causal_unpadded(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & ~pad[b, kv_idx]
+
+    block_mask = create_block_mask(causal_unpadded, pad.shape[0], None, n, n, device=pad.device)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v, causal: (compiled(q, k, v, block_mask=block_mask), None)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("impl", MASKED_IMPLS + ("flex",))
+@pytest.mark.parametrize("mask", MASKS[:2])
+@pytest.mark.parametrize("d", [64, 128])
+def test_causal_masked_attention(measure, impl, mask, d, mode):
+    n = 16384
+    b, h = TOKENS // n, WIDTH // d
+    ours, theirs = masks(mask, b, n)
+    causal = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()
+    if impl == "flex":
+        pad = ours["key_padding_mask"]
+        fn, kw = flex(pad if pad.dtype == torch.bool else pad.isinf(), n), {}
+    elif impl.startswith("sdpa"):
+        both = theirs & causal if theirs.dtype == torch.bool else torch.where(causal, theirs, float("-inf"))
+        fn, kw = sdpa(impl.removeprefix("sdpa_")), {"attn_mask": both}
+    else:
+        fn, kw = IMPLS[impl], ours
+    step = bench_step(fn, b, h, n, d, mode == "fwd_bwd", causal=impl.startswith("ours"), **kw)
+    measure(step, flops=attention_flops(b, h, n, n, d, causal=True, mode=mode), rounds=10,
+            group=f"attention causal masked {mode}", impl=impl, mask=mask, N=n, D=d)

@@ -2,7 +2,8 @@
 the time of each: ``python benchmarks/tune_attention.py``. The winners go into
 ``entropy_attn/_launch.py`` (``_fwd_config``, ``_bwd_config``). ``--masked``: the forward's
 configurations at N = 16k under ``bench_attention.py``'s masks instead (``--masked --causal``: with
-the causal mask too)."""
+the causal mask too; ``--masked --backward``: the backward's, with and without the entropy's
+gradient)."""
 import itertools
 import sys
 
@@ -24,7 +25,6 @@ def main():
     for d, causal in itertools.product((64, 128), (False, True)):
         b, h = tokens // n, width // d
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        do, de = torch.randn_like(q), torch.full((b, h, n), 1e-6, device="cuda")
         fl = attention_flops(b, h, n, n, d, causal=causal)
         for cfg in FWD:
             _launch._fwd_config = lambda *a, c=cfg, **kw: _launch._Config(*c)
@@ -34,27 +34,39 @@ def main():
                     print(f"fwd D={d} causal={causal} entropy={ent} cfg={cfg}: {ms:.3f} ms {fl / ms / 1e9:.0f} TFLOP/s", flush=True)
                 except Exception as e:  # noqa: BLE001 - report and go on with the sweep
                     print(f"fwd D={d} cfg={cfg}: {type(e).__name__}", flush=True)
-        out, ent = entropy_attention(q, k, v, causal=causal, backend="triton")
-        for cfg in BWD:
-            _launch._bwd_config = lambda *a, c=cfg: (_launch._Config(c[0], c[1], c[4], c[5]), _launch._Config(c[2], c[3], c[4], c[5]))
-            for with_ent in (True, False):
-                try:
-                    ms = triton.testing.do_bench(lambda: torch.autograd.grad([out, ent] if with_ent else [out], (q, k, v), [do, de] if with_ent else [do], retain_graph=True), return_mode="median")
-                    print(f"bwd D={d} causal={causal} entropy={with_ent} cfg={cfg}: {ms:.3f} ms {2.5 * fl / ms / 1e9:.0f} TFLOP/s", flush=True)
-                except Exception as e:  # noqa: BLE001
-                    print(f"bwd D={d} cfg={cfg}: {type(e).__name__}", flush=True)
+        sweep_backward(f"D={d} causal={causal}", (q, k, v), entropy_attention(q, k, v, causal=causal, backend="triton"), fl)
 
 
-def masked(causal: bool):
+def sweep_backward(label, inputs, outputs, flops):
+    """Time the backward of ``outputs = (out, entropy)`` into ``inputs = (q, k, v)`` under each
+    ``BWD`` configuration, with the entropy's gradient and without."""
+    out, ent = outputs
+    do, de = torch.randn_like(out), torch.full_like(ent, 1e-6)
+    for cfg in BWD:
+        _launch._bwd_config = lambda *a, c=cfg: (_launch._Config(c[0], c[1], c[4], c[5]), _launch._Config(c[2], c[3], c[4], c[5]))
+        for with_ent in (True, False):
+            grads = ([out, ent], [do, de]) if with_ent else ([out], [do])
+            try:
+                ms = triton.testing.do_bench(lambda: torch.autograd.grad(grads[0], inputs, grads[1], retain_graph=True), return_mode="median")
+                print(f"bwd {label} entropy={with_ent} cfg={cfg}: {ms:.3f} ms {2.5 * flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+            except Exception as e:  # noqa: BLE001 - report and go on with the sweep
+                print(f"bwd {label} cfg={cfg}: {type(e).__name__}", flush=True)
+
+
+def masked(causal: bool, backward: bool):
     sys.path.insert(0, "benchmarks")
     from bench_attention import MASKS, masks
 
     n, tokens, width = 16384, 16384, 2048
     for d, kind in itertools.product((64, 128), MASKS):
         b, h = tokens // n, width // d
-        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=backward) for _ in range(3))
         ours, _ = masks(kind, b, n)
         fl = attention_flops(b, h, n, n, d, causal=causal)
+        if backward:
+            outputs = entropy_attention(q, k, v, causal=causal, backend="triton", **ours)
+            sweep_backward(f"D={d} mask={kind} causal={causal}", (q, k, v), outputs, fl)
+            continue
         for cfg, ent in itertools.product(FWD, (True, False)):
             _launch._fwd_config = lambda *a, c=cfg, **kw: _launch._Config(*c)
             call = lambda: entropy_attention(q, k, v, causal=causal, return_entropy=ent, backend="triton", **ours)  # noqa: E731
@@ -66,4 +78,4 @@ def masked(causal: bool):
 
 
 if __name__ == "__main__":
-    masked("--causal" in sys.argv) if "--masked" in sys.argv else main()
+    masked("--causal" in sys.argv, "--backward" in sys.argv) if "--masked" in sys.argv else main()
