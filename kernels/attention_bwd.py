@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import load_tile
-from .masks import LN2, LOG2E, NO_MASK, apply_masks, clamp_masked, dot, key_range
+from .masks import LN2, LOG2E, NO_MASK, apply_masks, clamp_masked, dot, key_tiles, padding_hull
 
 
 @triton.jit
@@ -173,8 +173,13 @@ def attention_bwd(
             full_start = 0
         if start_n + BLOCK_N1 > Nk:
             full_start = Nq
-        if MASK_KIND != NO_MASK or KPM_KIND != NO_MASK:
+        if MASK_KIND != NO_MASK:
             full_start = Nq
+        if KPM_KIND != NO_MASK:  # a key block in the padding mask's hull needs it unless the hull is clear
+            lo, hi, clear = padding_hull(Kpm, b, stride_pb, stride_pn, Nk, KPM_KIND)
+            padded = (start_n + BLOCK_N1 <= lo) | (start_n >= hi)  # every key: dK = dV = 0
+            start = tl.where(padded, Nq, start)
+            full_start = tl.where(padded | ~clear | (start_n < lo) | (start_n + BLOCK_N1 > hi), Nq, full_start)
         for member in range(GROUPS):
             h = hk * GROUPS + member
             head = b.to(tl.int64) * H + h
@@ -213,14 +218,17 @@ def attention_bwd(
         g = delta  # unused without an entropy gradient
         if HAS_DENT:
             g = tl.load(dEnt + head * Nq + offs_m, mask=row_ok, other=0.0)
-        end, full_end = key_range(start_m, Nq, Nk, BLOCK_M2, CAUSAL)
-        if MASK_KIND != NO_MASK or KPM_KIND != NO_MASK:
-            full_end = 0
-        full_end = (full_end // BLOCK_N2) * BLOCK_N2
+        start, full_start, full_end, end = key_tiles(start_m, Nq, Nk, Kpm, b, stride_pb, stride_pn,
+                                                     BLOCK_M2, BLOCK_N2, CAUSAL, MASK_KIND, KPM_KIND)
         dq = tl.zeros([BLOCK_M2, BLOCK_D], dtype=tl.float32)
         dq = _dq_key_blocks(
             dq, q, do, lse2, delta, g, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_m, offs_d, offs_dv, 0, full_end, b, h, Nq, Nk, qk_scale,
+            offs_m, offs_d, offs_dv, start, full_start, b, h, Nq, Nk, qk_scale,
+            Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+            D, DV, BLOCK_N2, BLOCK_D, BLOCK_DV, True, CAUSAL, MASK_KIND, KPM_KIND, HAS_DENT, INPUT_PRECISION)
+        dq = _dq_key_blocks(
+            dq, q, do, lse2, delta, g, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+            offs_m, offs_d, offs_dv, full_start, full_end, b, h, Nq, Nk, qk_scale,
             Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
             D, DV, BLOCK_N2, BLOCK_D, BLOCK_DV, False, CAUSAL, MASK_KIND, KPM_KIND, HAS_DENT, INPUT_PRECISION)
         dq = _dq_key_blocks(

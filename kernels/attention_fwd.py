@@ -10,7 +10,7 @@ Empty rows (no unmasked key) give out 0, entropy 0 and lse = +inf: the +inf make
 import triton
 import triton.language as tl
 
-from .masks import LN2, M_INIT, NO_MASK, apply_masks, clamp_masked, dot, key_range
+from .masks import LN2, M_INIT, apply_masks, clamp_masked, dot, key_tiles
 
 
 @triton.jit
@@ -117,16 +117,19 @@ def attention_fwd(
     t = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    # Keys [0, full_end) are visible to every row of the block and in range: no masking needed.
-    # Keys [full_end, end) need the masks (causal diagonal, the ragged last block, mask tensors).
-    end, full_end = key_range(pid_m * BLOCK_M, Nq, Nk, BLOCK_M, CAUSAL)
-    if MASK_KIND != NO_MASK or KPM_KIND != NO_MASK:
-        full_end = 0
-    full_end = (full_end // BLOCK_N) * BLOCK_N
-
+    # Tiles [full_start, full_end) are visible to every row of the block and in range: no masking
+    # needed. The tiles before and after them need the masks (a key padding mask's edges, the causal
+    # diagonal, the ragged last block, an attn_mask).
+    start, full_start, full_end, end = key_tiles(pid_m * BLOCK_M, Nq, Nk, Kpm, b, stride_pb, stride_pn,
+                                                 BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, KPM_KIND)
     acc, m, l, t = _fwd_key_blocks(
         acc, m, l, t, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, offs_dv, 0, full_end, b, h, Nq, Nk, qk_scale,
+        offs_m, offs_d, offs_dv, start, full_start, b, h, Nq, Nk, qk_scale,
+        Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+        D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, MASK_KIND, KPM_KIND, ENTROPY, INPUT_PRECISION)
+    acc, m, l, t = _fwd_key_blocks(
+        acc, m, l, t, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, offs_dv, full_start, full_end, b, h, Nq, Nk, qk_scale,
         Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
         D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, MASK_KIND, KPM_KIND, ENTROPY, INPUT_PRECISION)
     acc, m, l, t = _fwd_key_blocks(

@@ -54,6 +54,59 @@ def key_range(start_m, Nq, Nk, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def padding_hull(Kpm, b, stride_kb, stride_kn, Nk, KPM_KIND: tl.constexpr, CHUNK: tl.constexpr = 1024):
+    """``(lo, hi, clear)`` of batch ``b``'s key padding mask ``Kpm [B, Nk]``: every key outside
+    ``[lo, hi)`` is padded (True, or -inf in a float mask; no visible key: ``lo = hi = 0``), and
+    ``clear`` says that the mask leaves every key inside as it is (False, or 0.0), so that tiles
+    there need no mask. One pass over the mask row (``Nk`` bytes or floats; a program reads it from
+    L2 before its first tile)."""
+    Kpm += b.to(tl.int64) * stride_kb
+    lo = tl.zeros([], dtype=tl.int32) + Nk
+    hi = tl.zeros([], dtype=tl.int32)
+    n_visible = tl.zeros([], dtype=tl.int32)
+    n_biased = tl.zeros([], dtype=tl.int32)
+    for c in range(0, Nk, CHUNK):
+        j = c + tl.arange(0, CHUNK)
+        x = tl.load(Kpm + j * stride_kn, mask=j < Nk, other=0)
+        if KPM_KIND == BOOL_MASK:
+            visible = (x == 0) & (j < Nk)
+        else:
+            x = x.to(tl.float32)
+            visible = (x != float("-inf")) & (j < Nk)
+            n_biased += tl.sum((visible & (x != 0.0)).to(tl.int32), 0)  # NaN counts as a bias
+        lo = tl.minimum(lo, tl.min(tl.where(visible, j, Nk), 0))
+        hi = tl.maximum(hi, tl.max(tl.where(visible, j + 1, 0), 0))
+        n_visible += tl.sum(visible.to(tl.int32), 0)
+    lo = tl.minimum(lo, hi)
+    return lo, hi, (n_visible == hi - lo) & (n_biased == 0)
+
+
+@triton.jit
+def key_tiles(start_m, Nq, Nk, Kpm, b, stride_kb, stride_kn,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+              MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr):
+    """``(start, full_start, full_end, end)``: the query rows ``[start_m, start_m + BLOCK_M)`` of
+    batch ``b`` visit the key tiles from ``start`` (a multiple of ``BLOCK_N``) on, to ``end``; the
+    whole tiles in ``[full_start, full_end)`` need no mask (every key in range and visible to every
+    row), those before and after do. A key padding mask's padded ends (``padding_hull``) are not
+    visited, and inside its hull tiles need it only where it hides or biases some key there; an
+    ``attn_mask`` masks every tile."""
+    end, full_end = key_range(start_m, Nq, Nk, BLOCK_M, CAUSAL)
+    start = 0
+    full_start = 0
+    if KPM_KIND != NO_MASK:
+        lo, hi, clear = padding_hull(Kpm, b, stride_kb, stride_kn, Nk, KPM_KIND)
+        start = (lo // BLOCK_N) * BLOCK_N
+        end = tl.minimum(end, hi)
+        full_start = tl.minimum(tl.cdiv(lo, BLOCK_N) * BLOCK_N, end)
+        full_end = tl.where(clear, tl.minimum(full_end, hi), 0)
+    if MASK_KIND != NO_MASK:
+        full_end = 0
+    full_end = tl.maximum((full_end // BLOCK_N) * BLOCK_N, full_start)
+    return start, full_start, full_end, end
+
+
+@triton.jit
 def apply_masks(
     u, i, j, b, h, Nq, Nk,
     Mask, stride_mb, stride_mh, stride_mm, stride_mn,

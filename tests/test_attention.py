@@ -41,6 +41,15 @@ def make_mask(kind, B, H, Nq, Nk, device):
         return None, kpm.to(device)
     if kind == "kpm_float":
         return None, torch.randn(B, Nk).to(device)
+    if kind in ("kpm_ends", "kpm_ends_float"):  # padded ends only: the keys in [lo, hi) are visible
+        kpm = torch.ones(B, Nk, dtype=torch.bool)
+        for b, (lo, hi) in enumerate(torch.randint(0, 4, (B, 2)).tolist()):
+            lo = (0, Nk // 7 + lo, Nk // 9 + lo)[b % 3]  # right padding, left, both
+            hi = Nk - (Nk // 5 + hi, hi, Nk // 6 + hi)[b % 3]
+            kpm[b, lo:hi] = False
+        if kind == "kpm_ends_float":
+            kpm = torch.zeros(B, Nk).masked_fill(kpm, float("-inf"))
+        return None, kpm.to(device)
     if kind == "all":
         return (torch.rand(Nq, Nk) < 0.8).to(device), (torch.rand(B, Nk) < 0.2).to(device)
     raise ValueError(kind)
@@ -99,7 +108,7 @@ def test_matches_definition(shape, causal, dtype, device):
     check_against_definition(q, k, v, causal=causal)
 
 
-MASKS = ["bool", "bool4d", "float", "float_inf", "kpm", "kpm_float", "all"]
+MASKS = ["bool", "bool4d", "float", "float_inf", "kpm", "kpm_float", "kpm_ends", "kpm_ends_float", "all"]
 
 
 @pytest.mark.parametrize("mask", MASKS)
@@ -267,7 +276,7 @@ def test_non_contiguous_inputs(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "dtype,D,causal,mask",
-    list(itertools.product(DTYPES, [16, 32, 64, 96, 128, 256], [False, True], ["none", "kpm", "bool", "float"])),
+    list(itertools.product(DTYPES, [16, 32, 64, 96, 128, 256], [False, True], ["none", "kpm", "kpm_ends", "bool", "float"])),
     ids=str,
 )
 def test_gpu_matrix(dtype, D, causal, mask, device):
