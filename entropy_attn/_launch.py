@@ -106,7 +106,8 @@ def _fwd_config(d: int, dv: int, dtype: torch.dtype, padding: int = 0, causal: b
     ``tune_attention.py --masked [--causal]``): at 64 columns 64 x 64 blocks of 4 warps, or with
     the causal mask under a float padding mask 128 x 64 of 4 warps (1.23x-1.28x; 0.95x-0.99x under
     a boolean one, which keeps the default); at 128 columns with the causal mask 64 x 64 of 4 warps
-    (1.01x-1.08x)."""
+    (1.01x-1.08x). With the padding hull of 4b8a5bc they still win or tie against the default
+    (``benchmarks/notes/masked_h200_2026-12-02.txt``)."""
     if interpreting():
         return _Config(16, 16, 1, 1)
     width = max(_block(d), _block(dv)) * dtype.itemsize // 2  # in 16-bit columns
