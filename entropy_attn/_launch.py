@@ -262,7 +262,7 @@ def _forward_launch(inp: AttentionInputs, out, lse, ent, entropy: bool) -> None:
         D=D, DV=Dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), BLOCK_DV=_block(Dv),
         CAUSAL=inp.causal, MASK_KIND=mkind, KPM_KIND=pkind, ENTROPY=entropy,
         INPUT_PRECISION=_input_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )
 
 
