@@ -89,8 +89,8 @@ def key_tiles(start_m, Nq, Nk, Kpm, b, stride_kb, stride_kn,
     batch ``b`` visit the key tiles from ``start`` (a multiple of ``BLOCK_N``) on, to ``end``; the
     whole tiles in ``[full_start, full_end)`` need no mask (every key in range and visible to every
     row), those before and after do. A key padding mask's padded ends (``padding_hull``) are not
-    visited, and inside its hull tiles need it only where it hides or biases some key there; an
-    ``attn_mask`` masks every tile."""
+    visited; inside a clear hull only the tiles across its edges need the mask, and a hull that is
+    not clear (holes, finite biases) is masked throughout, as is every tile under an ``attn_mask``."""
     end, full_end = key_range(start_m, Nq, Nk, BLOCK_M, CAUSAL)
     start = 0
     full_start = 0
