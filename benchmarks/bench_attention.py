@@ -157,11 +157,11 @@ def test_causal_masked_attention(measure, impl, mask, d, mode):
     n = 16384
     b, h = TOKENS // n, WIDTH // d
     ours, theirs = masks(mask, b, n)
-    causal = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()
     if impl == "flex":
         pad = ours["key_padding_mask"]
         fn, kw = flex(pad if pad.dtype == torch.bool else pad.isinf(), n), {}
     elif impl.startswith("sdpa"):
+        causal = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()
         both = theirs & causal if theirs.dtype == torch.bool else torch.where(causal, theirs, float("-inf"))
         fn, kw = sdpa(impl.removeprefix("sdpa_")), {"attn_mask": both}
     else:
