@@ -10,6 +10,8 @@ Prefill at 8k and 16k (s >= 0.8) is also timed replayed from a CUDA graph, every
 (``graph``: no host launch overhead, which the pruned call's five launches feel at these sizes), and
 at 8k-32k (s >= 0.8) called back to back, 131072 / N calls per synchronization (``stream``: each
 call's host work overlaps the kernels of the calls before it, as in a model's forward pass).
+Prefill under a key padding mask (16k, s = 0.9, the last eighth of the keys padded, with and
+without a hole in the padding's hull) against our dense kernel and cuDNN under the same mask.
 Decoding: Nq = 1 and 16 queries against Nk = 32k and 128k keys (B = 4, 32 query heads, 8 kv heads),
 each called directly and replayed from a CUDA graph; ``pruned_fast_summary`` is a decoding step of
 the fast mode with a ``KeySummary`` kept between steps: the summary's update for one new key (the
@@ -55,10 +57,10 @@ def sdpa(kind, causal=False):
 
     backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[kind]
 
-    def run(q, k, v):
+    def run(q, k, v, attn_mask=None):
         gqa = q.shape[1] != k.shape[1]
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=gqa)
 
     return run
 
@@ -77,14 +79,15 @@ DENSE = dense_impls()
 _LABELS = {}
 
 
-def prune_labels(q, k, v, tau, causal=False, slack=1.0):
+def prune_labels(q, k, v, tau, causal=False, slack=1.0, **masks):
     """Measured sparsity and the fast mode's deviation: the exact mode's tile sparsity ``s`` and
     ideal speed-up ``1/(1-s)``, the fast mode's (``fast_slack=slack``) ``fast_s``, ``fast_err`` =
     max |fast - exact|, ``fast_rel`` = ||fast - exact|| / ||exact|| (Frobenius) and both modes' mean
-    pruned mass (``pruned_attention``'s stats, means over heads)."""
+    pruned mass (``pruned_attention``'s stats, means over heads), under ``masks``."""
     with torch.no_grad():
-        ex, st = pruned_attention(q, k, v, tau=tau, causal=causal, mode="exact", return_stats=True)
-        fa, stf = pruned_attention(q, k, v, tau=tau, causal=causal, mode="fast", return_stats=True, fast_slack=slack)
+        ex, st = pruned_attention(q, k, v, tau=tau, causal=causal, mode="exact", return_stats=True, **masks)
+        fa, stf = pruned_attention(q, k, v, tau=tau, causal=causal, mode="fast", return_stats=True, fast_slack=slack,
+                                   **masks)
     s = st["tile_sparsity"].mean().item()
     diff = fa.float() - ex.float()
     return dict(
@@ -183,6 +186,41 @@ def test_prefill_graph(measure, impl, n, d, s):
 @pytest.mark.parametrize("impl,n,d,s", list(prefill_cases((8192, 16384, 32768), (0.8, 0.9, 0.95))), ids=str)
 def test_prefill_stream(measure, impl, n, d, s):
     _prefill(measure, impl, n, d, s, how="stream")
+
+
+def padded_cases():
+    for d in (64, 128):
+        yield "sdpa_cudnn", d, "ends"
+        for impl in ("ours_dense", "pruned_exact", "pruned_fast"):
+            for mask in ("ends", "ends_hole"):
+                yield impl, d, mask
+
+
+@pytest.mark.parametrize("impl,d,mask", list(padded_cases()), ids=str)
+def test_prefill_padded(measure, impl, d, mask):
+    """Prefill under a key padding mask: 16k keys of which the last eighth is padded (``ends``: our
+    kernels mask only the tiles across the padding's edge), or that and one padded key in the middle
+    (``ends_hole``: a hole in the mask's hull, which masks every tile, as packed sequences do); inputs
+    of tile sparsity 0.9. cuDNN gets the mask as SDPA's boolean ``attn_mask [1, 1, 1, N]``."""
+    n = 16384
+    q, k, v, tau = prefill_inputs(n, d, 0.9)
+    pad = torch.zeros(1, n, dtype=torch.bool, device="cuda")
+    pad[:, n - n // 8:] = True
+    if mask == "ends_hole":
+        pad[:, n // 2] = True
+    labels = dict(group="pruned prefill, key padding mask (bf16, non-causal)", impl=impl, N=n, D=d, mask=mask)
+    if impl == "sdpa_cudnn":
+        fn = lambda: sdpa("cudnn")(q, k, v, attn_mask=~pad[:, None, None, :])  # noqa: E731
+    elif impl == "ours_dense":
+        fn = lambda: entropy_attention(q, k, v, key_padding_mask=pad, return_entropy=False, backend="triton")  # noqa: E731
+    else:
+        mode = impl.split("_")[1]
+        labels.update(s_target=0.9, **prune_labels(q, k, v, tau, key_padding_mask=pad))
+        if mode == "exact":
+            labels.pop("fast_err"), labels.pop("mass_fast"), labels.pop("fast_s")
+        fn = lambda: pruned_attention(q, k, v, tau=tau, mode=mode, key_padding_mask=pad)  # noqa: E731
+    with torch.no_grad():
+        measure(fn, flops=attention_flops(1, WIDTH // d, n, n, d), rounds=25, warmup=2, **labels)
 
 
 def decode_cases(nks):

@@ -175,11 +175,12 @@ def attention_bwd(
             full_start = Nq
         if MASK_KIND != NO_MASK:
             full_start = Nq
-        if KPM_KIND != NO_MASK:  # a key block in the padding mask's hull needs it unless the hull is clear
-            lo, hi, clear = padding_hull(Kpm, b, stride_pb, stride_pn, Nk, KPM_KIND)
-            padded = (start_n + BLOCK_N1 <= lo) | (start_n >= hi)  # every key: dK = dV = 0
-            start = tl.where(padded, Nq, start)
-            full_start = tl.where(padded | ~clear | (start_n < lo) | (start_n + BLOCK_N1 > hi), Nq, full_start)
+        if KPM_KIND != NO_MASK:  # the padding mask of this key block alone
+            lo, hi, clear = padding_hull(Kpm, b, stride_pb, stride_pn, start_n, tl.minimum(start_n + BLOCK_N1, Nk),
+                                         KPM_KIND, BLOCK_N1)
+            start = tl.where(lo == hi, Nq, start)  # every key padded: dK = dV = 0
+            # A mask that leaves every key of the block as it is is not applied.
+            full_start = tl.where(clear & (lo == start_n) & (hi == start_n + BLOCK_N1), full_start, Nq)
         for member in range(GROUPS):
             h = hk * GROUPS + member
             head = b.to(tl.int64) * H + h
@@ -218,7 +219,7 @@ def attention_bwd(
         g = delta  # unused without an entropy gradient
         if HAS_DENT:
             g = tl.load(dEnt + head * Nq + offs_m, mask=row_ok, other=0.0)
-        start, full_start, full_end, end = key_tiles(start_m, Nq, Nk, Kpm, b, stride_pb, stride_pn,
+        start, full_start, full_end, end = key_tiles(start_m, Nq, Nk, 0, Nk, Kpm, b, stride_pb, stride_pn,
                                                      BLOCK_M2, BLOCK_N2, CAUSAL, MASK_KIND, KPM_KIND)
         dq = tl.zeros([BLOCK_M2, BLOCK_D], dtype=tl.float32)
         dq = _dq_key_blocks(

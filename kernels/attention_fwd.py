@@ -120,7 +120,7 @@ def attention_fwd(
     # Tiles [full_start, full_end) are visible to every row of the block and in range: no masking
     # needed. The tiles before and after them need the masks (a key padding mask's edges, the causal
     # diagonal, the ragged last block, an attn_mask).
-    start, full_start, full_end, end = key_tiles(pid_m * BLOCK_M, Nq, Nk, Kpm, b, stride_pb, stride_pn,
+    start, full_start, full_end, end = key_tiles(pid_m * BLOCK_M, Nq, Nk, 0, Nk, Kpm, b, stride_pb, stride_pn,
                                                  BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, KPM_KIND)
     acc, m, l, t = _fwd_key_blocks(
         acc, m, l, t, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,

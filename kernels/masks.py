@@ -54,55 +54,58 @@ def key_range(start_m, Nq, Nk, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def padding_hull(Kpm, b, stride_kb, stride_kn, Nk, KPM_KIND: tl.constexpr, CHUNK: tl.constexpr = 1024):
-    """``(lo, hi, clear)`` of batch ``b``'s key padding mask ``Kpm [B, Nk]``: every key outside
-    ``[lo, hi)`` is padded (True, or -inf in a float mask; no visible key: ``lo = hi = 0``), and
-    ``clear`` says that the mask leaves every key inside as it is (False, or 0.0), so that tiles
-    there need no mask. One pass over the mask row (``Nk`` bytes or floats; a program reads it from
-    L2 before its first tile)."""
+def padding_hull(Kpm, b, stride_kb, stride_kn, k_lo, k_hi, KPM_KIND: tl.constexpr, CHUNK: tl.constexpr = 1024):
+    """``(lo, hi, clear)`` of the keys ``[k_lo, k_hi)`` of batch ``b``'s key padding mask
+    ``Kpm [B, Nk]``: every key of that range outside ``[lo, hi)`` is padded (True, or -inf in a float
+    mask; no visible key: ``lo = hi = k_lo``), and ``clear`` says that the mask leaves every key
+    inside as it is (False, or 0.0), so that tiles there need no mask. One pass over that part of
+    the mask row (bytes or floats, read from L2)."""
     Kpm += b.to(tl.int64) * stride_kb
-    lo = tl.zeros([], dtype=tl.int32) + Nk
-    hi = tl.zeros([], dtype=tl.int32)
+    lo = tl.zeros([], dtype=tl.int32) + k_hi
+    hi = tl.zeros([], dtype=tl.int32) + k_lo
     n_visible = tl.zeros([], dtype=tl.int32)
     n_biased = tl.zeros([], dtype=tl.int32)
-    for c in range(0, Nk, CHUNK):
+    for c in range(k_lo, k_hi, CHUNK):
         j = c + tl.arange(0, CHUNK)
-        x = tl.load(Kpm + j * stride_kn, mask=j < Nk, other=0)
+        x = tl.load(Kpm + j * stride_kn, mask=j < k_hi, other=0)
         if KPM_KIND == BOOL_MASK:
-            visible = (x == 0) & (j < Nk)
+            visible = (x == 0) & (j < k_hi)
         else:
             x = x.to(tl.float32)
-            visible = (x != float("-inf")) & (j < Nk)
+            visible = (x != float("-inf")) & (j < k_hi)
             n_biased += tl.sum((visible & (x != 0.0)).to(tl.int32), 0)  # NaN counts as a bias
-        lo = tl.minimum(lo, tl.min(tl.where(visible, j, Nk), 0))
-        hi = tl.maximum(hi, tl.max(tl.where(visible, j + 1, 0), 0))
+        lo = tl.minimum(lo, tl.min(tl.where(visible, j, k_hi), 0))
+        hi = tl.maximum(hi, tl.max(tl.where(visible, j + 1, k_lo), 0))
         n_visible += tl.sum(visible.to(tl.int32), 0)
     lo = tl.minimum(lo, hi)
     return lo, hi, (n_visible == hi - lo) & (n_biased == 0)
 
 
 @triton.jit
-def key_tiles(start_m, Nq, Nk, Kpm, b, stride_kb, stride_kn,
+def key_tiles(start_m, Nq, Nk, k_lo, k_hi, Kpm, b, stride_kb, stride_kn,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
               MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr):
     """``(start, full_start, full_end, end)``: the query rows ``[start_m, start_m + BLOCK_M)`` of
-    batch ``b`` visit the key tiles from ``start`` (a multiple of ``BLOCK_N``) on, to ``end``; the
+    batch ``b`` visit the key tiles from ``start`` (a multiple of ``BLOCK_N``) on, to ``end``, within
+    the keys ``[k_lo, k_hi)`` (``k_lo`` a multiple of ``BLOCK_N``; ``[0, Nk)`` for all of them); the
     whole tiles in ``[full_start, full_end)`` need no mask (every key in range and visible to every
-    row), those before and after do. A key padding mask's padded ends (``padding_hull``) are not
-    visited; inside a clear hull only the tiles across its edges need the mask, and a hull that is
-    not clear (holes, finite biases) is masked throughout, as is every tile under an ``attn_mask``."""
+    row), those before and after do. A key padding mask's padded ends (``padding_hull``, read
+    only up to the last key a row sees) are not visited; inside a clear hull only the tiles across
+    its edges need the mask, and a hull that is not clear (holes, finite biases) is masked
+    throughout, as is every tile under an ``attn_mask``."""
     end, full_end = key_range(start_m, Nq, Nk, BLOCK_M, CAUSAL)
-    start = 0
-    full_start = 0
+    end = tl.minimum(end, k_hi)
+    start = k_lo
+    full_start = k_lo
     if KPM_KIND != NO_MASK:
-        lo, hi, clear = padding_hull(Kpm, b, stride_kb, stride_kn, Nk, KPM_KIND)
+        lo, hi, clear = padding_hull(Kpm, b, stride_kb, stride_kn, k_lo, tl.maximum(end, k_lo), KPM_KIND)
         start = (lo // BLOCK_N) * BLOCK_N
         end = tl.minimum(end, hi)
         full_start = tl.minimum(tl.cdiv(lo, BLOCK_N) * BLOCK_N, end)
         full_end = tl.where(clear, tl.minimum(full_end, hi), 0)
     if MASK_KIND != NO_MASK:
         full_end = 0
-    full_end = tl.maximum((full_end // BLOCK_N) * BLOCK_N, full_start)
+    full_end = tl.maximum((tl.minimum(full_end, end) // BLOCK_N) * BLOCK_N, full_start)
     return start, full_start, full_end, end
 
 

@@ -19,8 +19,9 @@ Exact mode, three launches:
 Split programs (few queries) add a fourth launch, ``split_combine``, which folds their partials.
 Both modes' sweeps (``pruned_attn``) mask only the listed tiles that need it: the lists are in key
 order (the fast mode's after its first tile), so under a causal mask the tiles across the diagonal
-and the partial last key block are their last ones (``_unmasked_end``), as the dense kernel and the
-first pass mask only those.
+and the partial last key block are their last ones, and under a key padding mask (no split, no
+``attn_mask``) the tiles across the edges of its hull are their first and last ones
+(``_unmasked_tiles``), as the dense kernel and the first pass mask only those (``key_tiles``).
 The exact mode's launches over whole key ranges (no split) get K and V as tensor descriptors where
 the copy engine (TMA) can load them, and load their tiles with it (``TMA``, ``load_rows``; the fast
 sweep measured slower with it).
@@ -71,7 +72,7 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import load_rows, load_tile
-from .masks import M_INIT, MIN_EXP2, NO_MASK, apply_masks, clamp_masked, dot, key_range
+from .masks import M_INIT, MIN_EXP2, NO_MASK, apply_masks, clamp_masked, dot, key_range, key_tiles
 from .pdl import wait_previous
 #: Pooled query rows per query block in the fast predictor (the smallest tl.dot M).
 POOL_ROWS = tl.constexpr(16)
@@ -169,27 +170,28 @@ def pruned_scores(
     offs_d = tl.arange(0, BLOCK_D)
     q = load_tile(Q, offs_m, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D)
 
-    kb_lo = split * KB_PER_SPLIT
-    kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, NKB)
-    # Key blocks [.., full_kb) are fully visible to every row of the block and in range: no masking
-    # needed.
-    end, full_end = key_range(pid_m * BLOCK_M, Nq, Nk, BLOCK_M, CAUSAL)
-    kb_hi = tl.minimum(kb_hi, tl.cdiv(end, BLOCK_N))
-    full_kb = full_end // BLOCK_N
-    if MASK_KIND != NO_MASK or KPM_KIND != NO_MASK:
-        full_kb = 0
-    mid = tl.maximum(tl.minimum(full_kb, kb_hi), kb_lo)
-
+    # The split's key blocks: tiles [full_start, full_end) are visible to every row of the block and
+    # in range (inside a clear key padding mask's hull, with no attn_mask), so they need no mask; the
+    # key padding mask's padded ends are not visited (``key_tiles``).
+    k_lo = split * KB_PER_SPLIT * BLOCK_N
+    k_hi = tl.minimum(k_lo + KB_PER_SPLIT * BLOCK_N, Nk)
+    start, full_start, full_end, end = key_tiles(pid_m * BLOCK_M, Nq, Nk, k_lo, k_hi, Kpm, b, stride_pb, stride_pn,
+                                                 BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, KPM_KIND)
     m = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     cnt = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if KPM_KIND != NO_MASK:  # else start = full_start
+        m, l, cnt = _scores_blocks(
+            m, l, cnt, q, K, TileMax, stride_kn, stride_kd, offs_m, offs_d, start // BLOCK_N, full_start // BLOCK_N,
+            b, h, hk, Nq, Nk, qk_scale, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+            D, BLOCK_N, BLOCK_D, True, CAUSAL, MASK_KIND, KPM_KIND, STATS, "tile", TMA, PRECISION)
     m, l, cnt = _scores_blocks(
-        m, l, cnt, q, K, TileMax, stride_kn, stride_kd, offs_m, offs_d, kb_lo, mid, b, h, hk, Nq, Nk, qk_scale,
-        Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+        m, l, cnt, q, K, TileMax, stride_kn, stride_kd, offs_m, offs_d, full_start // BLOCK_N, full_end // BLOCK_N,
+        b, h, hk, Nq, Nk, qk_scale, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
         D, BLOCK_N, BLOCK_D, False, CAUSAL, MASK_KIND, KPM_KIND, STATS, "tile", TMA, PRECISION)
     m, l, cnt = _scores_blocks(
-        m, l, cnt, q, K, TileMax, stride_kn, stride_kd, offs_m, offs_d, mid, kb_hi, b, h, hk, Nq, Nk, qk_scale,
-        Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+        m, l, cnt, q, K, TileMax, stride_kn, stride_kd, offs_m, offs_d, full_end // BLOCK_N, tl.cdiv(end, BLOCK_N),
+        b, h, hk, Nq, Nk, qk_scale, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
         D, BLOCK_N, BLOCK_D, True, CAUSAL, MASK_KIND, KPM_KIND, STATS, "tile", TMA, PRECISION)
 
     rows = (split * tl.num_programs(1) + bh).to(tl.int64) * Nq + offs_m
@@ -556,26 +558,41 @@ def _pooled_lse_bound(
 
 
 @triton.jit
-def _unmasked_end(Idx, start, hi, start_m, Nq, Nk, LIST_M: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FEW_MASKED: tl.constexpr, CAUSAL: tl.constexpr):
-    """The end of the listed tiles ``Idx[start:hi]`` that need no mask for the rows ``[start_m, start_m +
-    BLOCK_M)``: those of key blocks every key of which every row sees (``key_range``'s ``full_end``).
-    The lists are in key order from ``start`` on (the fast mode's first tile is peeled before it), so the
-    others are their last ones: the causal diagonal and the partial last key block. A list of a query
-    block of ``LIST_M`` rows holds only key blocks that one of its rows sees, so at most
-    ``LIST_M / BLOCK_N + 2`` of them (``<= TAIL``): only the last ``TAIL`` are read. Without
-    ``FEW_MASKED`` (an attention or key padding mask) every tile is masked (returns ``start``); without
-    ``MASKED`` none (``hi``)."""
+def _unmasked_tiles(Idx, start, hi, start_m, Nq, Nk, full_start, full_end, LIST_M: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FEW_MASKED: tl.constexpr,
+                    HULL: tl.constexpr, CAUSAL: tl.constexpr):
+    """``(a, mid)``: of the listed tiles ``Idx[start:hi]``, those in ``[a, mid)`` need no mask for the
+    rows ``[start_m, start_m + BLOCK_M)`` (key blocks every key of which every row sees), the others
+    do. The lists are in key order from ``start`` on (the fast mode's first tile is peeled before it),
+    so the masked ones are their first and last ones. Without ``MASKED`` none is masked
+    (``(start, hi)``); without ``FEW_MASKED`` (an attention mask, or a key padding mask in split
+    programs) all of them (``(start, start)``).
+    With ``HULL`` (a key padding mask, no split) the tiles from ``full_start`` to ``full_end``
+    (``key_tiles``: inside a clear hull of the padding mask) need none: the whole list is counted, as
+    the fast mode's local windows and a head swept whole may list padded blocks. Otherwise only the
+    causal diagonal and the partial last key block are masked: a list of a query block of ``LIST_M``
+    rows holds only key blocks that one of its rows sees, so at most ``LIST_M / BLOCK_N + 2`` of them
+    (``<= TAIL``), and only the last ``TAIL`` are read."""
     if not MASKED:
-        return hi
+        return start, hi
     elif not FEW_MASKED:
-        return start
+        return start, start
+    elif HULL:
+        STEP: tl.constexpr = 64
+        n_head = tl.zeros([], dtype=tl.int32)
+        n_tail = tl.zeros([], dtype=tl.int32)
+        for c in range(start, hi, STEP):
+            t = c + tl.arange(0, STEP)
+            kb = tl.load(Idx + t, mask=t < hi, other=0)
+            n_head += tl.sum(((t < hi) & (kb * BLOCK_N < full_start)).to(tl.int32), 0)
+            n_tail += tl.sum(((t < hi) & ((kb + 1) * BLOCK_N > full_end)).to(tl.int32), 0)
+        return start + n_head, tl.maximum(hi - n_tail, start + n_head)
     else:
         TAIL: tl.constexpr = 4 if LIST_M <= 2 * BLOCK_N else 2 * LIST_M // BLOCK_N
         _, full_end = key_range(start_m, Nq, Nk, BLOCK_M, CAUSAL)
         t = hi - 1 - tl.arange(0, TAIL)
         kb = tl.load(Idx + t, mask=t >= start, other=0)
-        return hi - tl.sum(((t >= start) & ((kb + 1) * BLOCK_N > full_end)).to(tl.int32), 0)
+        return start, hi - tl.sum(((t >= start) & ((kb + 1) * BLOCK_N > full_end)).to(tl.int32), 0)
 
 
 @triton.jit
@@ -750,6 +767,14 @@ def pruned_attn(
     row_mask = offs_m < Nq
     rows = bh.to(tl.int64) * Nq + offs_m
     q = load_tile(Q, offs_m, offs_d, Nq, D, stride_qm, stride_qd, True, BLOCK_D != D)
+    # With a key padding mask alone and no split, the tiles inside its clear hull need no mask.
+    FEW_MASKED: tl.constexpr = MASK_KIND == NO_MASK and (KPM_KIND == NO_MASK or not SPLIT)  # else all are masked
+    HULL: tl.constexpr = FEW_MASKED and KPM_KIND != NO_MASK
+    full_start = 0
+    full_end = Nk
+    if HULL:
+        _, full_start, full_end, _ = key_tiles(pid_m * BLOCK_M, Nq, Nk, 0, Nk, Kpm, b, stride_pb, stride_pn,
+                                               BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, KPM_KIND)
     wait_previous(PDL)  # the tile lists (and thresholds, lse, pooled keys)
     if EXACT:
         thr = tl.load(Thr + rows, mask=row_mask, other=float("inf"))
@@ -771,9 +796,9 @@ def pruned_attn(
     start = lo
     if not EXACT:
         start = lo + 1  # the fast sweep peels its first listed tile
-    FEW_MASKED: tl.constexpr = MASK_KIND == NO_MASK and KPM_KIND == NO_MASK  # else every tile is masked
-    mid = _unmasked_end(Idx, tl.minimum(start, hi), hi, pid_m * BLOCK_M, Nq, Nk, LIST_M, BLOCK_M, BLOCK_N,
-                        MASKED, FEW_MASKED, CAUSAL)
+    start = tl.minimum(start, hi)
+    first_unmasked, mid = _unmasked_tiles(Idx, start, hi, pid_m * BLOCK_M, Nq, Nk, full_start, full_end,
+                                          LIST_M, BLOCK_M, BLOCK_N, MASKED, FEW_MASKED, HULL, CAUSAL)
     lse_lb = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     if LSE_BOUND:
         lse_lb = _pooled_lse_bound(q, Kp, Ko, Kbias, Kobias, Idx, count, b, hk, offs_m, offs_d, Nq, Nk, NKB, qk_scale,
@@ -796,11 +821,20 @@ def pruned_attn(
                 tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
                 D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, MASKED, CAUSAL, MASK_KIND, KPM_KIND,
                 EXACT, FIXED, False, True, SPLIT, STATS, TMA, PRECISION)
-    # Listed tiles [start, mid) need no mask, [mid, hi) do (``_unmasked_end``): with an attention or
-    # padding mask all of them, else the last few, over which a pipeline of the exact mode's copy-engine
-    # loads costs more than it hides.
+    # Listed tiles [first_unmasked, mid) need no mask, the others do (``_unmasked_tiles``): with an
+    # attention mask all of them, else the first few (a key padding mask's edge) and the last few, over
+    # which a pipeline of the exact mode's copy-engine loads costs more than it hides.
+    if HULL:
+        for t in tl.range(start, first_unmasked, num_stages=1 if EXACT else None):
+            kb = tl.load(Idx + t)
+            acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
+                acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, row_mask,
+                stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale,
+                tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+                D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, MASK_KIND, KPM_KIND,
+                EXACT, FIXED, False, False, SPLIT, STATS, TMA, PRECISION)
     if FEW_MASKED:
-        for t in range(start, mid):
+        for t in range(first_unmasked, mid):
             kb = tl.load(Idx + t)
             acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
                 acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, row_mask,

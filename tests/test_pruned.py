@@ -795,6 +795,56 @@ def test_causal_sweep_masks_the_tiles_across_the_diagonal(monkeypatch, mode, row
         check_close(run(q, k, v, tau=1e-6, causal=True, mode=mode), ref, amb, torch.float32)
 
 
+def ends_padding(kind, B, Nk, seed):
+    """A ``key_padding_mask [B, Nk]`` that pads the ends of each batch row (right, left, both, at
+    offsets off the key blocks' edges): bool, float (0 inside, -inf outside: a clear hull), or float
+    with one finite bias inside, or bool with one hole inside (hulls that must be masked throughout)."""
+    g = fresh_generator(seed)
+    pad = torch.ones(B, Nk, dtype=torch.bool)
+    for b in range(B):
+        lo = (0, Nk // 5, Nk // 7)[b % 3] + int(torch.randint(0, 3, (), generator=g))
+        hi = Nk - (Nk // 4, 0, Nk // 6)[b % 3] - int(torch.randint(0, 3, (), generator=g))
+        pad[b, lo:hi] = False
+        if kind == "hole":
+            pad[b, (lo + hi) // 2] = True
+    if kind in ("bool", "hole"):
+        return pad
+    mask = torch.zeros(B, Nk).masked_fill(pad, -math.inf)
+    if kind == "bias":
+        mask[:, Nk // 2] = -0.5
+    return mask
+
+
+@triton_ok
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", ["bool", "float", "bias", "hole"])
+def test_padding_hull_masks_only_the_edge_tiles(monkeypatch, mode, causal, kind):
+    """Under a key padding mask alone, the first pass and the sweep mask only the tiles across the
+    edges of the mask's hull (``key_tiles``, ``_unmasked_tiles``); a hull with a hole or a bias is
+    masked throughout. The padded keys match every query best and carry values of 100, so a padded
+    tile taken for unmasked shows. Lists of 32 x 16 tiles (forced under the interpreter), 70 queries
+    (no split; in the causal case the fast mode's local windows list padded key blocks) and 3 (split
+    programs, masked throughout); a tau this small keeps nearly every entry, so both modes must give
+    the definition."""
+    import entropy_attn.pruned as pr
+    from entropy_attn._launch import _Config
+
+    if interpreting():
+        monkeypatch.setattr(pr, "_config", lambda nq, d, dv: _Config(32, 16, 1, 1))
+    bn = pr._config(70, 16, 16).block_n
+    nk = 6 * bn + 5
+    for nq in (70, 3):
+        q, k, v = random_qkv(3, 2, 1, nq, nk, 16, seed=nq + 7)
+        kpm = ends_padding(kind, 3, nk, seed=nq)
+        pad = kpm if kpm.dtype == torch.bool else kpm == -math.inf
+        k = torch.where(pad[:, None, :, None], 3 * q.mean((1, 2), keepdim=True), k)
+        v = torch.where(pad[:, None, :, None], 100.0, v)
+        ref, _, amb = definition(q, k, v, 1e-6, causal=causal, key_padding_mask=kpm)
+        out = run(q, k, v, tau=1e-6, causal=causal, key_padding_mask=kpm, mode=mode)
+        check_close(out, ref, amb, torch.float32)
+
+
 @triton_ok
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 @pytest.mark.parametrize("case", ["prefill", "masked", "decoding"])
