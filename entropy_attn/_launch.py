@@ -102,20 +102,19 @@ class _Config:
 def _fwd_config(d: int, dv: int, dtype: torch.dtype, padding: int = 0, causal: bool = False) -> _Config:
     """Block shape of the forward (measured on an H100, see benchmarks/RESULTS.md). ``padding``: the
     kind of the key padding mask (1 boolean, 2 float) where it is the call's only mask tensor (no
-    ``attn_mask``), else 0. There other shapes measured faster (H200, 16k bf16, same process,
-    ``tune_attention.py --masked [--causal]``): at 64 columns 64 x 64 blocks of 4 warps, or with
-    the causal mask under a float padding mask 128 x 64 of 4 warps (1.23x-1.28x; 0.95x-0.99x under
-    a boolean one, which keeps the default); at 128 columns with the causal mask 64 x 64 of 4 warps
-    (1.01x-1.08x). With the padding hull of 4b8a5bc they still win or tie against the default
-    (``benchmarks/notes/masked_h200_2026-12-02.txt``)."""
+    ``attn_mask``), else 0. There other shapes measured faster (H200, 16k bf16, same process): at 64
+    columns 128 x 64 blocks of 4 warps, with or without the causal mask (against 64 x 64 of 4 warps
+    without it: 1.12x-1.14x with the entropy; against the default with it: 1.12x under a boolean
+    mask, a tie under a float one; ``benchmarks/notes/masked_h200_2026-12-02.txt``, section 3); at
+    128 columns with the causal mask 64 x 64 of 4 warps (1.01x-1.08x, ``tune_attention.py --masked
+    --causal``)."""
     if interpreting():
         return _Config(16, 16, 1, 1)
     width = max(_block(d), _block(dv)) * dtype.itemsize // 2  # in 16-bit columns
-    if padding and width <= 128:
-        if causal != (width <= 64):  # 64 columns without the causal mask, 128 with it
-            return _Config(64, 64, 4, 3)
-        if causal and padding == 2:
-            return _Config(128, 64, 4, 3)
+    if padding and width <= 64:
+        return _Config(128, 64, 4, 3)
+    if padding and width <= 128 and causal:
+        return _Config(64, 64, 4, 3)
     if width <= 128:
         return _Config(128, 64, 8, 3)
     return _Config(64, 32, 4, 2)
