@@ -773,7 +773,7 @@ def test_sweep_programs_split_list_blocks(monkeypatch, mode, causal):
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 @pytest.mark.parametrize("rows", ["list", "half"])
 def test_causal_sweep_masks_the_tiles_across_the_diagonal(monkeypatch, mode, rows):
-    """The sweep masks only the listed tiles that need it (``_unmasked_end``: under a causal mask the
+    """The sweep masks only the listed tiles that need it (``_unmasked_tiles``: under a causal mask the
     last ones of a list, which cross the diagonal). Key offsets ``Nk - Nq`` of -2 modulo the key block
     put the most key blocks across the diagonal of a list block of two key blocks' rows (three of them;
     32 x 16 lists under the interpreter, 128 x 64 on the GPU), swept by programs of the list's rows or
