@@ -561,7 +561,7 @@ def _pooled_lse_bound(
 def _unmasked_tiles(Idx, start, hi, start_m, Nq, Nk, full_start, full_end, LIST_M: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FEW_MASKED: tl.constexpr,
                     HULL: tl.constexpr, CAUSAL: tl.constexpr):
-    """``(a, mid)``: of the listed tiles ``Idx[start:hi]``, those in ``[a, mid)`` need no mask for the
+    """``(first, mid)``: of the listed tiles ``Idx[start:hi]``, those in ``[first, mid)`` need no mask for the
     rows ``[start_m, start_m + BLOCK_M)`` (key blocks every key of which every row sees), the others
     do. The lists are in key order from ``start`` on (the fast mode's first tile is peeled before it),
     so the masked ones are their first and last ones. Without ``MASKED`` none is masked
