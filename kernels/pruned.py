@@ -712,6 +712,29 @@ def _attn_tile(
 
 
 @triton.jit
+def _listed_tiles(
+    acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, Idx, t_lo, t_hi, thr, lse2, lse_lb, row_mask,
+    stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale, tau,
+    Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
+    EXACT: tl.constexpr, FIXED: tl.constexpr, SPLIT: tl.constexpr, STATS: tl.constexpr, TMA: tl.constexpr,
+    PRECISION: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Fold the listed tiles ``Idx[t_lo:t_hi]`` (not the fast mode's first) into the accumulators,
+    each ``MASKED`` or not (``_attn_tile``); ``STAGES``: the loop's software pipelining depth (None:
+    the compiler's default)."""
+    for t in tl.range(t_lo, t_hi, num_stages=STAGES):
+        acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
+            acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, tl.load(Idx + t), thr, lse2, lse_lb, row_mask,
+            stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale,
+            tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+            D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, MASKED, CAUSAL, MASK_KIND, KPM_KIND,
+            EXACT, FIXED, False, False, SPLIT, STATS, TMA, PRECISION)
+    return acc, m, l, l_seen, p_max, kept, kcnt
+
+
+@triton.jit
 def pruned_attn(
     Q, K, V, Out, Idx, Count, Miss, Iota, Thr, Lse2, Opart, Mpart, Lpart, Lall, Kept, Kcnt, Mask, Kpm,
     Kp, Ko, Kbias, Kobias,
@@ -825,32 +848,26 @@ def pruned_attn(
     # attention mask all of them, else the first few (a key padding mask's edge) and the last few, over
     # which a pipeline of the exact mode's copy-engine loads costs more than it hides.
     if HULL:
-        for t in tl.range(start, first_unmasked, num_stages=1 if EXACT else None):
-            kb = tl.load(Idx + t)
-            acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
-                acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, row_mask,
-                stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale,
-                tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
-                D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, MASK_KIND, KPM_KIND,
-                EXACT, FIXED, False, False, SPLIT, STATS, TMA, PRECISION)
+        acc, m, l, l_seen, p_max, kept, kcnt = _listed_tiles(
+            acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, Idx, start, first_unmasked, thr, lse2, lse_lb, row_mask,
+            stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale,
+            tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+            D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, MASK_KIND, KPM_KIND,
+            EXACT, FIXED, SPLIT, STATS, TMA, PRECISION, 1 if EXACT else None)
     if FEW_MASKED:
-        for t in range(first_unmasked, mid):
-            kb = tl.load(Idx + t)
-            acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
-                acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, row_mask,
-                stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale,
-                tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
-                D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, MASK_KIND, KPM_KIND,
-                EXACT, FIXED, False, False, SPLIT, STATS, TMA, PRECISION)
+        acc, m, l, l_seen, p_max, kept, kcnt = _listed_tiles(
+            acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, Idx, first_unmasked, mid, thr, lse2, lse_lb, row_mask,
+            stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale,
+            tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+            D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, MASK_KIND, KPM_KIND,
+            EXACT, FIXED, SPLIT, STATS, TMA, PRECISION, None)
     if MASKED:
-        for t in tl.range(mid, hi, num_stages=1 if EXACT and FEW_MASKED else None):
-            kb = tl.load(Idx + t)
-            acc, m, l, l_seen, p_max, kept, kcnt = _attn_tile(
-                acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, kb, thr, lse2, lse_lb, row_mask,
-                stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale,
-                tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
-                D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, MASK_KIND, KPM_KIND,
-                EXACT, FIXED, False, False, SPLIT, STATS, TMA, PRECISION)
+        acc, m, l, l_seen, p_max, kept, kcnt = _listed_tiles(
+            acc, m, l, l_seen, p_max, kept, kcnt, q, K, V, Idx, mid, hi, thr, lse2, lse_lb, row_mask,
+            stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, b, h, hk, Nq, Nk, qk_scale,
+            tau, Mask, stride_mb, stride_mh, stride_mm, stride_mn, Kpm, stride_pb, stride_pn,
+            D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, MASK_KIND, KPM_KIND,
+            EXACT, FIXED, SPLIT, STATS, TMA, PRECISION, 1 if EXACT and FEW_MASKED else None)
 
     if FALLBACK:
         # Rows recomputed from scratch over every key block with the online softmax: those that kept
