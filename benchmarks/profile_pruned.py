@@ -9,6 +9,8 @@ speed numbers of record come from ``bench_pruned.py``.
 
 ``--host``: instead, where the host time of a call goes (cProfile over 200 calls of the host-bound
 cases: prefill at 8k, decoding), the functions with the most time of their own first.
+``--padded``: instead, prefill at 16k, s = 0.9, D = 64 and 128, without a mask and under the key
+padding mask of ``bench_pruned.py::test_prefill_padded`` (the last eighth of the keys padded).
 """
 import argparse
 import cProfile
@@ -39,6 +41,8 @@ CASES = [
     (1, 16, 16, 8192, 8192, 128, 0.8),
     (1, 32, 32, 8192, 8192, 64, 0.8),
 ]
+#: (B, H, Hkv, Nq, Nk, D, s) of ``--padded``, each run without and with the padding mask
+PADDED_CASES = [(1, 32, 32, 16384, 16384, 64, 0.9), (1, 16, 16, 16384, 16384, 128, 0.9)]
 CALLS = 5
 
 
@@ -96,24 +100,39 @@ def host_profile(calls: int = 200, top: int = 30):
             pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
+def padding(b, nk, device="cuda"):
+    """``test_prefill_padded``'s ``ends`` mask: the last eighth of the keys padded, ``[b, nk]`` bool."""
+    pad = torch.zeros(b, nk, dtype=torch.bool, device=device)
+    pad[:, nk - nk // 8:] = True
+    return pad
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", action="store_true", help="profile the host time instead")
-    if parser.parse_args().host:
+    parser.add_argument("--padded", action="store_true", help="the 16k cases without and with a padding mask")
+    args = parser.parse_args()
+    if args.host:
         host_profile()
         return
-    for b, h, hkv, nq, nk, d, s in CASES:
+    runs = [(case, None) for case in CASES]
+    if args.padded:
+        runs = [(case, pad) for case in PADDED_CASES for pad in (False, True)]
+    for (b, h, hkv, nq, nk, d, s), pad in runs:
         q, k, v, tau = stripes(b, h, hkv, nq, nk, d, s)
+        masks = dict(key_padding_mask=padding(b, nk)) if pad else {}
         with torch.no_grad():
-            dense = triton.testing.do_bench(lambda: entropy_attention(q, k, v, return_entropy=False))
-            print(f"\n=== B={b} H={h} Hkv={hkv} Nq={nq} Nk={nk} D={d} s={s} tau={tau:.4g}: dense {dense:.3f} ms")
+            dense = triton.testing.do_bench(lambda: entropy_attention(q, k, v, return_entropy=False, **masks))
+            print(f"\n=== B={b} H={h} Hkv={hkv} Nq={nq} Nk={nk} D={d} s={s} tau={tau:.4g}"
+                  f"{' padded' if pad else ''}: dense {dense:.3f} ms")
             for mode in ("exact", "fast"):
-                _, st = pruned_attention(q, k, v, tau=tau, mode=mode, return_stats=True)
-                ms = triton.testing.do_bench(lambda: pruned_attention(q, k, v, tau=tau, mode=mode))
+                call = lambda: pruned_attention(q, k, v, tau=tau, mode=mode, **masks)  # noqa: E731
+                _, st = pruned_attention(q, k, v, tau=tau, mode=mode, return_stats=True, **masks)
+                ms = triton.testing.do_bench(call)
                 print(f"--- {mode}: {ms:.3f} ms ({dense / ms:.2f}x dense), tile sparsity "
                       f"{st['tile_sparsity'].mean().item():.3f}, pruned mass {st['pruned_mass'].mean().item():.4f}")
-                print(f"    host {host_time(lambda: pruned_attention(q, k, v, tau=tau, mode=mode)):.3f} ms per call")
-                times = kernel_times(lambda: pruned_attention(q, k, v, tau=tau, mode=mode))
+                print(f"    host {host_time(call):.3f} ms per call")
+                times = kernel_times(call)
                 for name, t in times.items():
                     print(f"    {t:8.3f} ms  {name}")
                 print(f"    {sum(times.values()):8.3f} ms  (sum of kernels)")

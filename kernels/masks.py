@@ -54,17 +54,18 @@ def key_range(start_m, Nq, Nk, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def padding_hull(Kpm, b, stride_kb, stride_kn, k_lo, k_hi, KPM_KIND: tl.constexpr, CHUNK: tl.constexpr = 1024):
+def padding_hull(Kpm, b, stride_kb, stride_kn, k_lo, k_hi, KPM_KIND: tl.constexpr, CHUNK: tl.constexpr = 2048):
     """``(lo, hi, clear)`` of the keys ``[k_lo, k_hi)`` of batch ``b``'s key padding mask
     ``Kpm [B, Nk]``: every key of that range outside ``[lo, hi)`` is padded (True, or -inf in a float
     mask; no visible key: ``lo = hi = k_lo``), and ``clear`` says that the mask leaves every key
     inside as it is (False, or 0.0), so that tiles there need no mask. One pass over that part of
-    the mask row (bytes or floats, read from L2)."""
+    the mask row (bytes or floats, read from L2), ``CHUNK`` keys per step, kept per lane and reduced
+    once after the pass."""
     Kpm += b.to(tl.int64) * stride_kb
-    lo = tl.zeros([], dtype=tl.int32) + k_hi
-    hi = tl.zeros([], dtype=tl.int32) + k_lo
-    n_visible = tl.zeros([], dtype=tl.int32)
-    n_biased = tl.zeros([], dtype=tl.int32)
+    lo = tl.zeros([CHUNK], dtype=tl.int32) + k_hi
+    hi = tl.zeros([CHUNK], dtype=tl.int32) + k_lo
+    n_visible = tl.zeros([CHUNK], dtype=tl.int32)
+    n_biased = tl.zeros([CHUNK], dtype=tl.int32)
     for c in range(k_lo, k_hi, CHUNK):
         j = c + tl.arange(0, CHUNK)
         x = tl.load(Kpm + j * stride_kn, mask=j < k_hi, other=0)
@@ -73,12 +74,14 @@ def padding_hull(Kpm, b, stride_kb, stride_kn, k_lo, k_hi, KPM_KIND: tl.constexp
         else:
             x = x.to(tl.float32)
             visible = (x != float("-inf")) & (j < k_hi)
-            n_biased += tl.sum((visible & (x != 0.0)).to(tl.int32), 0)  # NaN counts as a bias
-        lo = tl.minimum(lo, tl.min(tl.where(visible, j, k_hi), 0))
-        hi = tl.maximum(hi, tl.max(tl.where(visible, j + 1, k_lo), 0))
-        n_visible += tl.sum(visible.to(tl.int32), 0)
-    lo = tl.minimum(lo, hi)
-    return lo, hi, (n_visible == hi - lo) & (n_biased == 0)
+            n_biased += (visible & (x != 0.0)).to(tl.int32)  # NaN counts as a bias
+        lo = tl.minimum(lo, tl.where(visible, j, k_hi))
+        hi = tl.maximum(hi, tl.where(visible, j + 1, k_lo))
+        n_visible += visible.to(tl.int32)
+    lo = tl.min(lo, 0)
+    hi = tl.max(hi, 0)
+    clear = (tl.sum(n_visible, 0) == hi - lo) & (tl.sum(n_biased, 0) == 0)
+    return tl.minimum(lo, hi), hi, clear
 
 
 @triton.jit
