@@ -6,7 +6,8 @@ Rows are grouped by ``extra_info['group']``; each row shows the labels, the medi
 ``--targets`` prints instead, for each prefill group of ``bench_pruned.py``, the issue-5 table: per
 N, D and s the competitors' times and the fast mode's speed-ups, against its targets at s >= 0.8
 (0.8 / (1 - s) x our dense kernel, 3x cuDNN; bold where met), and for the decoding group each
-implementation's time with its speed-up over cuDNN.
+implementation's time with its speed-up over cuDNN, and for the key padding group each mask's
+times with the fast and exact modes' speed-ups.
 """
 import argparse
 import json
@@ -68,6 +69,25 @@ def targets(rows) -> str:
     return "\n".join(out)
 
 
+def padded(rows) -> str:
+    """The key padding table of ``bench_pruned.py`` (markdown): per D and mask, ms and speed-ups (cuDNN
+    runs only the ``ends`` mask: a hole costs it nothing, so its time stands for both)."""
+    ms = {(r["impl"], r["D"], r["mask"]): float(r["ms"]) for r in rows}
+    out = ["| N | D | mask | cuDNN ms | dense ms | exact ms (x dense) | fast ms | fast x dense | fast x cuDNN "
+           "| exact x cuDNN | fast err |", "|" + "---|" * 11]
+    for r in rows:
+        if r["impl"] != "pruned_fast":
+            continue
+        d, mask, fast = r["D"], r["mask"], float(r["ms"])
+        cudnn = ms.get(("sdpa_cudnn", d, mask), ms.get(("sdpa_cudnn", d, "ends")))
+        dense, exact = ms.get(("ours_dense", d, mask)), ms.get(("pruned_exact", d, mask))
+        if None in (cudnn, dense, exact):
+            continue
+        out.append(f"| {r['N'] // 1024}k | {d} | {mask} | {cudnn:.2f} | {dense:.2f} | {exact:.2f} ({dense / exact:.2f}x) "
+                   f"| {fast:.2f} | {dense / fast:.2f}x | {cudnn / fast:.2f}x | {cudnn / exact:.2f}x | {r['fast_err']:.3g} |")
+    return "\n".join(out)
+
+
 def decoding(rows) -> str:
     """The decoding table of ``bench_pruned.py`` (markdown): ms per implementation, x cuDNN."""
     ms = {(r["impl"], r["Nq"], r["Nk"], r["graph"]): float(r["ms"]) for r in rows}
@@ -97,7 +117,9 @@ def main():
     data, groups = rows_of(args.json)
     if args.targets:
         for name, rows in groups.items():
-            if name.startswith("pruned prefill"):
+            if name.startswith("pruned prefill, key padding"):
+                print(f"\n## {name}\n\n{padded(rows)}")
+            elif name.startswith("pruned prefill"):
                 print(f"\n## {name}\n\n{targets(rows)}")
             elif name.startswith("pruned decoding"):
                 print(f"\n## {name}\n\n{decoding(rows)}")
