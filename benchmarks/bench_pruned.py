@@ -11,7 +11,10 @@ Prefill at 8k and 16k (s >= 0.8) is also timed replayed from a CUDA graph, every
 at 8k-32k (s >= 0.8) called back to back, 131072 / N calls per synchronization (``stream``: each
 call's host work overlaps the kernels of the calls before it, as in a model's forward pass).
 Prefill under a key padding mask (16k, s = 0.9, the last eighth of the keys padded, with and
-without a hole in the padding's hull) against our dense kernel and cuDNN under the same mask.
+without a hole in the padding's hull) against our dense kernel and cuDNN under the same mask; and
+under an ``attn_mask [N, N]`` of eight packed documents (16k, the same inputs, document bounds off
+the tile edges) against our dense kernel, cuDNN and FlexAttention with the same mask (TFLOP/s
+count every entry, masked or not).
 Decoding: Nq = 1 and 16 queries against Nk = 32k and 128k keys (B = 4, 32 query heads, 8 kv heads),
 each called directly and replayed from a CUDA graph; ``pruned_fast_summary`` is a decoding step of
 the fast mode with a ``KeySummary`` kept between steps: the summary's update for one new key (the
@@ -219,6 +222,44 @@ def test_prefill_padded(measure, impl, d, mask):
         if mode == "exact":
             labels.pop("fast_err"), labels.pop("mass_fast"), labels.pop("fast_s")
         fn = lambda: pruned_attention(q, k, v, tau=tau, mode=mode, key_padding_mask=pad)  # noqa: E731
+    with torch.no_grad():
+        measure(fn, flops=attention_flops(1, WIDTH // d, n, n, d), rounds=25, warmup=2, **labels)
+
+
+def document_cases():
+    for d in (64, 128):
+        for impl in ("sdpa_cudnn", "flex", "ours_dense", "pruned_exact", "pruned_fast"):
+            yield impl, d
+
+
+@pytest.mark.parametrize("impl,d", list(document_cases()), ids=str)
+def test_prefill_documents(measure, impl, d):
+    """Prefill of eight packed documents (16k tokens, bounds 29 keys past each 2048) under a boolean
+    ``attn_mask [N, N]`` that keeps each query to its own document, on the s = 0.9 inputs (each
+    document sees the sink keys that lie in it). FlexAttention gets the same mask as its block mask
+    (built once, outside the timing); cuDNN gets it as SDPA's ``attn_mask [1, 1, N, N]``."""
+    n = 16384
+    q, k, v, tau = prefill_inputs(n, d, 0.9)
+    bounds = torch.arange(1, 8, device="cuda") * 2048 + 29
+    doc = torch.bucketize(torch.arange(n, device="cuda"), bounds, right=True)
+    same = doc[:, None] == doc[None, :]
+    labels = dict(group="pruned prefill, documents (bf16, non-causal)", impl=impl, N=n, D=d)
+    if impl == "sdpa_cudnn":
+        fn = lambda: sdpa("cudnn")(q, k, v, attn_mask=same[None, None])  # noqa: E731
+    elif impl == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        block_mask = create_block_mask(lambda b, h, i, j: doc[i] == doc[j], None, None, n, n, device="cuda")
+        compiled = torch.compile(flex_attention, dynamic=False)
+        fn = lambda: compiled(q, k, v, block_mask=block_mask)  # noqa: E731
+    elif impl == "ours_dense":
+        fn = lambda: entropy_attention(q, k, v, attn_mask=same, return_entropy=False, backend="triton")  # noqa: E731
+    else:
+        mode = impl.split("_")[1]
+        labels.update(s_target=0.9, **prune_labels(q, k, v, tau, attn_mask=same))
+        if mode == "exact":
+            labels.pop("fast_err"), labels.pop("mass_fast"), labels.pop("fast_s")
+        fn = lambda: pruned_attention(q, k, v, tau=tau, mode=mode, attn_mask=same)  # noqa: E731
     with torch.no_grad():
         measure(fn, flops=attention_flops(1, WIDTH // d, n, n, d), rounds=25, warmup=2, **labels)
 

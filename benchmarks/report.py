@@ -6,8 +6,8 @@ Rows are grouped by ``extra_info['group']``; each row shows the labels, the medi
 ``--targets`` prints instead, for each prefill group of ``bench_pruned.py``, the issue-5 table: per
 N, D and s the competitors' times and the fast mode's speed-ups, against its targets at s >= 0.8
 (0.8 / (1 - s) x our dense kernel, 3x cuDNN; bold where met), and for the decoding group each
-implementation's time with its speed-up over cuDNN, and for the key padding group each mask's
-times with the fast and exact modes' speed-ups.
+implementation's time with its speed-up over cuDNN, and for the masked groups (key padding,
+documents) each mask's times with the fast and exact modes' speed-ups.
 """
 import argparse
 import json
@@ -69,22 +69,28 @@ def targets(rows) -> str:
     return "\n".join(out)
 
 
-def padded(rows) -> str:
-    """The key padding table of ``bench_pruned.py`` (markdown): per D and mask, ms and speed-ups (cuDNN
-    runs only the ``ends`` mask: a hole costs it nothing, so its time stands for both)."""
-    ms = {(r["impl"], r["D"], r["mask"]): float(r["ms"]) for r in rows}
-    out = ["| N | D | mask | cuDNN ms | dense ms | exact ms (x dense) | fast ms | fast x dense | fast x cuDNN "
-           "| exact x cuDNN | fast err |", "|" + "---|" * 11]
+def masked(rows) -> str:
+    """The masked prefill tables of ``bench_pruned.py`` (key padding, documents; markdown): per D and
+    mask, ms and speed-ups. cuDNN runs only the padding group's ``ends`` mask (a hole costs it
+    nothing, so its time stands for both); FlexAttention only the documents group."""
+    ms = {(r["impl"], r["D"], r.get("mask")): float(r["ms"]) for r in rows}
+    flex = any(r["impl"] == "flex" for r in rows)
+    out = ["| N | D | mask | cuDNN ms |" + (" FlexAttention ms |" if flex else "") + " dense ms | exact ms (x dense) "
+           "| fast ms | fast x dense | fast x cuDNN |" + (" fast x FlexAttention |" if flex else "")
+           + " exact x cuDNN | fast err |", "|" + "---|" * (13 if flex else 11)]
     for r in rows:
         if r["impl"] != "pruned_fast":
             continue
-        d, mask, fast = r["D"], r["mask"], float(r["ms"])
+        d, mask, fast = r["D"], r.get("mask"), float(r["ms"])
         cudnn = ms.get(("sdpa_cudnn", d, mask), ms.get(("sdpa_cudnn", d, "ends")))
-        dense, exact = ms.get(("ours_dense", d, mask)), ms.get(("pruned_exact", d, mask))
-        if None in (cudnn, dense, exact):
+        dense, exact, fx = ms.get(("ours_dense", d, mask)), ms.get(("pruned_exact", d, mask)), ms.get(("flex", d, mask))
+        if None in (cudnn, dense, exact) or (flex and fx is None):
             continue
-        out.append(f"| {r['N'] // 1024}k | {d} | {mask} | {cudnn:.2f} | {dense:.2f} | {exact:.2f} ({dense / exact:.2f}x) "
-                   f"| {fast:.2f} | {dense / fast:.2f}x | {cudnn / fast:.2f}x | {cudnn / exact:.2f}x | {r['fast_err']:.3g} |")
+        out.append(f"| {r['N'] // 1024}k | {d} | {mask or 'documents'} | {cudnn:.2f} |"
+                   + (f" {fx:.2f} |" if flex else "")
+                   + f" {dense:.2f} | {exact:.2f} ({dense / exact:.2f}x) | {fast:.2f} | {dense / fast:.2f}x "
+                   f"| {cudnn / fast:.2f}x |" + (f" {fx / fast:.2f}x |" if flex else "")
+                   + f" {cudnn / exact:.2f}x | {r['fast_err']:.3g} |")
     return "\n".join(out)
 
 
@@ -117,8 +123,8 @@ def main():
     data, groups = rows_of(args.json)
     if args.targets:
         for name, rows in groups.items():
-            if name.startswith("pruned prefill, key padding"):
-                print(f"\n## {name}\n\n{padded(rows)}")
+            if name.startswith(("pruned prefill, key padding", "pruned prefill, documents")):
+                print(f"\n## {name}\n\n{masked(rows)}")
             elif name.startswith("pruned prefill"):
                 print(f"\n## {name}\n\n{targets(rows)}")
             elif name.startswith("pruned decoding"):

@@ -374,13 +374,33 @@ def _vertical(inp, q, k, cfg, nkb, masks, log2_thr: float, ws: Workspace = PLAIN
     return vert, vert_local, keeper, (miss, iota)
 
 
+def _mask_tiles(mask_args, B, H, Nq, Nk, cfg, nqb, nkb, ws: Workspace = PLAIN):
+    """``(tiles, strides)``: an ``attn_mask`` (``_mask_args``' first) per tile of the lists (kernel
+    ``mask_tiles``): -inf where it hides the whole tile, +inf where it hides part of it, else the
+    largest base-2 score bias it gives an entry there; ``[B or 1, H or 1, NQB, NKB]`` float32, one
+    row per batch entry or head only where the mask differs between them, and the strides the
+    predictor indexes it by (0 along a broadcast dim). Reads the whole mask once (at 16k tokens a
+    boolean ``[N, N]`` mask is 256 MiB)."""
+    from .kernels.pruned_pool import mask_tiles
+
+    mask, smb, smh, smm, smn, kind = mask_args
+    bm, hm = (B if smb else 1), (H if smh else 1)
+    tiles = ws.empty((bm, hm, nqb, nkb), torch.float32, mask.device)
+    strides = (tiles.stride(0) if bm > 1 else 0, tiles.stride(1) if hm > 1 else 0, tiles.stride(2))
+    kb_per = 16
+    ws.launch(mask_tiles, (nqb, cdiv(nkb, kb_per), bm * hm), mask, tiles, smb, smh, smm, smn, *strides,
+              hm, Nq, Nk, nkb, kb_per, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_KIND=kind, chained=True)
+    return tiles, strides
+
+
 def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None = None, ws: Workspace = PLAIN,
              pooled: tuple | None = None, local: bool | None = None):
     """The fast mode's tile lists: the pooled keys (``pooled``, a ``KeySummary``'s, or
     ``_pool_keys``), the vertical estimate (``_vertical``) and the kernel ``pruned_predict`` on
     ``q [B, H, Nq, D]`` (unit stride), at the threshold ``log2_thr = log2 (tau * slack)``, with the
     masks ``masks = _mask_args(inp)``, ``chunk`` key blocks per step (by default
-    ``_predict_config``'s). ``local`` (by default ``inp.causal``): also list each query block's local
+    ``_predict_config``'s; an ``attn_mask`` enters through ``_mask_tiles``). ``local`` (by default
+    ``inp.causal``): also list each query block's local
     window, the key blocks of its rows' ``LOCAL_KEYS`` most recent keys, in the heads whose sampled
     rows keep an entry in theirs, or in every head without a sample (``pruned_predict``; packed
     grouped-query decoding passes it for the one causal query whose mask packing drops). Returns
@@ -393,6 +413,9 @@ def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None
     dev = q.device
     local = inp.causal if local is None else local
     kp, ko, kbias, kobias = pooled or _pool_keys(k, masks[1], cfg.block_n, nkb, ws)
+    tiles, tile_strides = None, (0,) * 3
+    if masks[0][-1]:  # an attn_mask
+        tiles, tile_strides = _mask_tiles(masks[0], B, H, Nq, k.shape[2], cfg, nqb, nkb, ws)
     vert, vert_local, keeper, check = _vertical(inp, q, k, cfg, nkb, masks, log2_thr, ws, local) or (None,) * 4
     idx = ws.empty((BH, nqb, nkb), torch.int32, dev)
     count = ws.empty((BH, nqb), torch.int32, dev)
@@ -405,11 +428,11 @@ def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None
     ws.launch(pruned_predict, (cdiv(nqb, qb), BH),
         q, kp, ko, kbias, kobias, vert if vert is not None else kbias,
         vert_local if vert_local is not None else kbias, keeper if keeper is not None else count,
-        count if check is None else check[0], share, lse_run, idx, count,
-        *q.stride(), *kp.stride(), kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(1),
+        count if check is None else check[0], share, lse_run, idx, count, tiles if tiles is not None else kbias,
+        *q.stride(), *kp.stride(), kbias.stride(0) if kbias.shape[0] > 1 else 0, kbias.stride(1), *tile_strides,
         H, inp.groups, Nq, k.shape[2], nqb, nkb, inp.scale * LOG2E, log2_thr,
         D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), QB=qb, CHUNK=chunk,
-        CAUSAL=inp.causal, LOCAL=local, VERT=vert is not None,
+        CAUSAL=inp.causal, LOCAL=local, VERT=vert is not None, MASK_TILES=tiles is not None,
         PRECISION=_input_precision(q.dtype), num_warps=warps, num_stages=stages, chained=True,
     )
     return idx, count, (kp, ko, kbias, kobias), check
@@ -662,11 +685,14 @@ def pruned_attention(
             serving with it. For decoding (Nq <= 16) pass a ``key_summary``: without one it pools
             the whole key cache on every call and is slower than ``'exact'`` with one query. Rows
             whose weights are all near tau (diffuse rows) are its weak case: it may keep entries
-            that the exact mode prunes. With an ``attn_mask`` it runs the exact mode: its predictor
-            pools each key block without the mask (it takes ``key_padding_mask`` and ``causal`` into
-            account), so a hidden key could stand for its block and the row's visible keys go
-            unvisited (pass ``causal=True`` rather than a causal ``attn_mask``). The reference
-            backend evaluates the exact definition in both modes.
+            that the exact mode prunes. With an ``attn_mask`` it first reads the whole mask once, per
+            tile: a tile that the mask hides entirely is never visited, and the estimate of one it
+            hides in part comes from all of its keys plus the mask's largest bias there, so it can
+            be off where few of the tile's keys are visible (at the edges of document or window
+            masks); it then takes no pooled lower bound of lse and no split programs (decoding runs
+            one program per query block). Pass ``causal=True`` rather than a causal ``attn_mask``,
+            which costs that read. The reference backend evaluates the exact definition in both
+            modes.
         return_stats: also return the stats dict below.
         backend: ``'triton'``, ``'reference'`` or ``'auto'`` (Triton for CUDA inputs), as in
             ``entropy_attention``.
@@ -711,8 +737,6 @@ def pruned_attention(
         if not isinstance(key_summary, KeySummary):
             raise TypeError(f"key_summary must be an entropy_attn.KeySummary, got {type(key_summary).__name__}")
         pooled = key_summary.pooled(inp.k, inp.key_padding_mask, v.shape[3])
-    if mode == "fast" and inp.attn_mask is not None:
-        mode, pooled = "exact", None  # the predictor pools keys without attn_mask (see the docstring)
     with torch.no_grad():
         if q.shape[0] * H == 0:  # an empty batch: nothing to launch, no entry to count
             out = q.new_zeros(*q.shape[:3], v.shape[3])

@@ -363,14 +363,14 @@ def local_window(kb, first_key, last_key, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def pruned_predict(
-    Q, Kp, Ko, Kbias, Kobias, Vert, VertLocal, Keeper, Miss, Share, LseRun, Idx, Count,
+    Q, Kp, Ko, Kbias, Kobias, Vert, VertLocal, Keeper, Miss, Share, LseRun, Idx, Count, Tiles,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_bb, stride_bn,
+    stride_bb, stride_bn, stride_tb, stride_th, stride_tq,
     H, GROUPS, Nq, Nk, NQB, NKB, qk_scale, log2_thr,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     QB: tl.constexpr, CHUNK: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, VERT: tl.constexpr,
-    PRECISION: tl.constexpr, PDL: tl.constexpr = False,
+    MASK_TILES: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Fast-mode tile prediction for the ``QB`` query blocks ``[pid QB, (pid + 1) QB)`` of one
     (batch, head): their ``QB * 16`` pooled rows share every load of the pooled keys.
@@ -391,7 +391,12 @@ def pruned_predict(
     list but for the vertical estimate is a miss of the pooled estimate, which predicts the other
     rows alone. Miss ``[B*H, 2]`` int32 gets the smallest and largest missed row (atomic minimum and
     maximum); where they differ (two sampled rows or more missed), ``pruned_attn`` sweeps every tile
-    of the head. Writes Idx ``[B*H, NQB, NKB]`` int32 and Count ``[B*H, NQB]``; Share ``[B*H, NQB,
+    of the head. With ``MASK_TILES`` (an ``attn_mask``), Tiles ``[B or 1, H or 1, NQB, NKB]``
+    float32 (strides ``stride_tb, stride_th, stride_tq`` and 1, 0 along a broadcast dim;
+    ``mask_tiles``) says per tile whether the mask hides all of its entries (-inf: never listed),
+    some (+inf: always listed where the causal mask lets it, and left out of the estimates, since a
+    hidden key could stand for the whole block) or none (the mask's largest base-2 bias there,
+    added to the tile's estimates). Writes Idx ``[B*H, NQB, NKB]`` int32 and Count ``[B*H, NQB]``; Share ``[B*H, NQB,
     NKB]`` and LseRun ``[B*H, cdiv(NKB, CHUNK), NQB * 16]`` float32 are its scratch (see below).
 
     One sweep over the pooled keys computes each pooled row's log-sum ``lse_r`` of the estimated
@@ -415,11 +420,13 @@ def pruned_predict(
     Ko += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     Kbias += b.to(tl.int64) * stride_bb
     Kobias += b.to(tl.int64) * stride_bb
+    Tiles += b.to(tl.int64) * stride_tb + h.to(tl.int64) * stride_th
     G: tl.constexpr = BLOCK_M // POOL_ROWS
     R: tl.constexpr = QB * POOL_ROWS
     offs_r = pid * R + tl.arange(0, R)
     first_row = offs_r * G  # first query row of each pooled row
     row_ok = first_row < Nq
+    qb_r = offs_r // POOL_ROWS  # the query block of each pooled row
     qb = pid * QB + tl.arange(0, QB)  # the program's query blocks
     qb_ok = qb < NQB
     offs_d = tl.arange(0, BLOCK_D)
@@ -443,6 +450,10 @@ def pruned_predict(
                                                              other=float("-inf")), 0))
         est = _block_estimate(qp, Kp, Ko, Kbias, Kobias, kb, first_row, offs_d, NKB, Nq, Nk, qk_scale,
                               stride_kn, stride_kd, stride_bn, D, BLOCK_N, BLOCK_D, CAUSAL, PRECISION)
+        if MASK_TILES:
+            bias = tl.load(Tiles + qb_r[:, None] * stride_tq + kb[None, :],
+                           mask=(qb_r < NQB)[:, None] & (kb < NKB)[None, :], other=float("-inf"))
+            est = tl.where(bias < float("inf"), est + bias, float("-inf"))
         est = tl.where(row_ok[:, None], est, float("-inf"))
         c_max = tl.max(est, 1)
         c_arg = tl.argmax(est, 1).to(tl.int32) + c
@@ -459,7 +470,6 @@ def pruned_predict(
     live = l > 0.0
     # The best block of every pooled row is listed: its share becomes +inf (after the sweep's stores,
     # before the listing's loads).
-    qb_r = offs_r // POOL_ROWS
     tl.store(Share + (bh.to(tl.int64) * NQB + qb_r) * NKB + best, float("inf"), mask=live & (qb_r < NQB))
     tl.debug_barrier()
     lse = tl.where(live, m + tl.log2(tl.where(live, l, 1.0)), float("inf"))
@@ -493,6 +503,13 @@ def pruned_predict(
         share = tl.load(Share + base[:, None] + kb[None, :], mask=qb_ok[:, None] & (kb[None, :] < NKB),
                         other=float("-inf"))
         keep = share - growth_min >= log2_thr
+        if MASK_TILES:
+            bias = tl.load(Tiles + qb[:, None] * stride_tq + kb[None, :], mask=qb_ok[:, None] & (kb[None, :] < NKB),
+                           other=float("-inf"))
+            partial = bias == float("inf")
+            if CAUSAL:
+                partial = partial & (kb[None, :] * BLOCK_N <= last_key[:, None])
+            keep = keep | partial
         if LOCAL:  # the local window: the blocks of the rows' LOCAL_KEYS most recent keys
             window = keep | local_window(kb[None, :], first_key[:, None], last_key[:, None], BLOCK_N)
             keep = tl.where(local_max >= log2_thr, window, keep) if VERT else window
@@ -507,6 +524,8 @@ def pruned_predict(
             if CAUSAL:
                 vis = vis & (kb[None, :] * BLOCK_N <= last_key[:, None])
             keep = keep | vis
+        if MASK_TILES:  # a local window or vertical stripe that the mask hides is not visited
+            keep = keep & (bias > float("-inf"))
         keep = keep & (kb[None, :] < NKB) & (kb[None, :] != first[:, None])
         ki = keep.to(tl.int32)
         pos = n[:, None] + tl.cumsum(ki, 1) - 1

@@ -11,12 +11,14 @@ Scores are in base 2 (``u = s * log2 e``), as in every kernel here.
   splits the key blocks over programs and stores per (sampled row, key block) the score maximum and
   per row partial softmax sums; the second combines the sums into each row's lse and takes
   ``max_r (blockmax_r - lse_r)`` per key block.
+- ``mask_tiles``: an ``attn_mask`` per tile: whether it hides all, some or none of the tile's
+  entries, and the largest score bias it gives one (what the predictor adds to its estimates).
 """
 import triton
 import triton.language as tl
 
 from .attention_fwd import load_tile
-from .masks import FLOAT_MASK, M_INIT, NO_MASK, apply_masks
+from .masks import BOOL_MASK, FLOAT_MASK, LOG2E, M_INIT, NO_MASK, apply_masks
 from .pdl import wait_previous
 from .pruned import LOCAL_KEYS, _scores_blocks, local_window, split_lse
 
@@ -192,3 +194,45 @@ def vertical_combine(
         tl.store(Miss + 2 * bh + 1, -1)
     if bh == 0:
         tl.store(Iota + kb, kb, mask=kb < NKB)
+
+
+@triton.jit
+def mask_tiles(
+    Mask, Tiles,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_tb, stride_th, stride_tq,
+    HM, Nq, Nk, NKB, KB_PER,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """The attention mask ``Mask [B, H, Nq, Nk]`` (any strides, 0 along a broadcast dim) per tile of
+    ``BLOCK_M`` query rows and ``BLOCK_N`` keys, for query block ``program_id(0)``, key blocks
+    ``[program_id(1) KB_PER, (program_id(1) + 1) KB_PER)`` and mask entry ``(b, h) =
+    divmod(program_id(2), HM)``. Writes Tiles ``[BM, HM, NQB, NKB]`` float32 (strides ``stride_tb,
+    stride_th, stride_tq`` and 1): -inf where the mask hides every entry of the tile (False, or
+    -inf in a float mask), +inf where it hides some of them, else the largest base-2 score bias it
+    gives an entry (0 for a boolean mask; a NaN entry counts as 0). Rows past Nq and keys past Nk do
+    not count."""
+    wait_previous(PDL)
+    qb = tl.program_id(0)
+    b = tl.program_id(2) // HM
+    h = tl.program_id(2) % HM
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    Mask += b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    Tiles += b.to(tl.int64) * stride_tb + h.to(tl.int64) * stride_th + qb.to(tl.int64) * stride_tq
+    kb_lo = tl.program_id(1) * KB_PER
+    for kb in range(kb_lo, tl.minimum(kb_lo + KB_PER, NKB)):
+        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_range = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
+        x = tl.load(Mask + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn, mask=in_range,
+                    other=0)
+        if MASK_KIND == BOOL_MASK:
+            seen = in_range & (x != 0)
+            bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        else:
+            x = x.to(tl.float32)
+            seen = in_range & (x != float("-inf"))
+            bias = tl.where(x == x, x * LOG2E, 0.0)
+        n_seen = tl.sum(tl.sum(seen.to(tl.int32), 1), 0)
+        n_hidden = tl.sum(tl.sum((in_range & ~seen).to(tl.int32), 1), 0)
+        top = tl.max(tl.max(tl.where(seen, bias, float("-inf")), 1), 0)
+        tl.store(Tiles + kb, tl.where(n_seen == 0, float("-inf"), tl.where(n_hidden > 0, float("inf"), top)))

@@ -15,7 +15,7 @@ from entropy_attn import entropy_attention
 from entropy_attn._inputs import check_inputs
 from entropy_attn._launch import TMA_ENABLED, TensorDescriptor, _mask_args, interpreting
 from entropy_attn.kernels.pruned import LOCAL_KEYS, POOL_ROWS, pooled_queries
-from entropy_attn.pruned import _config, pruned_attention, pruned_triton, reference_pruned
+from entropy_attn.pruned import _config, _mask_tiles, pruned_attention, pruned_triton, reference_pruned
 from oracle import fresh_generator
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -246,11 +246,13 @@ def test_masks_and_fully_masked_rows(kind, kpm_kind):
 @triton_ok
 @pytest.mark.parametrize("kind", ["bool", "float"])
 @pytest.mark.parametrize("nq", [3, 40])
-def test_fast_mode_with_an_attn_mask_runs_the_exact_mode(kind, nq):
-    """The fast predictor pools each key block without ``attn_mask``: here a hidden key with the
-    largest score stands for its block, the block of the rows' dominant visible key (key 5, ~92 % of
-    their visible mass) goes unlisted, and the fast sweep returned the other visible key's value
-    (error 2.2). With a mask the fast mode runs the exact one: the same output, bit for bit."""
+def test_fast_mode_lists_the_tiles_an_attn_mask_hides_in_part(kind, nq):
+    """A tile that ``attn_mask`` hides in part is always visited and left out of the pooled
+    estimates: here a hidden key with the largest score lies in the tile of a weak visible key, and
+    if it stood for its tile (as the pooled keys alone say), the rows' estimated mass would be there
+    and the tile of their dominant visible key (key 5, ~92 % of their visible mass) would go
+    unlisted: the fast sweep returned the weak key's value (error 2.2) until the predictor read the
+    mask per tile. The tiles the mask hides entirely (blocks 1 and 3) are not visited."""
     bn = _config(nq, 16, 16).block_n
     Nk, D = 4 * bn, 16
     g = fresh_generator(40)
@@ -263,12 +265,114 @@ def test_fast_mode_with_an_attn_mask_runs_the_exact_mode(kind, nq):
     q = (4 * u).expand(1, 1, nq, D) + 0.01 * torch.randn(1, 1, nq, D, generator=g)
     keep = torch.zeros(1, 1, nq, Nk, dtype=torch.bool)
     keep[..., [dominant, weak]] = True
-    mask = keep if kind == "bool" else torch.full(keep.shape, -1e4).masked_fill(keep, 0.0)
-    ref, _, amb = definition(q, k, v, 0.01, attn_mask=mask)
-    exact = run(q, k, v, tau=0.01, attn_mask=mask)
-    fast = run(q, k, v, tau=0.01, attn_mask=mask, mode="fast")
+    mask = keep if kind == "bool" else torch.full(keep.shape, -math.inf).masked_fill(keep, 0.0)
+    ref, st_ref, amb = definition(q, k, v, 0.01, attn_mask=mask)
+    fast, st = run(q, k, v, tau=0.01, attn_mask=mask, mode="fast", return_stats=True)
     check_close(fast, ref, amb, torch.float32)
-    assert torch.equal(fast, exact)
+    assert (st["tile_sparsity"] == st_ref["tile_sparsity"]).all(), (st, st_ref)
+
+
+@triton_ok
+@pytest.mark.parametrize("shape", ["BHNN", "1HNN", "B1NN", "NN", "N"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_mask_tiles_match_the_mask(shape, kind):
+    """``_mask_tiles`` (kernel ``mask_tiles``) against the mask itself, tile by tile: -inf where
+    every entry is hidden, +inf where some are, else the largest bias (base 2; 0 for a boolean
+    mask; a NaN entry counts as 0), with rows past Nq and keys past Nk not counted, one row per
+    batch entry or head only where the mask differs along it. Odd sizes; whole tiles hidden and
+    whole tiles visible on purpose."""
+    B, H, Nq, Nk, D = 2, 3, 37, 53, 16
+    cfg = _config(Nq, D, D)
+    bm, bn = cfg.block_m, cfg.block_n
+    nqb, nkb = -(-Nq // bm), -(-Nk // bn)
+    g = fresh_generator(60)
+    full = {"BHNN": (B, H, Nq, Nk), "1HNN": (1, H, Nq, Nk), "B1NN": (B, 1, Nq, Nk), "NN": (Nq, Nk), "N": (Nk,)}[shape]
+    keep = torch.rand(full, generator=g) > 0.3
+    keep[..., :bn] = True  # tiles of key block 0 visible throughout
+    keep[..., bn:2 * bn] = False  # key block 1 hidden throughout
+    if kind == "bool":
+        mask = keep
+    else:
+        mask = torch.where(keep, 3 * torch.randn(full, generator=g), -math.inf)
+        mask[..., 0] = math.nan  # counts as 0: still visible
+    q = torch.zeros(B, H, Nq, D)
+    inp = check_inputs(q.to(DEV), q[:, :1, :1].expand(B, 1, Nk, D).to(DEV), q[:, :1, :1].expand(B, 1, Nk, D).to(DEV),
+                       attn_mask=mask.to(DEV))
+    tiles, strides = _mask_tiles(_mask_args(inp)[0], B, H, Nq, Nk, cfg, nqb, nkb)
+    m4 = mask.expand(B, H, Nq, Nk)
+    seen = m4 if kind == "bool" else m4 != -math.inf  # NaN: seen
+    bias = torch.zeros(B, H, Nq, Nk) if kind == "bool" else torch.nan_to_num(m4, nan=0.0) * math.log2(math.e)
+    pad = lambda t, fill: torch.nn.functional.pad(t, (0, nkb * bn - Nk, 0, nqb * bm - Nq), value=fill)  # noqa: E731
+    in_range = pad(torch.ones(B, H, Nq, Nk, dtype=torch.bool), False)
+    seen_p = pad(seen, False).view(B, H, nqb, bm, nkb, bn)
+    hidden_p = (in_range & ~pad(seen, False)).view(B, H, nqb, bm, nkb, bn)
+    top = pad(bias.masked_fill(~seen, -math.inf), -math.inf).view(B, H, nqb, bm, nkb, bn).amax((3, 5))
+    want = torch.where(hidden_p.any((3, 5)), math.inf, top)
+    want = torch.where(seen_p.any((3, 5)), want, -math.inf)
+    assert tiles.shape[:2] == (B if shape in ("BHNN", "B1NN") else 1, H if shape in ("BHNN", "1HNN") else 1)
+    got = torch.as_strided(tiles, (B, H, nqb, nkb), (*strides, 1)).cpu()
+    assert (got[:, :, :, 1] == -math.inf).all() and (got[:, :, :, 0] < math.inf).all()
+    torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=1e-6)
+
+
+def documents(n, d, bn, *, causal_mask=False, seed=0):
+    """Packed documents: ``n`` tokens in three documents whose bounds lie off the tile edges, an
+    ``attn_mask [n, n]`` that keeps each query to its own document (and causal if asked), and keys
+    in topics of ``bn`` contiguous keys (a key block each); the queries of a block of ``bn`` rows
+    point at one topic of their own document, so their attention is sparse there."""
+    g = fresh_generator(seed)
+    bounds = [0, 4 * bn + 3, 8 * bn + 7, n]
+    doc = torch.bucketize(torch.arange(n), torch.tensor(bounds[1:-1]), right=True)
+    mask = doc[:, None] == doc[None, :]
+    if causal_mask:
+        mask &= torch.ones(n, n, dtype=torch.bool).tril()
+    topic = torch.arange(n) // bn
+    centers = torch.nn.functional.normalize(torch.randn(int(topic.max()) + 1, d, generator=g), dim=-1) * math.sqrt(d)
+    k = centers[topic] + 0.3 * torch.randn(n, d, generator=g)
+    lo = torch.tensor(bounds)[doc]
+    hi = torch.tensor(bounds)[doc + 1]
+    pick = torch.arange(n) // bn * 11
+    own = lo + pick % ((torch.arange(n) + 1 if causal_mask else hi) - lo)  # a key the query sees
+    q = 6.0 / math.sqrt(d) * centers[topic[own]] + 0.3 * torch.randn(n, d, generator=g)
+    v = torch.randn(n, d, generator=g)
+    return q[None, None].repeat(1, 2, 1, 1), k[None, None], v[None, None], mask
+
+
+@triton_ok
+@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("causal_mask", [False, True])
+def test_fast_document_mask(monkeypatch, sampled, kind, causal_mask):
+    """The fast mode under an ``attn_mask`` of packed documents (bounds off the tile edges), with and
+    without the vertical sample, the mask boolean or float (random biases), alone or with a causal
+    mask: within the error bound of a kept superset of the exact mode's entries, and without the
+    sample it skips tiles."""
+    import entropy_attn.pruned as pr
+
+    monkeypatch.setattr(pr, "VERT_MIN_NQ", 16 if sampled else 1 << 30)
+    bm, bn = kernel_tiles(192, 32)
+    n = 12 * bn + 5
+    q, k, v, keep = documents(n, 32, bn, causal_mask=causal_mask, seed=61)
+    bias = 0.5 * torch.randn(n, n, generator=fresh_generator(62))
+    mask = keep if kind == "bool" else torch.where(keep, bias, -math.inf)
+    ref, st_ref, _ = definition(q, k, v, 0.01, attn_mask=mask)
+    out, st = run(q, k, v, tau=0.01, attn_mask=mask, mode="fast", return_stats=True)
+    assert torch.isfinite(out).all()
+    err = (out.double().cpu() - ref).abs().amax(-1)
+    assert (err <= fast_error_bound(st_ref, v) + 1e-3).all(), (err.max(), fast_error_bound(st_ref, v).max())
+    nqb, nkb = -(-n // bm), -(-n // bn)
+    padded = torch.zeros(nqb * bm, nkb * bn, dtype=torch.bool)
+    padded[:n, :n] = keep
+    live = padded.view(nqb, bm, nkb, bn).any(3).any(1)
+    assert live.float().mean() < 0.7  # the documents hide a third of the tiles or more
+    if not (sampled or causal_mask):
+        # The stat counts listed tiles among the live ones: a listed tile of another document would
+        # bring it down. Each query block's topic is one of the 4-5 tiles of its document; it lists
+        # that one, the tiles the mask hides in part (the document's ends) and a few more. (With the
+        # causal mask, the diagonal tiles are hidden in part too, and few are left; with the sample,
+        # each query block also lists the blocks the sampled rows keep, here all topics: attention by
+        # content, the sample's known blind spot, where the miss check may sweep the head whole.)
+        assert (st["tile_sparsity"].cpu() > 0).all(), st
 
 
 @triton_ok
