@@ -212,16 +212,26 @@ def test_prefill_padded(measure, impl, d, mask):
     if mask == "ends_hole":
         pad[:, n // 2] = True
     labels = dict(group="pruned prefill, key padding mask (bf16, non-causal)", impl=impl, N=n, D=d, mask=mask)
+    fn = None
     if impl == "sdpa_cudnn":
         fn = lambda: sdpa("cudnn")(q, k, v, attn_mask=~pad[:, None, None, :])  # noqa: E731
-    elif impl == "ours_dense":
-        fn = lambda: entropy_attention(q, k, v, key_padding_mask=pad, return_entropy=False, backend="triton")  # noqa: E731
-    else:
+    masked_prefill(measure, impl, q, k, v, tau, labels, fn, key_padding_mask=pad)
+
+
+def masked_prefill(measure, impl, q, k, v, tau, labels, fn=None, **masks):
+    """Time ``impl`` on prefill inputs ``(q, k, v, tau)`` under ``masks``: ``fn``, a competitor's
+    call (under the same mask) built by the caller, or else our dense kernel or a pruned mode, called
+    here (a pruned mode adds its sparsity labels to ``labels``)."""
+    if fn is None and impl == "ours_dense":
+        fn = lambda: entropy_attention(q, k, v, return_entropy=False, backend="triton", **masks)  # noqa: E731
+    elif fn is None:
         mode = impl.split("_")[1]
-        labels.update(s_target=0.9, **prune_labels(q, k, v, tau, key_padding_mask=pad))
+        labels.update(s_target=0.9, **prune_labels(q, k, v, tau, **masks))
         if mode == "exact":
-            labels.pop("fast_err"), labels.pop("mass_fast"), labels.pop("fast_s")
-        fn = lambda: pruned_attention(q, k, v, tau=tau, mode=mode, key_padding_mask=pad)  # noqa: E731
+            for name in ("fast_err", "mass_fast", "fast_s"):
+                labels.pop(name)
+        fn = lambda: pruned_attention(q, k, v, tau=tau, mode=mode, **masks)  # noqa: E731
+    n, d = q.shape[2], q.shape[3]
     with torch.no_grad():
         measure(fn, flops=attention_flops(1, WIDTH // d, n, n, d), rounds=25, warmup=2, **labels)
 
@@ -244,6 +254,7 @@ def test_prefill_documents(measure, impl, d):
     doc = torch.bucketize(torch.arange(n, device="cuda"), bounds, right=True)
     same = doc[:, None] == doc[None, :]
     labels = dict(group="pruned prefill, documents (bf16, non-causal)", impl=impl, N=n, D=d)
+    fn = None
     if impl == "sdpa_cudnn":
         fn = lambda: sdpa("cudnn")(q, k, v, attn_mask=same[None, None])  # noqa: E731
     elif impl == "flex":
@@ -252,16 +263,7 @@ def test_prefill_documents(measure, impl, d):
         block_mask = create_block_mask(lambda b, h, i, j: doc[i] == doc[j], None, None, n, n, device="cuda")
         compiled = torch.compile(flex_attention, dynamic=False)
         fn = lambda: compiled(q, k, v, block_mask=block_mask)  # noqa: E731
-    elif impl == "ours_dense":
-        fn = lambda: entropy_attention(q, k, v, attn_mask=same, return_entropy=False, backend="triton")  # noqa: E731
-    else:
-        mode = impl.split("_")[1]
-        labels.update(s_target=0.9, **prune_labels(q, k, v, tau, attn_mask=same))
-        if mode == "exact":
-            labels.pop("fast_err"), labels.pop("mass_fast"), labels.pop("fast_s")
-        fn = lambda: pruned_attention(q, k, v, tau=tau, mode=mode, attn_mask=same)  # noqa: E731
-    with torch.no_grad():
-        measure(fn, flops=attention_flops(1, WIDTH // d, n, n, d), rounds=25, warmup=2, **labels)
+    masked_prefill(measure, impl, q, k, v, tau, labels, fn, attn_mask=same)
 
 
 def decode_cases(nks):

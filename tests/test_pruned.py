@@ -269,7 +269,7 @@ def test_fast_mode_lists_the_tiles_an_attn_mask_hides_in_part(kind, nq):
     ref, st_ref, amb = definition(q, k, v, 0.01, attn_mask=mask)
     fast, st = run(q, k, v, tau=0.01, attn_mask=mask, mode="fast", return_stats=True)
     check_close(fast, ref, amb, torch.float32)
-    assert (st["tile_sparsity"] == st_ref["tile_sparsity"]).all(), (st, st_ref)
+    assert (st["tile_sparsity"].cpu() == st_ref["tile_sparsity"]).all(), (st, st_ref)
 
 
 @triton_ok
@@ -281,9 +281,10 @@ def test_mask_tiles_match_the_mask(shape, kind):
     mask; a NaN entry counts as 0), with rows past Nq and keys past Nk not counted, one row per
     batch entry or head only where the mask differs along it. Odd sizes; whole tiles hidden and
     whole tiles visible on purpose."""
-    B, H, Nq, Nk, D = 2, 3, 37, 53, 16
+    B, H, Nq, D = 2, 3, 200, 16
     cfg = _config(Nq, D, D)
     bm, bn = cfg.block_m, cfg.block_n
+    Nk = 3 * bn - 11
     nqb, nkb = -(-Nq // bm), -(-Nk // bn)
     g = fresh_generator(60)
     full = {"BHNN": (B, H, Nq, Nk), "1HNN": (1, H, Nq, Nk), "B1NN": (B, 1, Nq, Nk), "NN": (Nq, Nk), "N": (Nk,)}[shape]
