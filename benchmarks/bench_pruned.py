@@ -199,6 +199,13 @@ def padded_cases():
                 yield impl, d, mask
 
 
+def padding(b, nk):
+    """The ``ends`` key padding mask ``[b, nk]`` bool (True = padded): the last eighth of the keys."""
+    pad = torch.zeros(b, nk, dtype=torch.bool, device="cuda")
+    pad[:, nk - nk // 8:] = True
+    return pad
+
+
 @pytest.mark.parametrize("impl,d,mask", list(padded_cases()), ids=str)
 def test_prefill_padded(measure, impl, d, mask):
     """Prefill under a key padding mask: 16k keys of which the last eighth is padded (``ends``: our
@@ -207,8 +214,7 @@ def test_prefill_padded(measure, impl, d, mask):
     of tile sparsity 0.9. cuDNN gets the mask as SDPA's boolean ``attn_mask [1, 1, 1, N]``."""
     n = 16384
     q, k, v, tau = prefill_inputs(n, d, 0.9)
-    pad = torch.zeros(1, n, dtype=torch.bool, device="cuda")
-    pad[:, n - n // 8:] = True
+    pad = padding(1, n)
     if mask == "ends_hole":
         pad[:, n // 2] = True
     labels = dict(group="pruned prefill, key padding mask (bf16, non-causal)", impl=impl, N=n, D=d, mask=mask)

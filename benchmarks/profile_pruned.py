@@ -25,7 +25,7 @@ import triton
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pruned import stripes  # noqa: E402
+from bench_pruned import padding, stripes  # noqa: E402
 
 from entropy_attn import _launch, entropy_attention  # noqa: E402
 from entropy_attn.pruned import clear_plans, pruned_attention  # noqa: E402
@@ -98,13 +98,6 @@ def host_profile(calls: int = 200, top: int = 30):
             prof.disable()
             torch.cuda.synchronize()
             pstats.Stats(prof).sort_stats("tottime").print_stats(top)
-
-
-def padding(b, nk, device="cuda"):
-    """``test_prefill_padded``'s ``ends`` mask: the last eighth of the keys padded, ``[b, nk]`` bool."""
-    pad = torch.zeros(b, nk, dtype=torch.bool, device=device)
-    pad[:, nk - nk // 8:] = True
-    return pad
 
 
 def main():

@@ -400,8 +400,7 @@ def _predict(inp, q, k, cfg, nqb, nkb, log2_thr: float, masks, chunk: int | None
     ``q [B, H, Nq, D]`` (unit stride), at the threshold ``log2_thr = log2 (tau * slack)``, with the
     masks ``masks = _mask_args(inp)``, ``chunk`` key blocks per step (by default
     ``_predict_config``'s; an ``attn_mask`` enters through ``_mask_tiles``). ``local`` (by default
-    ``inp.causal``): also list each query block's local
-    window, the key blocks of its rows' ``LOCAL_KEYS`` most recent keys, in the heads whose sampled
+    ``inp.causal``): also list each query block's local window, the key blocks of its rows' ``LOCAL_KEYS`` most recent keys, in the heads whose sampled
     rows keep an entry in theirs, or in every head without a sample (``pruned_predict``; packed
     grouped-query decoding passes it for the one causal query whose mask packing drops). Returns
     ``(idx [B*H, NQB, NKB] int32 (first ``count`` entries valid), count [B*H, NQB] int32, (kp, ko,

@@ -396,8 +396,8 @@ def pruned_predict(
     ``mask_tiles``) says per tile whether the mask hides all of its entries (-inf: never listed),
     some (+inf: always listed where the causal mask lets it, and left out of the estimates, since a
     hidden key could stand for the whole block) or none (the mask's largest base-2 bias there,
-    added to the tile's estimates). Writes Idx ``[B*H, NQB, NKB]`` int32 and Count ``[B*H, NQB]``; Share ``[B*H, NQB,
-    NKB]`` and LseRun ``[B*H, cdiv(NKB, CHUNK), NQB * 16]`` float32 are its scratch (see below).
+    added to the tile's estimates). Writes Idx ``[B*H, NQB, NKB]`` int32 and Count ``[B*H, NQB]``;
+    Share ``[B*H, NQB, NKB]`` and LseRun ``[B*H, cdiv(NKB, CHUNK), NQB * 16]`` float32 are its scratch (see below).
 
     One sweep over the pooled keys computes each pooled row's log-sum ``lse_r`` of the estimated
     block masses (and its best block). The share test ``est_rj - lse_r >= log2_thr`` needs the final
